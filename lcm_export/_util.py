@@ -1,0 +1,104 @@
+"""Small shared helpers: hashing, atomic writes, JSON. No heavy imports."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import UserError
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "output folder") -> Iterator[Path]:
+    """Yield a temp folder beside ``final``; on success it replaces ``final`` in one rename.
+
+    On any error the temp folder is removed, so ``final`` is either absent, untouched, or complete.
+    """
+    final = Path(final)
+    if final.exists() and not force:
+        raise UserError(f"{what} {final} already exists; pass --force to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def disk_error(exc: OSError, where: str | os.PathLike) -> UserError:
+    """Turn an OSError from writing ``where`` into a one-line user error."""
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return UserError(f"no space left on device while writing {where}; free disk space or choose another --out/--engine-dir")
+    return UserError(f"could not write {where}: {exc.strerror or exc}")
+
+
+def tool_versions(*extra: str) -> dict[str, str]:
+    """Installed versions of the tools that shape an artifact (from package metadata; no imports)."""
+    from importlib import metadata
+
+    from . import __version__
+
+    names = ("torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime", "onnxruntime-gpu") + extra
+    out = {"lcm_export": __version__}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def progress(total: int, desc: str, enabled: bool = True):
+    """A tqdm bar on stderr (a no-op stand-in when tqdm is missing or progress is off)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with the build extra
+        enabled = False
+    if not enabled:
+        class _Null:
+            def update(self, n=1): ...
+            def set_description_str(self, s): ...
+            def close(self): ...
+            def __enter__(self): return self
+            def __exit__(self, *a): ...
+        return _Null()
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)

@@ -1,0 +1,189 @@
+"""``lcm-export`` — flags in, library calls out. No logic of its own beyond parsing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import UserError
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    """``HxW`` -> (H, W); validation of multiples of 8 happens in the library (one message)."""
+    try:
+        h, w = text.lower().split("x")
+        return int(h), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"resolution {text!r} is not HxW (e.g. 512x512)") from None
+
+
+def _dynamic(text: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    try:
+        lo, hi = text.split("-")
+        return _resolution(lo), _resolution(hi)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"--dynamic {text!r} is not HxW-HxW (e.g. 256x256-768x768)") from None
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _lora_help() -> str:
+    return ("LoRA file (.safetensors; diffusers/PEFT or kohya, LoCon convs included) with optional λ: PATH[:WEIGHT]; "
+            "WEIGHT is any real number (default 1.0; the paper uses 1.0 for LCM-LoRA, 0.8 for style LoRAs). Repeatable.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lcm-export",
+        description="Fuse LCM-LoRA + style LoRAs into Stable Diffusion, export to ONNX, build TensorRT / ONNX Runtime "
+                    "engines and run 4-step LCM generation with a lean numpy runtime.",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    f = sub.add_parser("fuse", help="merge LoRAs into a base model: W = W0 + Σ λ·(alpha/r)·B·A",
+                       description="Fuse LoRAs into a base model and save a diffusers folder plus fusion.json.")
+    f.add_argument("--base", required=True, help="hub id, local diffusers folder, or demo:sd15 / demo:sd15-full (random weights)")
+    f.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help=_lora_help())
+    f.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
+    f.add_argument("--force", action="store_true", help="replace --out if it exists")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("export", help="export a fused model's text encoder, UNet and VAE decoder to ONNX",
+                       description="Export text encoder, UNet and VAE decoder to ONNX and check each against PyTorch in ONNX Runtime.")
+    e.add_argument("--model", required=True, help="fused model folder (from `fuse`), a diffusers folder, hub id or demo:NAME")
+    e.add_argument("--out", required=True, help="output folder for the ONNX files and export.json")
+    e.add_argument("--resolution", type=_resolution, default=None, metavar="HxW", help="resolution of the parity check inputs (default: the family's, 512x512 for SD 1.5)")
+    e.add_argument("--force", action="store_true", help="replace --out if it exists")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    b = sub.add_parser("build-engine", help="fuse → export → build an engine-store entry (the common case)",
+                       description="Chain fuse, export and build. With no --base: the demo model and its two demo LoRAs.")
+    b.add_argument("--base", default=None, help="hub id, local diffusers folder or demo:NAME (default: demo:sd15 with the demo LoRAs)")
+    b.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help=_lora_help())
+    b.add_argument("--resolution", action="append", type=_resolution, default=[], metavar="HxW",
+                   help="image resolution to build for, multiple of 8 (repeatable; default: the family's)")
+    b.add_argument("--dynamic", type=_dynamic, default=None, metavar="HxW-HxW",
+                   help="one dynamic-shape engine over this range instead of static ones per resolution")
+    b.add_argument("--batch", type=int, default=1, help="images per call, B (UNet runs at B, or 2B with guidance)")
+    b.add_argument("--guidance", choices=("auto", "on", "off"), default="auto",
+                   help="classifier-free guidance shapes: off = UNet batch B, on = 2B, auto = both (default)")
+    b.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto",
+                   help="auto: TensorRT where it imports and a CUDA GPU exists, else ONNX Runtime (CUDA, then CPU)")
+    b.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
+                   help="auto: fp16 on TensorRT, fp32 on ONNX Runtime")
+    b.add_argument("--vae-fp32", action="store_true", help="TensorRT: build the VAE decoder in fp32 (always done if fp16 overflows)")
+    b.add_argument("--refit", action="store_true", help="TensorRT: build refittable engines (weights can be swapped without rebuild)")
+    b.add_argument("--engine-dir", default=None, help="engine-store entry to write (default: engines/<name>)")
+    b.add_argument("--name", default=None, help="entry name under engines/ (default: derived from the base)")
+    b.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads recorded as the default (default: all cores)")
+    b.add_argument("--force", action="store_true", help="replace an entry that holds another model")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("inspect", help="show an engine-store entry's manifest", description="Print an engine-store entry's manifest.")
+    i.add_argument("engine_dir", help="engine-store entry (folder with manifest.json)")
+    i.add_argument("--json", action="store_true", help="print the raw manifest JSON")
+
+    g = sub.add_parser("generate", help="text → image with the lean runtime (numpy + engines; no torch)",
+                       description="Generate images with the lean runtime around a built engine.")
+    g.add_argument("--engine-dir", required=True, help="engine-store entry built by build-engine")
+    g.add_argument("--prompt", required=True, help="text prompt (may be empty: unconditional)")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt (used when --guidance > 1)")
+    g.add_argument("--steps", type=int, default=4, help="LCM steps, 1-50 (default 4)")
+    g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale; > 1 runs the UNet at 2B (default 1.0)")
+    g.add_argument("--seed", type=int, default=0, help="seed of numpy's Generator for latents and step noise")
+    g.add_argument("--batch", type=int, default=1, help="images per call")
+    g.add_argument("--resolution", type=_resolution, default=None, metavar="HxW", help="one the engine was built for (default: its first)")
+    g.add_argument("--out", required=True, help="output PNG; batch > 1 writes OUT-0.png, OUT-1.png, …")
+    g.add_argument("--json", action="store_true", help="also print the timings as JSON")
+
+    s = sub.add_parser("bench", help="latency of the engine vs PyTorch baselines; writes report.json/.md and charts",
+                       description="Benchmark the engine path against diffusers eager / torch.compile and the paper's solver comparison.")
+    s.add_argument("--engine-dir", required=True, help="engine-store entry built by build-engine")
+    s.add_argument("--baselines", type=_csv, default=["eager"], help="comma list of eager,compile (default: eager; empty string for none)")
+    s.add_argument("--solvers", type=_csv, default=["lcm:4", "ddim:32", "dpm:16", "dpmpp:8"],
+                   help="PyTorch solver comparison as NAME:STEPS, NAME in lcm,ddim,dpm,dpmpp (default: the paper's Table 2; empty for none)")
+    s.add_argument("--resolution", type=_resolution, default=None, metavar="HxW", help="one the engine was built for (default: its first)")
+    s.add_argument("--guidance", type=float, default=1.0, help="guidance scale for every path (default 1.0)")
+    s.add_argument("--runs", type=int, default=5, help="timed runs per path (median and p90 reported)")
+    s.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    s.add_argument("--solver-runs", type=int, default=None, help="timed runs for the solver comparison (default: --runs)")
+    s.add_argument("--threads", type=int, default=None, help="threads for ONNX Runtime and torch (default: all cores)")
+    s.add_argument("--no-cold-start", action="store_true", help="skip the cold-start (fresh process) measurement")
+    s.add_argument("--out", required=True, help="report folder (report.json, report.md, *.png)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+
+
+def _dispatch(a) -> int:
+    if a.cmd == "fuse":
+        from .fuse import LoraSpec, fuse
+
+        specs = [LoraSpec.parse(s) for s in a.lora]
+        rec = fuse(a.base, specs, a.out, force=a.force, show_progress=not a.quiet)
+        touched = ", ".join(f"{os.path.basename(l['path'])} λ={l['weight']:g} ({l['format']}, {sum(l['layers'].values())} layers)" for l in rec["loras"])
+        print(f"fused {a.base} + [{touched or 'no LoRAs'}] -> {a.out}")
+        if rec["base"]["kind"] == "demo":
+            print("note: demo model with random weights: its images are noise")
+        return 0
+    if a.cmd == "export":
+        from .export import export_model
+
+        res = export_model(a.model, a.out, resolution=a.resolution, force=a.force, show_progress=not a.quiet)
+        for comp, c in res["components"].items():
+            par = c["parity"]
+            print(f"{comp:13s} {c['file']}  rel-L2 {par['rel_l2']:.2e}  max-abs {par['max_abs']:.2e}")
+        return 0
+    if a.cmd == "build-engine":
+        from .build.engine import BuildOptions, build_engine
+
+        opts = BuildOptions(
+            base=a.base, loras=tuple(a.lora), resolutions=tuple(a.resolution), dynamic=a.dynamic, batch=a.batch,
+            guidance=a.guidance, backend=a.backend, precision=a.precision, vae_fp32=a.vae_fp32, refit=a.refit,
+            engine_dir=a.engine_dir, name=a.name, threads=a.threads, force=a.force, show_progress=not a.quiet,
+        )
+        result = build_engine(opts)
+        print(result.summary())
+        return 0
+    if a.cmd == "inspect":
+        from .store import format_manifest, read_manifest
+
+        m = read_manifest(a.engine_dir)
+        print(json.dumps(m, indent=2) if a.json else format_manifest(m))
+        return 0
+    if a.cmd == "generate":
+        from .runtime.cli import generate_cmd
+
+        return generate_cmd(a)
+    if a.cmd == "bench":
+        from .bench import BenchOptions, run_bench
+
+        opts = BenchOptions(
+            engine_dir=a.engine_dir, baselines=tuple(a.baselines), solvers=tuple(a.solvers), resolution=a.resolution,
+            guidance=a.guidance, runs=a.runs, warmup=a.warmup, solver_runs=a.solver_runs, threads=a.threads,
+            cold_start=not a.no_cold_start, out=a.out, show_progress=not a.quiet,
+        )
+        report = run_bench(opts)
+        print(report["summary_line"])
+        print(f"report: {os.path.join(a.out, 'report.md')}")
+        return 0
+    raise AssertionError(a.cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Built-in demo models: SD 1.5-architecture pipelines with seeded random weights, fully offline.
+
+Images from these models are noise: the weights are random. They exist so that every stage (fuse,
+export, build, runtime, bench) can run and be tested without downloading anything.
+
+- ``demo:sd15``       tiny (a few MB): the whole demo flow runs in seconds on 2 CPU cores.
+- ``demo:sd15-full``  the real SD 1.5 UNet / VAE / CLIP-L text-encoder configs (860M-parameter UNet),
+                      random weights: for speed measurements only.
+
+Also the two demo LoRAs ``make demo`` fuses: an LCM-LoRA-shaped kohya LoCon file (linear + conv
+layers, alpha != rank) and a small diffusers/PEFT style LoRA (UNet attention + text encoder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+DEMO_NAMES = ("sd15", "sd15-full")
+DEMO_NOTICE = "demo model with random weights: its images are noise, not pictures"
+# The demo prompt's words get BPE merges so the tokenizer exercises merging, not just bytes.
+_MERGE_WORDS = ("a", "photo", "of", "an", "astronaut", "riding", "horse", "cat", "dog", "the", "in", "style")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible byte -> printable unicode map (written from the published scheme)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def demo_vocab() -> tuple[dict[str, int], list[str]]:
+    """A small byte-level CLIP vocabulary: 256 bytes, 256 bytes + ``</w>``, a few merges, 2 specials."""
+    chars = list(bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    known = set(vocab_list)
+    for word in _MERGE_WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:  # merge left to right: deterministic, valid BPE merges
+            a, b = symbols[0], symbols[1]
+            merged = a + b
+            if merged not in known:
+                merges.append(f"{a} {b}")
+                vocab_list.append(merged)
+                known.add(merged)
+            symbols = [merged] + symbols[2:]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def demo_tokenizer():
+    """A ``transformers.CLIPTokenizer`` over the demo vocabulary (no download)."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    vocab, merges = demo_vocab()
+    with tempfile.TemporaryDirectory() as d:  # the vocab.json + merges.txt layout every version reads
+        Path(d, "vocab.json").write_text(json.dumps(vocab))
+        Path(d, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer.from_pretrained(d, model_max_length=77)
+
+
+def _configs(name: str, vocab_size: int) -> dict:
+    if name == "sd15":
+        unet = dict(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )
+        vae = dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(8, 16, 16, 16), sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text = dict(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",
+        )
+    elif name == "sd15-full":  # runwayml/stable-diffusion-v1-5 configs
+        unet = dict(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+        vae = dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+            block_out_channels=(128, 256, 512, 512), sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text = dict(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+        )
+    else:
+        raise KeyError(name)
+    return {"unet": unet, "vae": vae, "text_encoder": text}
+
+
+# diffusers' LCMScheduler config as shipped with the LCM-LoRA-accelerated SD 1.5 pipelines.
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    original_inference_steps=50, clip_sample=False, set_alpha_to_one=True, steps_offset=1,
+    prediction_type="epsilon", timestep_spacing="leading", timestep_scaling=10.0,
+)
+
+
+def build_demo_pipeline(name: str):
+    """Build ``demo:<name>`` as a diffusers ``StableDiffusionPipeline`` (deterministic: seed 0)."""
+    import torch
+    from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = demo_tokenizer()
+    cfg = _configs(name, vocab_size=len(tokenizer))
+    text_cfg = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **cfg["text_encoder"],
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**cfg["unet"])
+        torch.manual_seed(1)
+        vae = AutoencoderKL(**cfg["vae"])
+        torch.manual_seed(2)
+        text_encoder = CLIPTextModel(text_cfg)
+    for m in (unet, vae, text_encoder):
+        m.eval()
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=LCMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo LoRAs (what `make demo` / `build-engine` without --base fuses)
+
+def demo_lora_dir() -> Path:
+    root = os.environ.get("LCM_EXPORT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lcm-export"
+    )
+    return Path(root) / "demo-loras"
+
+
+def _lcm_like_targets(unet) -> list[str]:
+    """LCM-LoRA (SD 1.5) touches attention, feed-forward, proj_in/out and every resnet/sampler conv."""
+    import torch
+
+    names = []
+    for name, mod in unet.named_modules():
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        if name in ("conv_in", "conv_out") or name.startswith(("time_embedding", "conv_norm")):
+            continue
+        names.append(name)
+    return names
+
+
+def write_demo_loras(pipe, out_dir: Path | None = None, name: str = "sd15") -> list[tuple[Path, float]]:
+    """Write the demo LCM-LoRA (kohya LoCon) and style LoRA (PEFT); return [(path, λ)] with defaults.
+
+    Files are deterministic, so their sha256 (and so engine cache keys) are stable across runs.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir or demo_lora_dir())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lcm_path = out_dir / f"demo-{name}-lcm-lora-kohya.safetensors"
+    style_path = out_dir / f"demo-{name}-style-lora-peft.safetensors"
+    gen = torch.Generator().manual_seed(1234)
+
+    def rnd(*shape, std=0.05):
+        return (torch.randn(*shape, generator=gen) * std).contiguous()
+
+    if not lcm_path.exists():
+        sd, rank = {}, 4
+        modules = dict(pipe.unet.named_modules())
+        for mname in _lcm_like_targets(pipe.unet):
+            mod = modules[mname]
+            key = "lora_unet_" + mname.replace(".", "_")
+            if isinstance(mod, torch.nn.Conv2d):
+                kh, kw = mod.kernel_size
+                sd[f"{key}.lora_down.weight"] = rnd(rank, mod.in_channels, kh, kw)
+                sd[f"{key}.lora_up.weight"] = rnd(mod.out_channels, rank, 1, 1)
+            else:
+                sd[f"{key}.lora_down.weight"] = rnd(rank, mod.in_features)
+                sd[f"{key}.lora_up.weight"] = rnd(mod.out_features, rank)
+            sd[f"{key}.alpha"] = torch.tensor(2.0)
+        _save_atomic(save_file, sd, lcm_path, {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(rank)})
+    if not style_path.exists():
+        sd, rank = {}, 2
+        for mname, mod in pipe.unet.named_modules():
+            if mname.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "attn2.to_out.0")):
+                sd[f"unet.{mname}.lora_A.weight"] = rnd(rank, mod.in_features)
+                sd[f"unet.{mname}.lora_B.weight"] = rnd(mod.out_features, rank)
+        for mname, mod in pipe.text_encoder.named_modules():
+            if mname.endswith(("self_attn.q_proj", "self_attn.v_proj")):
+                sd[f"text_encoder.{mname}.lora_A.weight"] = rnd(rank, mod.in_features)
+                sd[f"text_encoder.{mname}.lora_B.weight"] = rnd(mod.out_features, rank)
+        meta = {
+            "unet.r": rank, "unet.lora_alpha": 4, "unet.target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+            "text_encoder.r": rank, "text_encoder.lora_alpha": 4, "text_encoder.target_modules": ["q_proj", "v_proj"],
+        }
+        _save_atomic(save_file, sd, style_path, {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)})
+    return [(lcm_path, 1.0), (style_path, 0.8)]
+
+
+def _save_atomic(save_file, sd, path: Path, metadata: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(sd, str(tmp), metadata=metadata)
+    os.replace(tmp, path)

@@ -1,0 +1,278 @@
+"""LoRA -> fused weights: W = W0 + Σ_i λ_i · (alpha_i / r_i) · B_i · A_i.
+
+diffusers' LoRA loaders do all the format work (diffusers/PEFT, kohya, kohya SGM naming, LoCon
+convs); this module validates files up front, applies one LoRA at a time
+(``load_lora_weights`` -> ``fuse_lora(lora_scale=λ)`` -> ``unload_lora_weights``), checks that
+every layer in each file found its module in the base, and writes a plain diffusers folder plus
+``fusion.json`` describing exactly what went in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ._util import atomic_dir, disk_error, progress, sha256_file, tool_versions, write_json
+from .errors import UserError
+from .models import base_family, base_record, load_pipeline, resolve_base
+
+FUSION_SCHEMA = 1
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+DEFAULT_LCM_WEIGHT = 1.0  # the LCM-LoRA paper's λ for the acceleration vector
+DEFAULT_STYLE_WEIGHT = 0.8  # and for style LoRAs (eq. 5-6)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One ``--lora PATH[:WEIGHT]``."""
+
+    path: Path
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraSpec":
+        path, sep, tail = text.rpartition(":")
+        if not sep:
+            return cls(Path(text), 1.0)
+        try:
+            weight = float(tail)
+        except ValueError:
+            raise UserError(f"--lora {text}: WEIGHT {tail!r} is not a number (use PATH or PATH:WEIGHT, e.g. style.safetensors:0.8)") from None
+        if not math.isfinite(weight):
+            raise UserError(f"--lora {text}: WEIGHT must be a finite number")
+        return cls(Path(path), weight)
+
+
+@dataclass
+class LoraInfo:
+    """What a LoRA file holds, read without loading it into a model."""
+
+    path: Path
+    format: str
+    ranks: list[int]
+    n_layers: dict[str, int]
+    sha256: str
+    has_metadata: bool = False
+    alphas: list[float] = field(default_factory=list)
+    sgm: bool = False
+    prefixed: bool = True  # diffusers/PEFT keys start with unet. / text_encoder.
+
+
+def inspect_lora(path: Path) -> LoraInfo:
+    """Validate a LoRA file and detect its format; raises UserError naming the file and the problem."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.exists():
+        raise UserError(f"LoRA file {path}: not found")
+    if not path.is_file():
+        raise UserError(f"LoRA file {path}: not a file")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(f"LoRA file {path}: pickle-based {path.suffix} files are refused (loading them can run code); convert it to .safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            alphas = [float(f.get_tensor(k).item()) for k in keys if k.endswith(".alpha")]
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"LoRA file {path}: not a valid safetensors file (truncated or corrupt?): {str(exc).splitlines()[0]}") from None
+
+    if not keys:
+        raise UserError(f"LoRA file {path}: holds no tensors")
+    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+        sgm = any(p in k for k in keys for p in ("input_blocks", "middle_block", "output_blocks"))
+        fmt = "kohya-sgm" if sgm else "kohya"
+        down = [k for k in keys if k.endswith(".lora_down.weight")]
+        comp = lambda k: "unet" if k.startswith("lora_unet_") else ("text_encoder_2" if k.startswith("lora_te2_") else "text_encoder")
+    elif any(".lora_A." in k for k in keys):
+        sgm = False
+        fmt = "peft"
+        down = [k for k in keys if k.endswith(".lora_A.weight")]
+        comp = lambda k: k.split(".", 1)[0] if k.split(".", 1)[0] in ("unet", "text_encoder", "text_encoder_2") else "unet"
+    elif any(".lora.down." in k or ".lora_linear_layer.down." in k for k in keys):
+        sgm = False
+        fmt = "diffusers-legacy"
+        down = [k for k in keys if k.endswith((".lora.down.weight", ".lora_linear_layer.down.weight"))]
+        comp = lambda k: k.split(".", 1)[0] if k.split(".", 1)[0] in ("unet", "text_encoder", "text_encoder_2") else "unet"
+    else:
+        raise UserError(f"LoRA file {path}: no LoRA weights recognised (expected diffusers/PEFT lora_A/lora_B or kohya lora_down/lora_up keys)")
+    if any(len(shapes[k]) == 4 for k in down):
+        fmt += "+locon"
+    up_of = lambda k: k.replace("lora_down", "lora_up").replace("lora_A", "lora_B").replace(".down.", ".up.")
+    n_layers: dict[str, int] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in down:  # a layer whose up/B factor is all zero changes nothing: not counted
+            if up_of(k) in keys and bool(f.get_tensor(up_of(k)).any()):
+                n_layers[comp(k)] = n_layers.get(comp(k), 0) + 1
+    if not n_layers:
+        raise UserError(f"LoRA file {path}: every layer's up/B factor is zero; fusing it would change nothing")
+    return LoraInfo(
+        path=path, format=fmt, ranks=sorted({shapes[k][0] for k in down}), n_layers=n_layers,
+        sha256=sha256_file(path), has_metadata="lora_adapter_metadata" in meta,
+        alphas=sorted(set(alphas)), sgm=sgm,
+        prefixed=fmt.startswith("kohya") or all(k.split(".", 1)[0] in _COMPONENTS for k in down),
+    )
+
+
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def _touched(pipe, adapter: str) -> dict[str, list[str]]:
+    """Modules the adapter changes: PEFT wraps every module its target_modules pattern matches,
+    but only those with a non-zero B factor (loaded from the file) change the weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = {}
+    for comp in ("unet", "text_encoder"):
+        names = [n for n, m in getattr(pipe, comp).named_modules()
+                 if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_B", {})
+                 and bool(m.lora_B[adapter].weight.any())]
+        if names:
+            out[comp] = names
+    return out
+
+
+def _load_error(info: LoraInfo, exc: Exception) -> UserError:
+    msg = str(exc)
+    if "size mismatch" in msg or "shape" in msg.lower():
+        first = next((ln.strip() for ln in msg.splitlines() if "size mismatch" in ln), msg.splitlines()[0] if msg else "")
+        return UserError(f"LoRA file {info.path}: its shapes don't match the base model (a LoRA for another model family?): {first[:300]}")
+    if "not found in the base model" in msg or "Target modules" in msg:
+        return UserError(f"LoRA file {info.path}: no layer in it matches the base model (0 layers touched); is it for another model family?")
+    return UserError(f"LoRA file {info.path}: diffusers could not load it: {msg.splitlines()[0][:300] if msg else type(exc).__name__}")
+
+
+def fuse(base: str, loras: list[LoraSpec], out: str | Path, force: bool = False, show_progress: bool = True) -> dict:
+    """Fuse ``loras`` into ``base`` and save a diffusers folder at ``out``; return the fusion record.
+
+    ``base`` is a hub id, a local diffusers folder or ``demo:NAME``. Each LoRA's λ may be any real
+    number (negative and > 1 allowed: task arithmetic). ``out`` must not exist unless ``force``.
+    """
+    out = Path(out)
+    src = resolve_base(base)
+    family = base_family(src)
+    infos = [inspect_lora(spec.path) for spec in loras]
+    if out.exists() and not force:
+        raise UserError(f"output folder {out} already exists; pass --force to replace it")
+
+    bar = progress(2 + 2 * len(loras), "fuse", enabled=show_progress)
+    bar.set_description_str(f"load {base}")
+    pipe = load_pipeline(src)
+    bar.update()
+    record = fuse_into(pipe, list(zip(loras, infos)), bar)
+    record = {
+        "schema": FUSION_SCHEMA,
+        "family": family,
+        "formula": "W = W0 + sum_i lambda_i * (alpha_i / r_i) * B_i @ A_i",
+        "base": base_record(src, pipe),
+        **record,
+        "versions": tool_versions(),
+    }
+    bar.set_description_str(f"save {out}")
+    try:
+        with atomic_dir(out, force=force) as tmp:
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
+            write_json(tmp / "fusion.json", record)
+    except OSError as exc:
+        raise disk_error(exc, out) from None
+    bar.update()
+    bar.close()
+    return record
+
+
+def fuse_into(pipe, items: list[tuple[LoraSpec, LoraInfo]], bar=None) -> dict:
+    """Fuse each (spec, info) into ``pipe`` in place, one at a time; return {"loras": [...]}."""
+    bar = bar or progress(0, "", enabled=False)
+    base_keys = {c: list(getattr(pipe, c).state_dict()) for c in ("unet", "text_encoder")}
+    records = []
+    for i, (spec, info) in enumerate(items):
+        adapter = f"lora{i}"
+        bar.set_description_str(f"load LoRA {info.path.name}")
+        with warnings.catch_warnings(), _quiet_diffusers():
+            warnings.simplefilter("ignore")
+            try:
+                if info.format.startswith("kohya"):
+                    _load_kohya(pipe, info, adapter)
+                elif info.prefixed:
+                    pipe.load_lora_weights(str(info.path), adapter_name=adapter)
+                else:  # bare PEFT keys (no unet. prefix): the UNet's own loader, prefix=None
+                    pipe.unet.load_lora_adapter(str(info.path), prefix=None, adapter_name=adapter, _pipeline=pipe)
+            except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+                _unload(pipe)
+                raise _load_error(info, exc) from None
+        touched = _touched(pipe, adapter)
+        n_touched = sum(len(v) for v in touched.values())
+        n_file = sum(info.n_layers.values())
+        if n_touched == 0:
+            _unload(pipe)
+            raise UserError(f"LoRA file {info.path}: no layer in it matches the base model (0 layers touched); is it for another model family?")
+        if n_touched < n_file:
+            _unload(pipe)
+            raise UserError(f"LoRA file {info.path}: only {n_touched} of its {n_file} layers match a module of the base model; is it for another model family?")
+        bar.update()
+        bar.set_description_str(f"fuse {info.path.name} (λ={spec.weight:g})")
+        pipe.fuse_lora(components=list(touched), lora_scale=spec.weight, adapter_names=[adapter])
+        _unload(pipe)
+        bar.update()
+        records.append({
+            "path": str(info.path.resolve()), "sha256": info.sha256, "weight": spec.weight,
+            "format": info.format, "ranks": info.ranks, "alphas": info.alphas,
+            "adapter_metadata": info.has_metadata,
+            "layers": {c: len(v) for c, v in touched.items()},
+            "modules": touched,
+        })
+    for c, keys in base_keys.items():  # fused weights are plain: no PEFT wrapper left behind
+        assert list(getattr(pipe, c).state_dict()) == keys, f"{c}: state dict keys changed during fusion"
+    return {"loras": records}
+
+
+def _load_kohya(pipe, info: LoraInfo, adapter: str) -> None:
+    """``load_lora_weights`` for kohya files, in its two public halves with one correction.
+
+    diffusers converts kohya keys (SGM block names too, given the UNet config) in
+    ``lora_state_dict``. For the text encoder it then guesses old vs new key style from the whole
+    dict; a kohya text-encoder LoRA with MLP layers but no ``out_proj`` is guessed as "new" and its
+    attention layers are silently dropped. We convert the text-encoder keys (and their alphas) with
+    diffusers' own ``convert_state_dict_to_diffusers(original_type=DIFFUSERS_OLD)``, then load.
+    """
+    from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_diffusers
+
+    def te_style(d):
+        te = {k: v for k, v in d.items() if k.startswith("text_encoder.")}
+        rest = {k: v for k, v in d.items() if not k.startswith("text_encoder.")}
+        return {**rest, **convert_state_dict_to_diffusers(te, original_type=StateDictType.DIFFUSERS_OLD)}
+
+    kwargs = {"unet_config": pipe.unet.config} if info.sgm else {}
+    sd, alphas = pipe.lora_state_dict(str(info.path), **kwargs)
+    sd, alphas = te_style(sd), (te_style(alphas) if alphas else alphas)
+    if any(k.startswith("unet.") for k in sd):
+        pipe.load_lora_into_unet(sd, alphas, pipe.unet, adapter_name=adapter, _pipeline=pipe)
+    if any(k.startswith("text_encoder.") for k in sd):
+        pipe.load_lora_into_text_encoder(sd, alphas, pipe.text_encoder, adapter_name=adapter, _pipeline=pipe)
+
+
+def _unload(pipe) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.unload_lora_weights()
+
+
+class _quiet_diffusers:
+    """Silence diffusers' logger while loading (we report problems ourselves, as one line)."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("diffusers")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *a):
+        self.logger.setLevel(self.level)
+
+
+def read_fusion(folder: Path) -> dict:
+    p = Path(folder) / "fusion.json"
+    return json.loads(p.read_text()) if p.is_file() else {}

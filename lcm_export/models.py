@@ -1,0 +1,157 @@
+"""Where base weights come from (hub id, local diffusers folder, built-in demo) and model families.
+
+Families differ in text encoders, conditioning and default resolution. This release implements
+``sd15`` end to end; ``sdxl`` and ``ssd1b`` are detected and refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .demo import DEMO_NAMES
+from .errors import UserError
+
+SUPPORTED_FAMILIES = ("sd15",)
+DEFAULT_RESOLUTION = {"sd15": (512, 512), "sdxl": (1024, 1024), "ssd1b": (1024, 1024)}
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+@dataclass(frozen=True)
+class BaseSource:
+    """A resolved ``--base``: ``kind`` is ``demo``, ``local`` or ``hub``; ``path`` the local folder."""
+
+    spec: str
+    kind: str
+    path: Path | None = None
+    demo: str | None = None
+
+
+def detect_family(unet_config: dict) -> str:
+    """Model family from a UNet config: sd15, sd2 (unsupported), sdxl or ssd1b."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        # SSD-1B (and Segmind Vega) drop transformer layers per block; diffusers describes
+        # the reduced up path with reverse_transformer_layers_per_block.
+        if unet_config.get("reverse_transformer_layers_per_block") is not None:
+            return "ssd1b"
+        return "sdxl"
+    cad = unet_config.get("cross_attention_dim")
+    if cad in (1024,):
+        return "sd2"
+    return "sd15"
+
+
+def check_supported(family: str, what: str) -> None:
+    if family not in SUPPORTED_FAMILIES:
+        label = {"sdxl": "SDXL", "ssd1b": "SSD-1B", "sd2": "SD 2.x"}.get(family, family)
+        raise UserError(
+            f"{what} is an {label} model ({family}); not supported yet — this release handles SD 1.5 (sd15) models only"
+        )
+
+
+def resolve_base(spec: str) -> BaseSource:
+    """Turn ``--base`` into a local source, downloading hub ids (honours HF_HUB_OFFLINE and the cache)."""
+    if spec.startswith("demo:"):
+        name = spec.split(":", 1)[1]
+        if name not in DEMO_NAMES:
+            raise UserError(f"unknown demo model {spec!r}; choose one of: " + ", ".join(f"demo:{n}" for n in DEMO_NAMES))
+        return BaseSource(spec, "demo", demo=name)
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not (p / "model_index.json").is_file() or not (p / "unet").is_dir():
+            raise UserError(f"--base {spec}: not a diffusers pipeline folder (needs model_index.json and unet/)")
+        return BaseSource(spec, "local", path=p.resolve())
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise UserError(f"--base {spec!r}: no such folder, and not a hub id (owner/name) or demo:NAME")
+    try:
+        from diffusers import DiffusionPipeline
+
+        folder = DiffusionPipeline.download(
+            spec, local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        )
+    except Exception as exc:  # network, auth, offline cache miss — one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"--base {spec}: could not get it from the Hugging Face Hub or the local cache ({first}); "
+            "check the id, your network / HF_TOKEN, or pass a local diffusers folder"
+        ) from None
+    return BaseSource(spec, "hub", path=Path(folder))
+
+
+def read_unet_config(src: BaseSource) -> dict:
+    if src.kind == "demo":
+        from .demo import _configs
+
+        return dict(_configs(src.demo, vocab_size=0)["unet"])
+    cfg = src.path / "unet" / "config.json"
+    try:
+        return json.loads(cfg.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--base {src.spec}: cannot read {cfg}: {exc}") from None
+
+
+def base_family(src: BaseSource) -> str:
+    family = detect_family(read_unet_config(src))
+    check_supported(family, f"--base {src.spec}")
+    return family
+
+
+def load_pipeline(src: BaseSource):
+    """Load the base as a diffusers pipeline (fp32, CPU, eval mode, no safety checker)."""
+    base_family(src)
+    if src.kind == "demo":
+        from .demo import build_demo_pipeline
+
+        return build_demo_pipeline(src.demo)
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(src.path), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"--base {src.spec}: cannot load it as a Stable Diffusion pipeline ({str(exc).splitlines()[0]})") from None
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.eval()
+    return pipe
+
+
+def weight_files(src: BaseSource) -> list[Path]:
+    """The base's weight files (per component, safetensors preferred) — what fusion.json hashes."""
+    files = []
+    for comp in COMPONENTS:
+        d = src.path / comp
+        if d.is_dir():
+            found = sorted(f for f in d.iterdir() if f.suffix in WEIGHT_SUFFIXES)
+            safe = [f for f in found if f.suffix == ".safetensors"]
+            files += safe or found
+    return files
+
+
+def base_record(src: BaseSource, pipe=None) -> dict:
+    """Provenance of the base for fusion.json: source, kind, and sha256 of each weight file.
+
+    A demo has no files; its record hashes the generated state dicts instead (deterministic).
+    """
+    from ._util import sha256_file
+
+    rec = {"source": src.spec, "kind": src.kind}
+    if src.kind == "demo":
+        rec["note"] = "built-in demo: seeded random weights (images are noise)"
+        rec["state_dict_sha256"] = {c: state_dict_sha256(getattr(pipe, c)) for c in ("unet", "vae", "text_encoder")}
+    else:
+        rec["path"] = str(src.path)
+        rec["files"] = {str(f.relative_to(src.path)): sha256_file(f) for f in weight_files(src)}
+    return rec
+
+
+def state_dict_sha256(module) -> str:
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
