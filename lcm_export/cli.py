@@ -130,7 +130,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _quiet_libraries() -> None:
+    """--quiet: silence diffusers' / transformers' own loading bars too."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import diffusers.utils.logging as dl
+        import transformers.utils.logging as tl
+
+        dl.disable_progress_bar()
+        tl.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def _dispatch(a) -> int:
+    if getattr(a, "quiet", False):
+        _quiet_libraries()
     if a.cmd == "fuse":
         from .fuse import LoraSpec, fuse
 

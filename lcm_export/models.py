@@ -155,3 +155,25 @@ def state_dict_sha256(module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def base_identity(src: BaseSource) -> dict:
+    """What identifies the base weights for cache keys, computed without loading the model.
+
+    Demo models are deterministic functions of (name, lcm_export version, torch version).
+    """
+    from ._util import sha256_file, tool_versions
+
+    if src.kind == "demo":
+        v = tool_versions()
+        return {"demo": src.demo, "lcm_export": v["lcm_export"], "torch": v.get("torch")}
+    files = weight_files(src) + sorted(src.path.glob("*/config.json")) + sorted(src.path.glob("*/scheduler_config.json"))
+    return {"files": {str(f.relative_to(src.path)): sha256_file(f) for f in files}}
+
+
+def default_entry_name(src: BaseSource) -> str:
+    if src.kind == "demo":
+        return f"demo-{src.demo}"
+    if src.kind == "hub":
+        return src.spec.replace("/", "--")
+    return src.path.name

@@ -1,0 +1,1 @@
+"""Engine building: shape plans (pure), ONNX Runtime and TensorRT backends, and the build chain."""
