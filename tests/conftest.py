@@ -50,3 +50,39 @@ def run_cli(args, capsys):
 
 
 PY = sys.executable
+
+
+@pytest.fixture(scope="session")
+def demo_loras(tmp_path_factory, demo_pipe):
+    """The demo's two LoRAs (kohya LoCon 'LCM-LoRA', PEFT style LoRA) with their default λ."""
+    from lcm_export.demo import write_demo_loras
+
+    return write_demo_loras(demo_pipe, tmp_path_factory.mktemp("demo-loras"))
+
+
+RESOLUTIONS = ((64, 64), (64, 96))
+
+
+@pytest.fixture(scope="session")
+def demo_engine(tmp_path_factory, base_dir, demo_loras):
+    """An ONNX Runtime entry for the tiny model + two LoRAs at two resolutions (one non-square)."""
+    from lcm_export.build.engine import BuildOptions, build_engine
+
+    d = tmp_path_factory.mktemp("engines") / "tiny"
+    build_engine(BuildOptions(base=str(base_dir), loras=tuple(f"{p}:{w}" for p, w in demo_loras),
+                              resolutions=RESOLUTIONS, engine_dir=str(d), backend="onnxruntime", show_progress=False))
+    return d
+
+
+@pytest.fixture(scope="session")
+def fused_pipe(tmp_path_factory, base_dir, demo_loras):
+    """The same fusion done by `fuse`, loaded back with diffusers: the PyTorch reference."""
+    from diffusers import StableDiffusionPipeline
+
+    from lcm_export.fuse import LoraSpec, fuse
+
+    out = tmp_path_factory.mktemp("fused") / "model"
+    fuse(str(base_dir), [LoraSpec(p, w) for p, w in demo_loras], out, show_progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,55 @@
+"""``lcm-export generate`` (lean: no torch/diffusers imports)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def output_paths(out: str, batch: int) -> list[Path]:
+    p = Path(out)
+    if p.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: must be a .png path")
+    if batch == 1:
+        return [p]
+    return [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(batch)]
+
+
+def save_png_atomic(img, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def generate_cmd(a) -> int:
+    from .pipeline import LCMPipeline
+
+    paths = output_paths(a.out, a.batch)
+    height, width = a.resolution if a.resolution else (None, None)
+    pipe = LCMPipeline.from_engine_dir(a.engine_dir)
+    images = pipe(a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance, seed=a.seed,
+                  batch=a.batch, height=height, width=width)
+    try:
+        for img, p in zip(images, paths):
+            save_png_atomic(img, p)
+    except OSError as exc:
+        raise UserError(f"could not write {a.out}: {exc.strerror or exc}") from None
+    t = pipe.last_timings
+    print(f"wrote {', '.join(map(str, paths))}")
+    print(f"timing: {t.line()}")
+    if pipe.manifest.get("demo"):
+        print("note: demo model with random weights: the image is noise")
+    if a.json:
+        print(json.dumps(t.as_dict()))
+    return 0

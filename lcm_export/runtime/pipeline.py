@@ -1,0 +1,212 @@
+"""Text -> image around the engines: tokenizer -> text engine -> steps × (UNet engine + numpy LCM
+step) -> VAE engine -> PIL images. numpy, tokenizers, Pillow and the engine backend only."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import UserError
+from ..store import read_manifest
+from .engines import load_engines
+from .scheduler import LCMScheduler
+from .tokenizer import ClipTokenizer
+
+MAX_STEPS = 50
+
+
+class NonFiniteOutput(UserError):
+    """An engine produced NaN/inf (typically fp16 overflow)."""
+
+
+@dataclass
+class Timings:
+    """Seconds per stage of the last call; ``overhead`` is everything outside the engine calls."""
+
+    tokenize: float = 0.0
+    text_encoder: float = 0.0
+    unet: list[float] = field(default_factory=list)
+    scheduler: float = 0.0
+    vae_decoder: float = 0.0
+    postprocess: float = 0.0
+    total: float = 0.0
+
+    @property
+    def engines(self) -> float:
+        return self.text_encoder + sum(self.unet) + self.vae_decoder
+
+    @property
+    def overhead(self) -> float:
+        return self.total - self.engines
+
+    def as_dict(self) -> dict:
+        return {"tokenize": self.tokenize, "text_encoder": self.text_encoder, "unet_steps": list(self.unet),
+                "unet_total": sum(self.unet), "scheduler": self.scheduler, "vae_decoder": self.vae_decoder,
+                "postprocess": self.postprocess, "engines": self.engines, "overhead": self.overhead, "total": self.total}
+
+    def line(self) -> str:
+        steps = " ".join(f"{t * 1e3:.1f}" for t in self.unet)
+        return (f"text encoder {self.text_encoder * 1e3:.1f} ms | unet steps [{steps}] ms | vae {self.vae_decoder * 1e3:.1f} ms | "
+                f"total {self.total * 1e3:.1f} ms | runtime overhead {self.overhead * 1e3:.2f} ms "
+                f"(tokenize {self.tokenize * 1e3:.2f}, scheduler {self.scheduler * 1e3:.2f}, postprocess {self.postprocess * 1e3:.2f})")
+
+
+class LCMPipeline:
+    """The lean runtime: ``LCMPipeline.from_engine_dir(DIR)(prompt)`` -> list of PIL images."""
+
+    def __init__(self, manifest: dict, engine_dir: Path, engines: dict, tokenizer: ClipTokenizer, scheduler_config: dict):
+        self.manifest = manifest
+        self.engine_dir = engine_dir
+        self.engines = engines
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        self.vae_scaling = float(manifest["vae"]["scaling_factor"])
+        self.vae_shift = manifest["vae"].get("shift_factor")
+        self.latent_channels = int(manifest.get("latent_channels", 4))
+        self.resolutions = [tuple(int(v) for v in r.split("x")) for r in manifest["resolutions"]]
+        self.last_timings = Timings()
+
+    @classmethod
+    def from_engine_dir(cls, engine_dir: str | Path, threads: int | None = None) -> "LCMPipeline":
+        d = Path(engine_dir)
+        m = read_manifest(d)
+        tok = m["tokenizer"]
+        tok_path = d / tok["file"]
+        sched_path = d / m["scheduler"]["file"]
+        for p in (tok_path, sched_path):
+            if not p.is_file():
+                raise UserError(f"{p} is missing from the engine dir; rebuild it with `lcm-export build-engine --engine-dir {d} --force`")
+        tokenizer = ClipTokenizer(tok_path, tok["max_length"], tok["pad_id"])
+        return cls(m, d, load_engines(m, d, threads), tokenizer, json.loads(sched_path.read_text()))
+
+    # ------------------------------------------------------------------------------------------
+    def _plan_for(self, comp: str, h: int, w: int):
+        engines = self.engines[comp]
+        if "*" in engines:
+            return engines["*"]
+        if "all" in engines:
+            return engines["all"]
+        for p in self.manifest["shape_plans"]:
+            if p["min_hw"][0] <= h <= p["max_hw"][0] and p["min_hw"][1] <= w <= p["max_hw"][1] and p["name"] in engines:
+                return engines[p["name"]]
+        raise self._resolution_error(h, w)
+
+    def _resolution_error(self, h: int, w: int) -> UserError:
+        built = ", ".join(self.manifest["resolutions"])
+        dyn = [p["name"] for p in self.manifest["shape_plans"] if not p["static"]]
+        extra = f" (dynamic range {', '.join(dyn)})" if dyn else ""
+        return UserError(f"resolution {h}x{w} was not built into {self.engine_dir}; built: {built}{extra}; "
+                         f"rebuild with --resolution {h}x{w}")
+
+    def _check_resolution(self, h: int, w: int) -> None:
+        if (h, w) in self.resolutions:
+            return
+        for p in self.manifest["shape_plans"]:
+            if not p["static"] and p["min_hw"][0] <= h <= p["max_hw"][0] and p["min_hw"][1] <= w <= p["max_hw"][1] \
+                    and h % 8 == 0 and w % 8 == 0:
+                return
+        raise self._resolution_error(h, w)
+
+    def _check_finite(self, arr: np.ndarray, comp: str, step: int | None = None) -> None:
+        if not np.isfinite(arr).all():
+            where = f" at step {step + 1}" if step is not None else ""
+            raise NonFiniteOutput(
+                f"the {comp} engine produced NaN/inf{where} (fp16 overflow?); nothing was written — rebuild with "
+                f"--precision fp32{' or --vae-fp32' if comp == 'vae_decoder' else ''}"
+            )
+
+    def __call__(self, prompt: str, negative_prompt: str | None = None, steps: int = 4, guidance: float = 1.0,
+                 seed: int = 0, batch: int = 1, height: int | None = None, width: int | None = None,
+                 latents: np.ndarray | None = None, step_noise: list[np.ndarray] | None = None, output_type: str = "pil"):
+        """Generate ``batch`` images. guidance > 1 runs classifier-free guidance (UNet at batch 2B)."""
+        if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise UserError(f"steps {steps}: must be an integer from 1 to {MAX_STEPS}")
+        if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+            raise UserError(f"guidance {guidance}: must be a finite number >= 0 (1.0 = no classifier-free guidance)")
+        if not isinstance(batch, int) or batch < 1:
+            raise UserError(f"batch {batch}: must be at least 1")
+        if not isinstance(prompt, str):
+            raise UserError("prompt must be a string (it may be empty)")
+        if (height is None) != (width is None):
+            raise UserError("give both height and width, or neither")
+        h, w = (height, width) if height is not None else self.resolutions[0]
+        self._check_resolution(h, w)
+        cfg = guidance > 1.0
+        lh, lw = h // 8, w // 8
+        shape = (batch, self.latent_channels, lh, lw)
+        rng = np.random.default_rng(seed)
+        if latents is None:
+            latents = rng.standard_normal(shape, dtype=np.float32)
+        elif tuple(latents.shape) != shape:
+            raise UserError(f"latents shape {tuple(latents.shape)}: expected {shape}")
+        if step_noise is not None and len(step_noise) < steps - 1:
+            raise UserError(f"step_noise: {steps - 1} arrays needed (one per step but the last), got {len(step_noise)}")
+
+        t = Timings()
+        t_start = time.perf_counter()
+
+        # 1. Tokenize (uncond first, as diffusers concatenates [uncond, cond])
+        t0 = time.perf_counter()
+        texts = [prompt] * batch
+        if cfg:
+            texts = [negative_prompt or ""] * batch + texts
+        ids = self.tokenizer(texts)
+        t.tokenize = time.perf_counter() - t0
+
+        # 2. Text encoder
+        t0 = time.perf_counter()
+        emb = self._plan_for("text_encoder", h, w).run({"input_ids": ids})
+        t.text_encoder = time.perf_counter() - t0
+        self._check_finite(emb, "text_encoder")
+
+        # 3. Denoising loop
+        t0 = time.perf_counter()
+        sched = LCMScheduler.from_config(self.scheduler_config)
+        timesteps = sched.set_timesteps(steps)
+        unet = self._plan_for("unet", h, w)
+        x = np.ascontiguousarray(latents, dtype=np.float32) * np.float32(sched.init_noise_sigma)
+        t.scheduler += time.perf_counter() - t0
+        for i, ts in enumerate(timesteps):
+            t0 = time.perf_counter()
+            x_in = np.concatenate([x, x]) if cfg else x
+            tt = np.full((x_in.shape[0],), ts, dtype=np.float32)
+            out = unet.run({"sample": x_in, "timestep": tt, "encoder_hidden_states": emb})
+            t.unet.append(time.perf_counter() - t0)
+            self._check_finite(out, "unet", i)
+            t0 = time.perf_counter()
+            if cfg:
+                uncond, cond = out[:batch], out[batch:]
+                out = uncond + np.float32(guidance) * (cond - uncond)
+            noise = None
+            if i < steps - 1:
+                noise = step_noise[i] if step_noise is not None else rng.standard_normal(shape, dtype=np.float32)
+            x, _ = sched.step(out, int(ts), x, noise=noise)
+            t.scheduler += time.perf_counter() - t0
+
+        # 4. VAE decode
+        t0 = time.perf_counter()
+        z = x / np.float32(self.vae_scaling)
+        if self.vae_shift:
+            z = z + np.float32(self.vae_shift)
+        img = self._plan_for("vae_decoder", h, w).run({"latent": np.ascontiguousarray(z, dtype=np.float32)})
+        t.vae_decoder = time.perf_counter() - t0
+        self._check_finite(img, "vae_decoder")
+
+        # 5. Post-process as diffusers does: [-1, 1] -> [0, 1] -> uint8
+        t0 = time.perf_counter()
+        arr = np.clip(img / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+        if output_type == "np":
+            result = arr
+        else:
+            u8 = (arr * 255).round().astype(np.uint8)
+            result = [Image.fromarray(a) for a in u8]
+        t.postprocess = time.perf_counter() - t0
+        t.total = time.perf_counter() - t_start
+        self.last_timings = t
+        return result
