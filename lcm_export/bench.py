@@ -1,0 +1,443 @@
+"""Latency of the engine path (the lean runtime) against PyTorch baselines on the same fused model.
+
+What is timed, per path: text encoder, each UNet step, VAE decode, end to end — median and p90
+of ``runs`` after ``warmup`` untimed runs. Baselines: diffusers' StableDiffusionPipeline with
+LCMScheduler at 4 steps, eager (fp32 on CPU, fp16 on GPU) and torch.compile (a failure is
+reported, not hidden); the LCM-LoRA paper's Table 2 solvers (DDIM 32, DPM-Solver 16,
+DPM-Solver++ 8, LCM 4) end to end; cold start (process start -> first image) of both stacks;
+the FLOP count of one UNet step (torch's FlopCounterMode) against a fp32 peak measured in the same
+run (a large matrix product). Writes report.json, report.md and PNG charts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._util import progress, tool_versions, write_json
+from .errors import UserError
+from .store import read_manifest
+
+SOLVERS = {"lcm": "LCMScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolver", "dpmpp": "DPMSolver++"}
+BASELINES = ("eager", "compile")
+STAGES = ("text_encoder", "unet_step", "vae_decoder", "end_to_end")
+PROMPT = "a photo of an astronaut riding a horse on mars"
+REPORT_SCHEMA = "lcm-export-bench/1"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    engine_dir: str
+    baselines: tuple[str, ...] = ("eager",)
+    solvers: tuple[str, ...] = ("lcm:4", "ddim:32", "dpm:16", "dpmpp:8")
+    resolution: tuple[int, int] | None = None
+    guidance: float = 1.0
+    runs: int = 5
+    warmup: int = 1
+    solver_runs: int | None = None
+    threads: int | None = None
+    cold_start: bool = True
+    out: str = "benchmarks/reports/latest"
+    show_progress: bool = True
+
+
+def parse_solvers(items) -> list[tuple[str, int]]:
+    out = []
+    for item in items:
+        name, _, steps = item.partition(":")
+        if name not in SOLVERS:
+            raise UserError(f"--solvers {item!r}: unknown solver {name!r}; choose from {', '.join(SOLVERS)} as NAME:STEPS")
+        try:
+            n = int(steps)
+        except ValueError:
+            raise UserError(f"--solvers {item!r}: STEPS must be a positive integer (e.g. ddim:32)") from None
+        if n < 1:
+            raise UserError(f"--solvers {item!r}: STEPS must be a positive integer")
+        out.append((name, n))
+    return out
+
+
+def stats(xs) -> dict:
+    a = np.asarray(xs, dtype=np.float64)
+    return {"median_s": float(np.median(a)), "p90_s": float(np.percentile(a, 90)), "mean_s": float(a.mean()),
+            "min_s": float(a.min()), "n": int(a.size)}
+
+
+def _validate(o: BenchOptions, manifest: dict) -> tuple[int, int]:
+    if o.runs < 1:
+        raise UserError(f"--runs {o.runs}: must be at least 1")
+    if o.warmup < 0:
+        raise UserError(f"--warmup {o.warmup}: must be 0 or more")
+    if o.solver_runs is not None and o.solver_runs < 1:
+        raise UserError(f"--solver-runs {o.solver_runs}: must be at least 1")
+    if o.threads is not None and o.threads < 1:
+        raise UserError(f"--threads {o.threads}: must be at least 1")
+    bad = [b for b in o.baselines if b not in BASELINES]
+    if bad:
+        raise UserError(f"--baselines {','.join(bad)}: unknown; choose from {', '.join(BASELINES)}")
+    if not (np.isfinite(o.guidance) and o.guidance >= 0):
+        raise UserError(f"--guidance {o.guidance}: must be a finite number >= 0")
+    res = [tuple(int(v) for v in r.split("x")) for r in manifest["resolutions"]]
+    hw = tuple(o.resolution) if o.resolution else res[0]
+    if hw not in res:
+        raise UserError(f"--resolution {hw[0]}x{hw[1]} was not built into {o.engine_dir}; built: {', '.join(manifest['resolutions'])}")
+    return hw
+
+
+def machine_info(threads: int) -> dict:
+    cpu = "unknown"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "threads": threads, "gpu": gpu, "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def _rss_mb() -> float:
+    """Peak RSS of this process in MB: VmHWM (reset at exec, unlike ru_maxrss, which a child
+    inherits from its parent on Linux)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch side
+
+def reference_pipeline(manifest: dict, engine_dir: Path):
+    """The fused model the engine was built from, rebuilt in diffusers (same LoRA files, same λ)."""
+    from diffusers import LCMScheduler
+
+    from ._util import sha256_file
+    from .fuse import LoraSpec, fuse_into, inspect_lora
+    from .models import load_pipeline, resolve_base
+
+    items = []
+    for l in manifest["fusion"]["loras"]:
+        p = Path(l["path"])
+        if not p.is_file() or sha256_file(p) != l["sha256"]:
+            raise UserError(f"LoRA file {p} is missing or changed since {engine_dir} was built; the baselines need the same fused model")
+        items.append((LoraSpec(p, l["weight"]), inspect_lora(p)))
+    pipe = load_pipeline(resolve_base(manifest["base_source"]))
+    fuse_into(pipe, items)
+    sched_cfg = json.loads((engine_dir / manifest["scheduler"]["file"]).read_text())
+    pipe.scheduler = LCMScheduler.from_config(sched_cfg)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, sched_cfg
+
+
+class StageTimer:
+    """Wraps callables on the pipeline's modules and records each call's wall time."""
+
+    def __init__(self, sync=None):
+        self.times = defaultdict(list)
+        self.sync = sync or (lambda: None)
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            r = fn(*a, **k)
+            self.sync()
+            self.times[name].append(time.perf_counter() - t0)
+            return r
+
+        setattr(obj, attr, timed)
+
+    def reset(self):
+        self.times.clear()
+
+
+def _scheduler(name: str, cfg: dict):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
+
+    if name == "lcm":
+        return LCMScheduler.from_config(cfg)
+    if name == "ddim":
+        return DDIMScheduler.from_config(cfg)
+    if name == "dpm":  # DPM-Solver (not ++) cannot step to sigma 0: its last step ends at sigma_min
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+    return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++")
+
+
+def _torch_call(pipe, latents, steps, guidance, hw):
+    import torch
+
+    return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, latents=torch.from_numpy(latents),
+                height=hw[0], width=hw[1], output_type="np").images
+
+
+def time_torch(pipe, timer, latents, hw, guidance, runs, warmup, steps=4, bar=None) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        _torch_call(pipe, latents, steps, guidance, hw)
+        bar and bar.update()
+    warm = time.perf_counter() - t0
+    timer.reset()
+    e2e = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        _torch_call(pipe, latents, steps, guidance, hw)
+        e2e.append(time.perf_counter() - t0)
+        bar and bar.update()
+    return {"text_encoder": stats(timer.times["text_encoder"]), "unet_step": stats(timer.times["unet"]),
+            "vae_decoder": stats(timer.times["vae_decoder"]), "end_to_end": stats(e2e)}, warm
+
+
+def unet_flops(pipe, batch: int, hw: tuple[int, int]) -> int:
+    """FLOPs of one UNet call (2 per multiply-add), counted by torch's FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = pipe.unet
+    x = torch.randn(batch, unet.config.in_channels, hw[0] // 8, hw[1] // 8)
+    e = torch.randn(batch, 77, pipe.text_encoder.config.hidden_size)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        unet(x, torch.full((batch,), 999), encoder_hidden_states=e)
+    return int(counter.get_total_flops())
+
+
+def measure_peak(threads: int, n: int = 4096, repeats: int = 3) -> dict:
+    """fp32 peak measured here: best of a large square matrix product in torch (MKL/oneDNN) and numpy."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timeit(lambda: torch.mm(a, b)) for _ in range(repeats))
+    out["torch_mm_flops_per_s"] = 2 * n**3 / best
+    an, bn = a.numpy(), b.numpy()
+    an @ bn
+    best = min(_timeit(lambda: an @ bn) for _ in range(repeats))
+    out["numpy_matmul_flops_per_s"] = 2 * n**3 / best
+    out["best_flops_per_s"] = max(out["torch_mm_flops_per_s"], out["numpy_matmul_flops_per_s"])
+    out["matrix_size"] = n
+    return out
+
+
+def _timeit(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# Cold start: a fresh process each, from interpreter start to the first image
+
+_LEAN_COLD = """
+import json, sys, time
+from lcm_export.bench import _rss_mb
+from lcm_export.runtime import LCMPipeline
+pipe = LCMPipeline.from_engine_dir(sys.argv[1], threads=int(sys.argv[2]))
+pipe(sys.argv[3], steps=4, guidance=float(sys.argv[4]), height=int(sys.argv[5]), width=int(sys.argv[6]))
+print(json.dumps({"peak_rss_mb": _rss_mb(), "torch_loaded": "torch" in sys.modules}))
+"""
+
+_TORCH_COLD = """
+import json, sys
+import torch
+from lcm_export.bench import _rss_mb
+torch.set_num_threads(int(sys.argv[2]))
+from diffusers import LCMScheduler, StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], safety_checker=None, requires_safety_checker=False)
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.set_progress_bar_config(disable=True)
+with torch.no_grad():
+    pipe(sys.argv[3], num_inference_steps=4, guidance_scale=float(sys.argv[4]), height=int(sys.argv[5]), width=int(sys.argv[6]))
+print(json.dumps({"peak_rss_mb": _rss_mb()}))
+"""
+
+
+def _cold(script: str, args: list[str]) -> dict:
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return {"seconds": wall, **json.loads(r.stdout.strip().splitlines()[-1])}
+
+
+# ----------------------------------------------------------------------------------------------
+
+def run_bench(o: BenchOptions) -> dict:
+    from .runtime import LCMPipeline
+
+    engine_dir = Path(o.engine_dir)
+    manifest = read_manifest(engine_dir)
+    hw = _validate(o, manifest)
+    solvers = parse_solvers(o.solvers)
+    threads = o.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    solver_runs = o.solver_runs or o.runs
+    batch = 1
+    cfg_on = o.guidance > 1.0
+    out = Path(o.out)
+    n_torch = len(o.baselines) * (o.runs + o.warmup)
+    total = (o.runs + o.warmup) + n_torch + len(solvers) * solver_runs + (2 if o.cold_start else 0) + 3
+    bar = progress(total, "bench", enabled=o.show_progress)
+
+    # 1. Engine path (lean runtime), before torch is imported, so its RSS is its own
+    bar.set_description_str("engine")
+    pipe = LCMPipeline.from_engine_dir(engine_dir, threads=threads)
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((batch, int(manifest.get("latent_channels", 4)), hw[0] // 8, hw[1] // 8), dtype=np.float32)
+    for _ in range(o.warmup):
+        pipe(PROMPT, steps=4, guidance=o.guidance, height=hw[0], width=hw[1], latents=latents)
+        bar.update()
+    rec = defaultdict(list)
+    for _ in range(o.runs):
+        pipe(PROMPT, steps=4, guidance=o.guidance, height=hw[0], width=hw[1], latents=latents)
+        t = pipe.last_timings
+        rec["text_encoder"].append(t.text_encoder)
+        rec["unet_step"] += t.unet
+        rec["vae_decoder"].append(t.vae_decoder)
+        rec["end_to_end"].append(t.total)
+        rec["runtime_overhead"].append(t.overhead)
+        bar.update()
+    paths = {"engine": {"label": f"engine ({manifest['backend']}, {manifest['precision']})",
+                        "stages": {k: stats(v) for k, v in rec.items()}, "peak_rss_mb": _rss_mb()}}
+    engine_lcm4 = paths["engine"]["stages"]["end_to_end"]
+
+    # 2. PyTorch baselines on the same fused model
+    import torch
+
+    torch.set_num_threads(threads)
+    bar.set_description_str("load PyTorch reference")
+    ref, sched_cfg = reference_pipeline(manifest, engine_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        ref = ref.to("cuda", torch.float16)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    bar.update()
+    with torch.no_grad():
+        flops = unet_flops(ref.to("cpu", torch.float32) if device == "cuda" else ref, 2 * batch if cfg_on else batch, hw)
+    bar.update()
+    for base in o.baselines:
+        bar.set_description_str(f"PyTorch {base}")
+        label = f"diffusers {base} ({'fp16 ' + device if device == 'cuda' else 'fp32 cpu'})"
+        try:
+            timer = StageTimer(sync)
+            if base == "compile":  # instance attributes; removed again below
+                ref.unet.forward = torch.compile(ref.unet.forward)
+                ref.vae.decode = torch.compile(ref.vae.decode)
+            timer.wrap(ref.text_encoder, "forward", "text_encoder")
+            timer.wrap(ref.unet, "forward", "unet")
+            timer.wrap(ref.vae, "decode", "vae_decoder")
+            with torch.no_grad():
+                st, warm = time_torch(ref, timer, latents, hw, o.guidance, o.runs, o.warmup, bar=bar)
+            paths[base] = {"label": label, "stages": st, "warmup_s": warm}
+            if base == "compile":
+                paths[base]["note"] = "torch.compile(default mode) on unet.forward and vae.decode; compile time is inside warm-up"
+        except Exception as exc:  # report the failure, keep the rest of the report
+            paths[base] = {"label": label, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"}
+            bar.update(o.runs + o.warmup)
+        finally:
+            for mod, attr in ((ref.text_encoder, "forward"), (ref.unet, "forward"), (ref.vae, "decode")):
+                mod.__dict__.pop(attr, None)  # drop wrappers / compiled forwards
+
+    # 3. The paper's Table 2: solvers end to end (the model is warm from the eager baseline)
+    table2 = []
+    with torch.no_grad():
+        for name, steps in solvers:
+            bar.set_description_str(f"PyTorch {SOLVERS[name]} {steps} steps")
+            ref.scheduler = _scheduler(name, sched_cfg)
+            ts = []
+            for _ in range(solver_runs):
+                t0 = time.perf_counter()
+                _torch_call(ref, latents, steps, o.guidance, hw)
+                ts.append(time.perf_counter() - t0)
+                bar.update()
+            table2.append({"solver": SOLVERS[name], "steps": steps, "path": "diffusers eager", **stats(ts)})
+    table2.append({"solver": "LCMScheduler", "steps": 4, "path": paths["engine"]["label"], **engine_lcm4})
+    ref.scheduler = _scheduler("lcm", sched_cfg)
+
+    # 4. Cold start, each in a fresh process
+    cold = {}
+    if o.cold_start:
+        bar.set_description_str("cold start: lean runtime")
+        args = [PROMPT, str(o.guidance), str(hw[0]), str(hw[1])]
+        cold["engine"] = _cold(_LEAN_COLD, [str(engine_dir), str(threads), *args])
+        bar.update()
+        bar.set_description_str("cold start: diffusers")
+        with tempfile.TemporaryDirectory(prefix="lcm-export-bench-") as d:
+            ref.save_pretrained(d, safe_serialization=True)
+            cold["diffusers"] = _cold(_TORCH_COLD, [d, str(threads), *args])
+        bar.update()
+        if "seconds" in cold.get("engine", {}) and "seconds" in cold.get("diffusers", {}):
+            cold["ratio"] = cold["diffusers"]["seconds"] / cold["engine"]["seconds"]
+
+    # 5. FLOP/s against a peak measured now
+    bar.set_description_str("fp32 peak (matrix product)")
+    peak = measure_peak(threads)
+    bar.update()
+    bar.close()
+    flop = {"unet_step_flops": flops, "unet_batch": 2 * batch if cfg_on else batch, "peak": peak}
+    for name, p in paths.items():
+        if "stages" in p:
+            fps = flops / p["stages"]["unet_step"]["median_s"]
+            flop[name] = {"flops_per_s": fps, "fraction_of_peak": fps / peak["best_flops_per_s"]}
+
+    ratios = {}
+    eng = paths["engine"]["stages"]
+    for name, p in paths.items():
+        if name != "engine" and "stages" in p:
+            ratios[name] = {s: p["stages"][s]["median_s"] / eng[s]["median_s"] for s in STAGES}
+
+    report = {
+        "schema": REPORT_SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "lcm-export " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("lcm-export") else None,
+        "engine_dir": str(engine_dir),
+        "model": {"family": manifest["family"], "base": manifest["base_source"], "demo": manifest.get("demo", False),
+                  "loras": [{"file": Path(l["path"]).name, "weight": l["weight"]} for l in manifest["fusion"]["loras"]],
+                  **({"note": "demo model with random weights: images are noise; timings are what matter"} if manifest.get("demo") else {})},
+        "resolution": f"{hw[0]}x{hw[1]}", "guidance": o.guidance, "steps": 4, "batch": batch,
+        "settings": {"runs": o.runs, "warmup": o.warmup, "solver_runs": solver_runs, "solver_warmup": 0,
+                     "threads": threads, "statistic": "median and p90 over timed runs (UNet: over every step of every run)"},
+        "machine": machine_info(threads),
+        "versions": tool_versions("tensorrt"),
+        "engine": {"backend": manifest["backend"], "precision": manifest["precision"],
+                   "onnxruntime": manifest.get("onnxruntime"), "tensorrt": manifest.get("tensorrt", {}).get("tensorrt")},
+        "paths": paths, "ratios": ratios, "solvers": table2, "cold_start": cold, "flops": flop,
+    }
+    e_unet = eng["unet_step"]["median_s"]
+    parts = [f"engine UNet step {e_unet * 1e3:.1f} ms"]
+    if "eager" in ratios:
+        parts.append(f"{ratios['eager']['unet_step']:.2f}x faster than eager, end to end {ratios['eager']['end_to_end']:.2f}x")
+    parts.append(f"{flop['engine']['fraction_of_peak'] * 100:.0f}% of measured fp32 peak")
+    report["summary_line"] = f"{report['resolution']}: " + ", ".join(parts)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report)
+    from .bench_report import write_charts, write_markdown
+
+    write_charts(report, out)
+    (out / "report.md").write_text(write_markdown(report))
+    return report
