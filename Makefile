@@ -2,29 +2,41 @@
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
-STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP   := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 DEMO    := engines/demo-sd15
+PROMPT  := a photo of an astronaut riding a horse
 
-.PHONY: setup demo test lean-check clean
+.PHONY: setup demo test lean-check bench-ci clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU build on disk (an unpinned torch pulls a multi-GB CUDA build)
+	@# torch first, pinned: the CPU build on disk (an unpinned torch pulls a multi-GB CUDA build)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -e ".[build,dev]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 demo: setup
-	$(VENV)/bin/lcm-export build-engine --engine-dir $(DEMO) --resolution 128x128
-	$(VENV)/bin/lcm-export generate --engine-dir $(DEMO) --prompt "a photo of an astronaut riding a horse" --out out/demo.png
-	@echo "demo image: out/demo.png  (demo model with random weights: the image is noise)"
+	$(VENV)/bin/lcm-export build-engine --engine-dir $(DEMO)
+	$(VENV)/bin/lcm-export generate --engine-dir $(DEMO) --prompt "$(PROMPT)" --out out/demo.png
 
 test: setup
 	$(VPY) -m pytest -q tests
 
+# The runtime with the base install only (no extras: no torch, diffusers, transformers), in its own venv.
+lean-check: demo
+	test -x .venv-lean/bin/python || $(PY) -m venv .venv-lean
+	.venv-lean/bin/python -m pip install -q --upgrade pip
+	.venv-lean/bin/python -m pip install -q .
+	.venv-lean/bin/python -c "import importlib.util as u, sys; bad = [m for m in ('torch', 'diffusers', 'transformers') if u.find_spec(m)]; sys.exit(f'lean venv has {bad}' if bad else 0)"
+	.venv-lean/bin/lcm-export generate --engine-dir $(DEMO) --prompt "$(PROMPT)" --out out/lean.png
+
+bench-ci: demo
+	$(VENV)/bin/lcm-export bench --engine-dir $(DEMO) --runs 2 --warmup 1 --out out/bench-ci --quiet
+	$(VPY) benchmarks/check_report.py out/bench-ci
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) .venv-lean out

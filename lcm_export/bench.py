@@ -244,6 +244,16 @@ def measure_peak(threads: int, n: int = 4096, repeats: int = 3) -> dict:
     return out
 
 
+def _nvidia_smi_used_mb() -> float | None:
+    """GPU memory in use (MB) on device 0, without importing torch; None where there is no NVIDIA GPU."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                           capture_output=True, text=True, timeout=10)
+        return float(r.stdout.strip().splitlines()[0]) if r.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
 def _timeit(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -324,6 +334,9 @@ def run_bench(o: BenchOptions) -> dict:
         bar.update()
     paths = {"engine": {"label": f"engine ({manifest['backend']}, {manifest['precision']})",
                         "stages": {k: stats(v) for k, v in rec.items()}, "peak_rss_mb": _rss_mb()}}
+    gpu_used = _nvidia_smi_used_mb()
+    if gpu_used is not None:
+        paths["engine"]["gpu_memory_used_mb"] = gpu_used
     engine_lcm4 = paths["engine"]["stages"]["end_to_end"]
 
     # 2. PyTorch baselines on the same fused model
@@ -332,19 +345,20 @@ def run_bench(o: BenchOptions) -> dict:
     torch.set_num_threads(threads)
     bar.set_description_str("load PyTorch reference")
     ref, sched_cfg = reference_pipeline(manifest, engine_dir)
+    bar.update()
+    flops = unet_flops(ref, 2 * batch if cfg_on else batch, hw)  # device-independent: counted in fp32 on CPU
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         ref = ref.to("cuda", torch.float16)
     sync = torch.cuda.synchronize if device == "cuda" else None
-    bar.update()
-    with torch.no_grad():
-        flops = unet_flops(ref.to("cpu", torch.float32) if device == "cuda" else ref, 2 * batch if cfg_on else batch, hw)
     bar.update()
     for base in o.baselines:
         bar.set_description_str(f"PyTorch {base}")
         label = f"diffusers {base} ({'fp16 ' + device if device == 'cuda' else 'fp32 cpu'})"
         try:
             timer = StageTimer(sync)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             if base == "compile":  # instance attributes; removed again below
                 ref.unet.forward = torch.compile(ref.unet.forward)
                 ref.vae.decode = torch.compile(ref.vae.decode)
@@ -354,6 +368,8 @@ def run_bench(o: BenchOptions) -> dict:
             with torch.no_grad():
                 st, warm = time_torch(ref, timer, latents, hw, o.guidance, o.runs, o.warmup, bar=bar)
             paths[base] = {"label": label, "stages": st, "warmup_s": warm}
+            if device == "cuda":
+                paths[base]["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
             if base == "compile":
                 paths[base]["note"] = "torch.compile(default mode) on unet.forward and vae.decode; compile time is inside warm-up"
         except Exception as exc:  # report the failure, keep the rest of the report

@@ -267,7 +267,7 @@ class _quiet_diffusers:
     def __enter__(self):
         self.logger = logging.getLogger("diffusers")
         self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
+        self.logger.setLevel(logging.CRITICAL)
 
     def __exit__(self, *a):
         self.logger.setLevel(self.level)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -10,38 +11,11 @@ from PIL import Image
 
 from conftest import run_cli
 
-POS = {"type": "number", "exclusiveMinimum": 0}
-STAT = {"type": "object", "required": ["median_s", "p90_s", "n"],
-        "properties": {"median_s": POS, "p90_s": POS, "n": {"type": "integer", "minimum": 1}}}
-STAGES = {"type": "object", "required": ["text_encoder", "unet_step", "vae_decoder", "end_to_end"],
-          "additionalProperties": STAT}
-SCHEMA = {
-    "type": "object",
-    "required": ["schema", "model", "resolution", "machine", "versions", "settings", "paths", "ratios", "solvers", "cold_start", "flops"],
-    "properties": {
-        "schema": {"const": "lcm-export-bench/1"},
-        "machine": {"type": "object", "required": ["cpu", "cores", "threads"]},
-        "versions": {"type": "object", "required": ["torch", "onnxruntime", "lcm_export"]},
-        "settings": {"type": "object", "required": ["runs", "warmup"]},
-        "paths": {"type": "object", "required": ["engine", "eager"],
-                  "properties": {"engine": {"type": "object", "required": ["stages", "peak_rss_mb"],
-                                            "properties": {"stages": STAGES, "peak_rss_mb": POS}},
-                                 "eager": {"type": "object", "required": ["stages"], "properties": {"stages": STAGES}}}},
-        "ratios": {"type": "object", "required": ["eager"],
-                   "additionalProperties": {"type": "object", "additionalProperties": POS}},
-        "solvers": {"type": "array", "minItems": 3,
-                    "items": {"type": "object", "required": ["solver", "steps", "path", "median_s", "p90_s"],
-                              "properties": {"median_s": POS, "steps": {"type": "integer", "minimum": 1}}}},
-        "cold_start": {"type": "object", "required": ["engine", "diffusers", "ratio"],
-                       "properties": {"engine": {"type": "object", "required": ["seconds", "peak_rss_mb"]}}},
-        "flops": {"type": "object", "required": ["unet_step_flops", "peak", "engine"],
-                  "properties": {"unet_step_flops": {"type": "integer", "minimum": 1}}},
-    },
-}
+SCHEMA = json.loads((Path(__file__).parents[1] / "lcm_export" / "data" / "bench_report.schema.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def report_dir(demo_engine, tmp_path_factory, capsys_module=None):
+def report_dir(demo_engine, tmp_path_factory):
     from lcm_export.cli import main
 
     out = tmp_path_factory.mktemp("bench")

@@ -254,8 +254,8 @@ def test_bad_lora_is_one_line_error(tmp_path, base_dir, demo_pipe, lora_files, c
         args += ["--lora", l]
     code, _, err = run_cli(args, capsys)
     assert code == 2
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and needle in lines[0], err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
     assert "Traceback" not in err
     if case not in ("bad-weight",):
         assert str(loras[0]).split(":")[0] in lines[0] or "nope" in lines[0]
@@ -280,6 +280,14 @@ def test_out_exists_refused_unless_force(tmp_path, base_dir, lora_files, capsys)
 def test_unknown_base(tmp_path, base, needle, capsys):
     code, _, err = run_cli(["fuse", "--base", base, "--out", tmp_path / "o", "--quiet"], capsys)
     assert code == 2 and needle in err and err.count("\n") == 1
+
+
+def test_hub_id_offline_cache_miss_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code, _, err = run_cli(["fuse", "--base", "nobody/no-such-model", "--out", tmp_path / "o", "--quiet"], capsys)
+    assert code == 2 and "Hugging Face Hub" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "o").exists()
 
 
 def test_sdxl_family_rejected_not_mishandled(tmp_path, base_dir, capsys):

@@ -252,7 +252,7 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
         **extra,
         "fusion": fusion,
         "versions": versions,
-        "hardware": {"cpu": _cpu_name(), "machine": platform.machine(), **extra.get("tensorrt", {}).get("gpu", {})},
+        "hardware": {"cpu": _cpu_name(), "machine": platform.machine()},
     }
     if backend == "tensorrt":
         manifest["hardware"].update({k: extra["tensorrt"].get(k) for k in ("gpu", "compute_capability")})

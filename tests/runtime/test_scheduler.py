@@ -36,10 +36,12 @@ def test_original_steps_override_in_set_timesteps():
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("beta_schedule,alpha_one", [("scaled_linear", True), ("linear", False)])
+@pytest.mark.parametrize("beta_schedule,alpha_one,zero_snr", [("scaled_linear", True, False), ("linear", False, False),
+                                                              ("scaled_linear", True, True)])
 @pytest.mark.parametrize("steps", [1, 4, 6])
-def test_full_loop_matches_diffusers(prediction_type, beta_schedule, alpha_one, steps):
-    cfg = {**SCHEDULER_CONFIG, "prediction_type": prediction_type, "beta_schedule": beta_schedule, "set_alpha_to_one": alpha_one}
+def test_full_loop_matches_diffusers(prediction_type, beta_schedule, alpha_one, zero_snr, steps):
+    cfg = {**SCHEDULER_CONFIG, "prediction_type": prediction_type, "beta_schedule": beta_schedule,
+           "set_alpha_to_one": alpha_one, "rescale_betas_zero_snr": zero_snr}
     ref = RefScheduler(**cfg)
     ref.set_timesteps(steps)
     ours = LCMScheduler.from_config(cfg)

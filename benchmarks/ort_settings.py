@@ -1,0 +1,117 @@
+"""What ONNX Runtime settings (and OpenVINO, if installed) give for one SD 1.5 UNet step on this CPU.
+
+Usage: python benchmarks/ort_settings.py ENGINE_DIR [--resolution 256x256] [--runs 3] [--out DIR]
+Writes DIR/report.json and DIR/report.md. Each configuration: a fresh session, 1 warm-up run,
+``runs`` timed runs, median. Batch 1 (guidance off), seeded inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def _median_run(fn, runs):
+    fn()
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)), ts
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("engine_dir")
+    ap.add_argument("--resolution", default="256x256")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/reports/ort-settings")
+    a = ap.parse_args()
+    h, w = (int(v) for v in a.resolution.split("x"))
+    m = json.loads(Path(a.engine_dir, "manifest.json").read_text())
+    path = str(Path(a.engine_dir, m["components"]["unet"]["engines"]["*"]))
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((1, 4, h // 8, w // 8), dtype=np.float32),
+             "timestep": np.array([999.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((1, 77, m["text_dim"]), dtype=np.float32)}
+    threads = len(os.sched_getaffinity(0))
+    L = ort.GraphOptimizationLevel
+    configs = [
+        ("ORT_ENABLE_ALL (runtime default)", dict(level=L.ORT_ENABLE_ALL)),
+        ("ORT_ENABLE_EXTENDED (no NCHWc layout)", dict(level=L.ORT_ENABLE_EXTENDED)),
+        ("ORT_ENABLE_ALL, memory arena off", dict(level=L.ORT_ENABLE_ALL, arena=False)),
+        ("ORT_ENABLE_ALL, thread spinning off", dict(level=L.ORT_ENABLE_ALL, spin=False)),
+        ("ORT_ENABLE_ALL, 1 thread", dict(level=L.ORT_ENABLE_ALL, threads=1)),
+    ]
+    results = []
+    fp32_out = None
+    for name, c in configs:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = c["level"]
+        so.intra_op_num_threads = c.get("threads", threads)
+        so.inter_op_num_threads = 1
+        so.enable_cpu_mem_arena = c.get("arena", True)
+        if c.get("spin") is False:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        t0 = time.perf_counter()
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        load = time.perf_counter() - t0
+        med, ts = _median_run(lambda: sess.run(None, feeds), a.runs)
+        out = sess.run(None, feeds)[0]
+        fp32_out = out if name.startswith("ORT_ENABLE_ALL (runtime") else fp32_out
+        results.append({"config": name, "median_s": med, "runs_s": ts, "session_create_s": load,
+                        "rel_l2_vs_ort_fp32": float(np.linalg.norm(out - fp32_out) / np.linalg.norm(fp32_out))})
+        print(f"{name}: {med:.3f} s (session {load:.1f} s)", flush=True)
+        del sess
+    ref_out = None
+    for prec in ("f32", "bf16"):
+        try:
+            import openvino as ov
+
+            core = ov.Core()
+            t0 = time.perf_counter()
+            model = core.read_model(path)
+            model.reshape({"sample": list(feeds["sample"].shape), "timestep": [1], "encoder_hidden_states": [1, 77, m["text_dim"]]})
+            compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                                                          "INFERENCE_PRECISION_HINT": prec})
+            load = time.perf_counter() - t0
+            req = compiled.create_infer_request()
+            med, ts = _median_run(lambda: req.infer(feeds), a.runs)
+            out = np.asarray(req.infer(feeds)[compiled.outputs[0]])
+            ref_out = ref_out if ref_out is not None else fp32_out
+            rel = float(np.linalg.norm(out - ref_out) / np.linalg.norm(ref_out))
+            note = " — NOT fp32: AMX/AVX-512 bf16 math, shown for reference only" if prec == "bf16" else ""
+            results.append({"config": f"OpenVINO {ov.__version__} CPU (direct, {prec}, static shape){note}", "median_s": med,
+                            "runs_s": ts, "session_create_s": load, "rel_l2_vs_ort_fp32": rel})
+            print(f"OpenVINO {prec}: {med:.3f} s rel {rel:.2e}", flush=True)
+        except ImportError:
+            results.append({"config": "OpenVINO", "error": "openvino not installed"})
+            break
+        except Exception as exc:  # report, don't hide
+            results.append({"config": f"OpenVINO {prec}", "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown")
+    rep = {"unet": path, "resolution": a.resolution, "threads": threads, "runs": a.runs, "warmup": 1,
+           "machine": {"cpu": cpu, "cores": threads, "platform": platform.platform()}, "onnxruntime": ort.__version__,
+           "results": results}
+    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    lines = [f"# ONNX Runtime settings for one SD 1.5 UNet step ({a.resolution}, batch 1)", "",
+             f"{cpu}, {threads} threads, onnxruntime {ort.__version__}; 1 warm-up + {a.runs} timed runs, median.", "",
+             "| configuration | median s | session create s | rel-L2 vs ORT default |", "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['config']} | {r['median_s']:.3f} | {r['session_create_s']:.1f} | {r['rel_l2_vs_ort_fp32']:.1e} |"
+                     if "median_s" in r else f"| {r['config']} | {r['error']} | | |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
