@@ -200,15 +200,17 @@ def time_torch(pipe, timer, latents, hw, guidance, runs, warmup, steps=4, bar=No
         _torch_call(pipe, latents, steps, guidance, hw)
         bar and bar.update()
     warm = time.perf_counter() - t0
-    timer.reset()
-    e2e = []
+    e2e, text, unet, vae = [], [], [], []
     for _ in range(runs):
+        timer.reset()
         t0 = time.perf_counter()
         _torch_call(pipe, latents, steps, guidance, hw)
         e2e.append(time.perf_counter() - t0)
+        text.append(sum(timer.times["text_encoder"]))  # per image: every encoder call (cond, uncond, both encoders)
+        unet += timer.times["unet"]
+        vae.append(sum(timer.times["vae_decoder"]))
         bar and bar.update()
-    return {"text_encoder": stats(timer.times["text_encoder"]), "unet_step": stats(timer.times["unet"]),
-            "vae_decoder": stats(timer.times["vae_decoder"]), "end_to_end": stats(e2e)}, warm
+    return {"text_encoder": stats(text), "unet_step": stats(unet), "vae_decoder": stats(vae), "end_to_end": stats(e2e)}, warm
 
 
 def unet_flops(pipe, batch: int, hw: tuple[int, int]) -> int:
@@ -218,10 +220,14 @@ def unet_flops(pipe, batch: int, hw: tuple[int, int]) -> int:
 
     unet = pipe.unet
     x = torch.randn(batch, unet.config.in_channels, hw[0] // 8, hw[1] // 8)
-    e = torch.randn(batch, 77, pipe.text_encoder.config.hidden_size)
+    e = torch.randn(batch, 77, unet.config.cross_attention_dim)
+    added = None
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: pooled text embedding + time ids
+        added = {"text_embeds": torch.randn(batch, pipe.text_encoder_2.config.projection_dim),
+                 "time_ids": torch.tensor([[hw[0], hw[1], 0, 0, hw[0], hw[1]]], dtype=torch.float32).repeat(batch, 1)}
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        unet(x, torch.full((batch,), 999), encoder_hidden_states=e)
+        unet(x, torch.full((batch,), 999), encoder_hidden_states=e, added_cond_kwargs=added)
     return int(counter.get_total_flops())
 
 
@@ -277,8 +283,12 @@ import json, sys
 import torch
 from lcm_export.bench import _rss_mb
 torch.set_num_threads(int(sys.argv[2]))
-from diffusers import LCMScheduler, StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], safety_checker=None, requires_safety_checker=False)
+import json as _j, pathlib
+from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+if "XL" in _j.loads(pathlib.Path(sys.argv[1], "model_index.json").read_text())["_class_name"]:
+    pipe = StableDiffusionXLPipeline.from_pretrained(sys.argv[1])
+else:
+    pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], safety_checker=None, requires_safety_checker=False)
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 pipe.set_progress_bar_config(disable=True)
 with torch.no_grad():
@@ -362,7 +372,9 @@ def run_bench(o: BenchOptions) -> dict:
             if base == "compile":  # instance attributes; removed again below
                 ref.unet.forward = torch.compile(ref.unet.forward)
                 ref.vae.decode = torch.compile(ref.vae.decode)
-            timer.wrap(ref.text_encoder, "forward", "text_encoder")
+            text_encoders = [m for m in (ref.text_encoder, getattr(ref, "text_encoder_2", None)) if m is not None]
+            for te in text_encoders:
+                timer.wrap(te, "forward", "text_encoder")
             timer.wrap(ref.unet, "forward", "unet")
             timer.wrap(ref.vae, "decode", "vae_decoder")
             with torch.no_grad():
@@ -376,7 +388,8 @@ def run_bench(o: BenchOptions) -> dict:
             paths[base] = {"label": label, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"}
             bar.update(o.runs + o.warmup)
         finally:
-            for mod, attr in ((ref.text_encoder, "forward"), (ref.unet, "forward"), (ref.vae, "decode")):
+            mods = [(m, "forward") for m in (ref.text_encoder, getattr(ref, "text_encoder_2", None), ref.unet) if m is not None]
+            for mod, attr in mods + [(ref.vae, "decode")]:
                 mod.__dict__.pop(attr, None)  # drop wrappers / compiled forwards
 
     # 3. The paper's Table 2: solvers end to end (the model is warm from the eager baseline)

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fuse", help="merge LoRAs into a base model: W = W0 + Σ λ·(alpha/r)·B·A",
                        description="Fuse LoRAs into a base model and save a diffusers folder plus fusion.json.")
-    f.add_argument("--base", required=True, help="hub id, local diffusers folder, or demo:sd15 / demo:sd15-full (random weights)")
+    f.add_argument("--base", required=True, help="hub id, local diffusers folder, or demo:sd15 / demo:sd15-full / demo:sdxl / demo:ssd1b / demo:sdxl-full (random weights)")
     f.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help=_lora_help())
     f.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
     f.add_argument("--force", action="store_true", help="replace --out if it exists")

@@ -6,6 +6,11 @@ export, build, runtime, bench) can run and be tested without downloading anythin
 - ``demo:sd15``       tiny (a few MB): the whole demo flow runs in seconds on 2 CPU cores.
 - ``demo:sd15-full``  the real SD 1.5 UNet / VAE / CLIP-L text-encoder configs (860M-parameter UNet),
                       random weights: for speed measurements only.
+- ``demo:sdxl``       tiny SDXL architecture: two text encoders (CLIPTextModel +
+                      CLIPTextModelWithProjection), a UNet with ``addition_embed_type="text_time"``.
+- ``demo:ssd1b``      tiny SSD-1B-style SDXL: the same, with an asymmetric (reduced) transformer
+                      layout described by ``reverse_transformer_layers_per_block``.
+- ``demo:sdxl-full``  the real SDXL-base UNet / VAE / text-encoder configs, random weights (speed only).
 
 Also the two demo LoRAs ``make demo`` fuses: an LCM-LoRA-shaped kohya LoCon file (linear + conv
 layers, alpha != rank) and a small diffusers/PEFT style LoRA (UNet attention + text encoder).
@@ -17,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-DEMO_NAMES = ("sd15", "sd15-full")
+DEMO_NAMES = ("sd15", "sd15-full", "sdxl", "ssd1b", "sdxl-full")
 DEMO_NOTICE = "demo model with random weights: its images are noise, not pictures"
 # The demo prompt's words get BPE merges so the tokenizer exercises merging, not just bytes.
 _MERGE_WORDS = ("a", "photo", "of", "an", "astronaut", "riding", "horse", "cat", "dog", "the", "in", "style")
@@ -56,7 +61,7 @@ def demo_vocab() -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 
 
-def demo_tokenizer():
+def demo_tokenizer(pad_token: str = "<|endoftext|>"):
     """A ``transformers.CLIPTokenizer`` over the demo vocabulary (no download)."""
     import tempfile
 
@@ -66,7 +71,7 @@ def demo_tokenizer():
     with tempfile.TemporaryDirectory() as d:  # the vocab.json + merges.txt layout every version reads
         Path(d, "vocab.json").write_text(json.dumps(vocab))
         Path(d, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        return CLIPTokenizer.from_pretrained(d, model_max_length=77)
+        return CLIPTokenizer.from_pretrained(d, model_max_length=77, pad_token=pad_token)
 
 
 def _configs(name: str, vocab_size: int) -> dict:
@@ -102,6 +107,49 @@ def _configs(name: str, vocab_size: int) -> dict:
             vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
             num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
         )
+    elif name in ("sdxl", "ssd1b"):
+        unet = dict(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=64, attention_head_dim=(2, 4),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+        )
+        if name == "ssd1b":  # asymmetric: fewer transformer layers on the way up, as SSD-1B prunes them
+            unet.update(transformer_layers_per_block=((1, 1), (2, 1)), reverse_transformer_layers_per_block=((1, 1, 1), (1, 1, 1)))
+        vae = dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(8, 16, 16, 16), sample_size=64, scaling_factor=0.13025, force_upcast=True,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text = dict(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",
+        )
+        text2 = dict(text, hidden_act="gelu", num_hidden_layers=3)
+        return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text2}
+    elif name == "sdxl-full":  # stabilityai/stable-diffusion-xl-base-1.0 configs
+        unet = dict(
+            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        )
+        vae = dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+            block_out_channels=(128, 256, 512, 512), sample_size=1024, scaling_factor=0.13025, force_upcast=True,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text = dict(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+        )
+        text2 = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                     num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+        return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text2}
     else:
         raise KeyError(name)
     return {"unet": unet, "vae": vae, "text_encoder": text}
@@ -116,7 +164,8 @@ SCHEDULER_CONFIG = dict(
 
 
 def build_demo_pipeline(name: str):
-    """Build ``demo:<name>`` as a diffusers ``StableDiffusionPipeline`` (deterministic: seed 0)."""
+    """Build ``demo:<name>`` as a diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
+    (deterministic: fixed seeds per component)."""
     import torch
     from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -134,8 +183,25 @@ def build_demo_pipeline(name: str):
         vae = AutoencoderKL(**cfg["vae"])
         torch.manual_seed(2)
         text_encoder = CLIPTextModel(text_cfg)
+        if "text_encoder_2" in cfg:
+            from transformers import CLIPTextModelWithProjection
+
+            tokenizer_2 = demo_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!"
+            torch.manual_seed(3)
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+                bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
+                pad_token_id=tokenizer_2.pad_token_id, **cfg["text_encoder_2"]))
     for m in (unet, vae, text_encoder):
         m.eval()
+    if "text_encoder_2" in cfg:
+        from diffusers import StableDiffusionXLPipeline
+
+        text_encoder_2.eval()
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=LCMScheduler(**SCHEDULER_CONFIG),
+            force_zeros_for_empty_prompt=True,
+        )
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=LCMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
@@ -205,14 +271,15 @@ def write_demo_loras(pipe, out_dir: Path | None = None, name: str = "sd15") -> l
             if mname.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "attn2.to_out.0")):
                 sd[f"unet.{mname}.lora_A.weight"] = rnd(rank, mod.in_features)
                 sd[f"unet.{mname}.lora_B.weight"] = rnd(mod.out_features, rank)
-        for mname, mod in pipe.text_encoder.named_modules():
-            if mname.endswith(("self_attn.q_proj", "self_attn.v_proj")):
-                sd[f"text_encoder.{mname}.lora_A.weight"] = rnd(rank, mod.in_features)
-                sd[f"text_encoder.{mname}.lora_B.weight"] = rnd(mod.out_features, rank)
-        meta = {
-            "unet.r": rank, "unet.lora_alpha": 4, "unet.target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
-            "text_encoder.r": rank, "text_encoder.lora_alpha": 4, "text_encoder.target_modules": ["q_proj", "v_proj"],
-        }
+        meta = {"unet.r": rank, "unet.lora_alpha": 4, "unet.target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+        for comp in ("text_encoder", "text_encoder_2"):
+            if getattr(pipe, comp, None) is None:
+                continue
+            for mname, mod in getattr(pipe, comp).named_modules():
+                if mname.endswith(("self_attn.q_proj", "self_attn.v_proj")):
+                    sd[f"{comp}.{mname}.lora_A.weight"] = rnd(rank, mod.in_features)
+                    sd[f"{comp}.{mname}.lora_B.weight"] = rnd(mod.out_features, rank)
+            meta.update({f"{comp}.r": rank, f"{comp}.lora_alpha": 4, f"{comp}.target_modules": ["q_proj", "v_proj"]})
         _save_atomic(save_file, sd, style_path, {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)})
     return [(lcm_path, 1.0), (style_path, 0.8)]
 

@@ -121,13 +121,17 @@ def inspect_lora(path: Path) -> LoraInfo:
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
+def _present(pipe) -> list[str]:
+    return [c for c in _COMPONENTS if getattr(pipe, c, None) is not None]
+
+
 def _touched(pipe, adapter: str) -> dict[str, list[str]]:
     """Modules the adapter changes: PEFT wraps every module its target_modules pattern matches,
     but only those with a non-zero B factor (loaded from the file) change the weights."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     out = {}
-    for comp in ("unet", "text_encoder"):
+    for comp in _present(pipe):
         names = [n for n, m in getattr(pipe, comp).named_modules()
                  if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_B", {})
                  and bool(m.lora_B[adapter].weight.any())]
@@ -187,7 +191,7 @@ def fuse(base: str, loras: list[LoraSpec], out: str | Path, force: bool = False,
 def fuse_into(pipe, items: list[tuple[LoraSpec, LoraInfo]], bar=None) -> dict:
     """Fuse each (spec, info) into ``pipe`` in place, one at a time; return {"loras": [...]}."""
     bar = bar or progress(0, "", enabled=False)
-    base_keys = {c: list(getattr(pipe, c).state_dict()) for c in ("unet", "text_encoder")}
+    base_keys = {c: list(getattr(pipe, c).state_dict()) for c in _present(pipe)}
     records = []
     for i, (spec, info) in enumerate(items):
         adapter = f"lora{i}"
@@ -201,6 +205,9 @@ def fuse_into(pipe, items: list[tuple[LoraSpec, LoraInfo]], bar=None) -> dict:
                     pipe.load_lora_weights(str(info.path), adapter_name=adapter)
                 else:  # bare PEFT keys (no unet. prefix): the UNet's own loader, prefix=None
                     pipe.unet.load_lora_adapter(str(info.path), prefix=None, adapter_name=adapter, _pipeline=pipe)
+            except UserError:
+                _unload(pipe)
+                raise
             except (ValueError, RuntimeError, KeyError, TypeError) as exc:
                 _unload(pipe)
                 raise _load_error(info, exc) from None
@@ -242,8 +249,8 @@ def _load_kohya(pipe, info: LoraInfo, adapter: str) -> None:
     from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_diffusers
 
     def te_style(d):
-        te = {k: v for k, v in d.items() if k.startswith("text_encoder.")}
-        rest = {k: v for k, v in d.items() if not k.startswith("text_encoder.")}
+        te = {k: v for k, v in d.items() if k.startswith("text_encoder")}
+        rest = {k: v for k, v in d.items() if not k.startswith("text_encoder")}
         return {**rest, **convert_state_dict_to_diffusers(te, original_type=StateDictType.DIFFUSERS_OLD)}
 
     kwargs = {"unet_config": pipe.unet.config} if info.sgm else {}
@@ -251,8 +258,12 @@ def _load_kohya(pipe, info: LoraInfo, adapter: str) -> None:
     sd, alphas = te_style(sd), (te_style(alphas) if alphas else alphas)
     if any(k.startswith("unet.") for k in sd):
         pipe.load_lora_into_unet(sd, alphas, pipe.unet, adapter_name=adapter, _pipeline=pipe)
-    if any(k.startswith("text_encoder.") for k in sd):
-        pipe.load_lora_into_text_encoder(sd, alphas, pipe.text_encoder, adapter_name=adapter, _pipeline=pipe)
+    for comp in ("text_encoder", "text_encoder_2"):
+        if any(k.startswith(f"{comp}.") for k in sd):
+            if getattr(pipe, comp, None) is None:
+                raise UserError(f"LoRA file {info.path}: it has {comp} layers but the base model has no {comp} "
+                                "(an SDXL LoRA on an SD 1.5 model?)")
+            pipe.load_lora_into_text_encoder(sd, alphas, getattr(pipe, comp), prefix=comp, adapter_name=adapter, _pipeline=pipe)
 
 
 def _unload(pipe) -> None:

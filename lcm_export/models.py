@@ -1,7 +1,8 @@
 """Where base weights come from (hub id, local diffusers folder, built-in demo) and model families.
 
-Families differ in text encoders, conditioning and default resolution. This release implements
-``sd15`` end to end; ``sdxl`` and ``ssd1b`` are detected and refused with a clear message.
+Families differ in text encoders, conditioning and default resolution: ``sd15`` (one CLIP text
+encoder, 512²), ``sdxl`` and ``ssd1b`` (two text encoders, pooled + time-id conditioning, 1024²).
+SD 2.x is detected and refused.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 from .demo import DEMO_NAMES
 from .errors import UserError
 
-SUPPORTED_FAMILIES = ("sd15",)
+SUPPORTED_FAMILIES = ("sd15", "sdxl", "ssd1b")
+XL_FAMILIES = ("sdxl", "ssd1b")
+TEXT_ENCODERS = {"sd15": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"), "ssd1b": ("text_encoder", "text_encoder_2")}
 DEFAULT_RESOLUTION = {"sd15": (512, 512), "sdxl": (1024, 1024), "ssd1b": (1024, 1024)}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -34,9 +37,13 @@ class BaseSource:
 def detect_family(unet_config: dict) -> str:
     """Model family from a UNet config: sd15, sd2 (unsupported), sdxl or ssd1b."""
     if unet_config.get("addition_embed_type") == "text_time":
-        # SSD-1B (and Segmind Vega) drop transformer layers per block; diffusers describes
-        # the reduced up path with reverse_transformer_layers_per_block.
-        if unet_config.get("reverse_transformer_layers_per_block") is not None:
+        # SSD-1B (and Segmind Vega) are SDXL with transformer layers pruned: an asymmetric UNet
+        # (nested per-layer counts, reverse_transformer_layers_per_block for the up path), or
+        # SDXL's channel layout with fewer than its 1+2+10 transformer layers per block.
+        tl = unet_config.get("transformer_layers_per_block")
+        if unet_config.get("reverse_transformer_layers_per_block") is not None or any(isinstance(t, (list, tuple)) for t in tl or []):
+            return "ssd1b"
+        if list(unet_config.get("block_out_channels", [])) == [320, 640, 1280] and isinstance(tl, (list, tuple)) and sum(tl) < 13:
             return "ssd1b"
         return "sdxl"
     cad = unet_config.get("cross_attention_dim")
@@ -102,21 +109,26 @@ def base_family(src: BaseSource) -> str:
 
 def load_pipeline(src: BaseSource):
     """Load the base as a diffusers pipeline (fp32, CPU, eval mode, no safety checker)."""
-    base_family(src)
     if src.kind == "demo":
         from .demo import build_demo_pipeline
 
         return build_demo_pipeline(src.demo)
-    from diffusers import StableDiffusionPipeline
-
+    family = base_family(src)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(src.path), safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"--base {src.spec}: cannot load it as a Stable Diffusion pipeline ({str(exc).splitlines()[0]})") from None
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.eval()
+        if family in XL_FAMILIES:
+            from diffusers import StableDiffusionXLPipeline
+
+            pipe = StableDiffusionXLPipeline.from_pretrained(str(src.path))
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(src.path), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--base {src.spec}: cannot load it as a {family} pipeline ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    for c in ("unet", "vae") + TEXT_ENCODERS[family]:
+        getattr(pipe, c).eval()
     return pipe
 
 
@@ -142,7 +154,8 @@ def base_record(src: BaseSource, pipe=None) -> dict:
     rec = {"source": src.spec, "kind": src.kind}
     if src.kind == "demo":
         rec["note"] = "built-in demo: seeded random weights (images are noise)"
-        rec["state_dict_sha256"] = {c: state_dict_sha256(getattr(pipe, c)) for c in ("unet", "vae", "text_encoder")}
+        comps = [c for c in ("unet", "vae", "text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
+        rec["state_dict_sha256"] = {c: state_dict_sha256(getattr(pipe, c)) for c in comps}
     else:
         rec["path"] = str(src.path)
         rec["files"] = {str(f.relative_to(src.path)): sha256_file(f) for f in weight_files(src)}

@@ -15,7 +15,6 @@ from ..errors import UserError
 from ..store import MANIFEST, SCHEMA_VERSION, cache_key, existing_entry
 from .profiles import plan_shapes, size_multiple
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,8 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     if found is not None:
         return BuildResult(engine_dir, found, True, time.perf_counter() - t0)
 
-    n_steps = 2 + 2 * len(items) + 2 * len(COMPONENTS) + len(COMPONENTS) + 1
+    n_comps = 4 if family in ("sdxl", "ssd1b") else 3
+    n_steps = 2 + 2 * len(items) + 3 * n_comps + 1
     bar = progress(n_steps, "build", enabled=opts.show_progress)
     try:
         with atomic_dir(engine_dir, force=True, what="engine dir") as tmp:
@@ -164,9 +164,9 @@ def build_engine(opts: BuildOptions) -> BuildResult:
 
 
 def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans, items, key, versions, engine_dir, bar) -> dict:
-    from ..export import component_io, export_pipeline, parity, text_dim
+    from ..export import component_io, components_for, export_pipeline, model_dims, parity
     from ..fuse import fuse_into
-    from ..models import base_record, load_pipeline
+    from ..models import DEFAULT_RESOLUTION, base_record, load_pipeline
 
     bar.set_description_str(f"load {src.spec}")
     pipe = load_pipeline(src)
@@ -178,7 +178,10 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     parity_res = [p.opt_hw for p in plans] + [r for p in plans for r in (p.min_hw, p.max_hw) if not p.static]
     parity_res = list(dict.fromkeys(parity_res))
     exported = export_pipeline(pipe, work, plans[0].opt_hw, parity_resolutions=parity_res, bar=bar)
-    dim = text_dim(pipe)
+    dims = model_dims(pipe)
+    comps = components_for(pipe)
+    # SDXL's VAE overflows in fp16: diffusers marks such VAEs force_upcast; TensorRT builds them in fp32
+    vae_fp32 = opts.vae_fp32 or bool(getattr(pipe.vae.config, "force_upcast", False))
 
     components = {}
     extra = {}
@@ -186,7 +189,7 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
         from .onnxruntime import optimize_graph, providers_for
 
         providers = providers_for(device)
-        for comp in COMPONENTS:
+        for comp in comps:
             bar.set_description_str(f"ONNX Runtime {comp}")
             dst = tmp / comp / "model.onnx"
             ort_info = optimize_graph(work / comp / "model.onnx", dst, providers)
@@ -194,10 +197,10 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
             import onnxruntime as ort
 
             sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-            res = parity_res if comp != "text_encoder" else parity_res[:1]
+            res = parity_res if not comp.startswith("text_encoder") else parity_res[:1]
             checks = [parity(comp, pipe, dst, 1, r, session=sess) for r in res]
             components[comp] = {"engines": {"*": f"{comp}/model.onnx"}, "files": files, "precision": "fp32",
-                                **component_io(comp, dim), "parity": checks, "export_parity": exported[comp]["parity"]}
+                                **component_io(comp, dims), "parity": checks, "export_parity": exported[comp]["parity"]}
             bar.update()
         from .onnxruntime import default_threads
 
@@ -206,22 +209,25 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     else:
         from .tensorrt import build_plan, build_tensorrt
 
-        plan_items = build_plan(list(COMPONENTS), plans, dim, precision, opts.vae_fp32, opts.refit)
+        plan_items = build_plan(list(comps), plans, dims["text_dim"], precision, vae_fp32, opts.refit,
+                                dims["latent_channels"], dims["pooled_dim"])
         from ..export import sample_inputs
 
         vae_feeds = sample_inputs("vae_decoder", pipe, plans[0].vae_batch[1], plans[0].opt_hw)
         info = build_tensorrt(work, tmp, plan_items, engine_dir.resolve().parent, vae_feeds, bar)
         extra["tensorrt"] = {**info, "builds": plan_items}
-        for comp in COMPONENTS:
+        for comp in comps:
             mine = [i for i in plan_items if i["component"] == comp]
             components[comp] = {"engines": {i["plan"]: i["file"] for i in mine}, "files": [i["file"] for i in mine],
                                 "precision": "fp16" if all(i["fp16"] for i in mine) else ("fp32" if not any(i["fp16"] for i in mine) else "mixed"),
-                                **component_io(comp, dim), "parity": exported[comp]["parity"],
+                                **component_io(comp, dims), "parity": exported[comp]["parity"],
                                 "parity_note": "ONNX vs PyTorch fp32; run benchmarks/gpu_check.py for TensorRT fp16 parity"}
     shutil.rmtree(work)
 
     bar.set_description_str("tokenizer + scheduler")
-    _copy_tokenizer(pipe, tmp / "tokenizer")
+    for tok_name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, tok_name, None) is not None:
+            _copy_tokenizer(getattr(pipe, tok_name), tmp / tok_name)
     sched = _lcm_scheduler_config(pipe)
     (tmp / "scheduler").mkdir()
     write_json(tmp / "scheduler" / "scheduler_config.json", sched)
@@ -241,12 +247,21 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
         "shape_plans": [{**asdict(p), "static": p.static} for p in plans],
         "batch": opts.batch,
         "guidance": opts.guidance,
-        "text_dim": dim,
-        "latent_channels": int(pipe.unet.config.in_channels),
+        "text_dim": dims["text_dim"],
+        "pooled_dim": dims["pooled_dim"],
+        "text_encoders": [c for c in comps if c.startswith("text_encoder")],
+        "latent_channels": dims["latent_channels"],
+        "default_resolution": list(DEFAULT_RESOLUTION[family]),
+        "force_zeros_for_empty_prompt": bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
         "vae": {"scaling_factor": float(vae_cfg.scaling_factor),
                 "shift_factor": getattr(vae_cfg, "shift_factor", None),
+                "latents_mean": getattr(vae_cfg, "latents_mean", None),
+                "latents_std": getattr(vae_cfg, "latents_std", None),
+                "force_upcast": bool(getattr(vae_cfg, "force_upcast", False)),
+                "fp32_on_tensorrt": vae_fp32,
                 "scale_factor": 2 ** (len(vae_cfg.block_out_channels) - 1)},
-        "tokenizer": _tokenizer_record(pipe),
+        "tokenizer": _tokenizer_record(pipe.tokenizer, "tokenizer"),
+        **({"tokenizer_2": _tokenizer_record(pipe.tokenizer_2, "tokenizer_2")} if getattr(pipe, "tokenizer_2", None) is not None else {}),
         "scheduler": {"file": "scheduler/scheduler_config.json", "class": "LCMScheduler"},
         "components": components,
         **extra,
@@ -261,9 +276,8 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     return manifest
 
 
-def _copy_tokenizer(pipe, dst: Path) -> None:
-    """Save the tokenizer in the fast (``tokenizer.json``) form the lean runtime reads."""
-    tok = pipe.tokenizer
+def _copy_tokenizer(tok, dst: Path) -> None:
+    """Save a tokenizer in the fast (``tokenizer.json``) form the lean runtime reads."""
     tok.save_pretrained(str(dst))
     if not (dst / "tokenizer.json").exists():
         backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
@@ -272,9 +286,8 @@ def _copy_tokenizer(pipe, dst: Path) -> None:
         backend.save(str(dst / "tokenizer.json"))
 
 
-def _tokenizer_record(pipe) -> dict:
-    tok = pipe.tokenizer
-    return {"file": "tokenizer/tokenizer.json", "max_length": int(min(tok.model_max_length, 77)),
+def _tokenizer_record(tok, folder: str) -> dict:
+    return {"file": f"{folder}/tokenizer.json", "max_length": int(min(tok.model_max_length, 77)),
             "pad_id": int(tok.pad_token_id), "bos_id": int(tok.bos_token_id), "eos_id": int(tok.eos_token_id)}
 
 

@@ -103,12 +103,17 @@ def plan_shapes(
     return [ShapePlan(plan_name, (lh, lw), opt, (hh, hw), ub, vb)]
 
 
-def component_profiles(plan: ShapePlan, text_dim: int, latent_channels: int = 4) -> dict[str, dict[str, tuple[Shape, Shape, Shape]]]:
-    """Per component and input: (min, opt, max) shapes — what a TensorRT optimisation profile needs."""
+def component_profiles(plan: ShapePlan, text_dim: int, latent_channels: int = 4,
+                       pooled_dim: int | None = None) -> dict[str, dict[str, tuple[Shape, Shape, Shape]]]:
+    """Per component and input: (min, opt, max) shapes — what a TensorRT optimisation profile needs.
+
+    ``pooled_dim`` (SDXL/SSD-1B) adds the second text encoder and the UNet's ``text_embeds`` [B,P]
+    and ``time_ids`` [B,6] inputs.
+    """
     lat = lambda hw: (hw[0] // LATENT_FACTOR, hw[1] // LATENT_FACTOR)
     hws = (plan.min_hw, plan.opt_hw, plan.max_hw)
     ub, vb = plan.unet_batch, plan.vae_batch
-    return {
+    out = {
         "text_encoder": {"input_ids": tuple((b, TEXT_LEN) for b in ub)},
         "unet": {
             "sample": tuple((b, latent_channels, *lat(hw)) for b, hw in zip(ub, hws)),
@@ -117,3 +122,8 @@ def component_profiles(plan: ShapePlan, text_dim: int, latent_channels: int = 4)
         },
         "vae_decoder": {"latent": tuple((b, latent_channels, *lat(hw)) for b, hw in zip(vb, hws))},
     }
+    if pooled_dim:
+        out["text_encoder_2"] = {"input_ids": tuple((b, TEXT_LEN) for b in ub)}
+        out["unet"]["text_embeds"] = tuple((b, pooled_dim) for b in ub)
+        out["unet"]["time_ids"] = tuple((b, 6) for b in ub)
+    return out

@@ -34,25 +34,27 @@ def tensorrt_status() -> tuple[bool, str]:
 
 
 def build_plan(components: list[str], plans: list[ShapePlan], text_dim: int, precision: str,
-               vae_fp32: bool = False, refit: bool = False, latent_channels: int = 4) -> list[dict]:
+               vae_fp32: bool = False, refit: bool = False, latent_channels: int = 4,
+               pooled_dim: int | None = None) -> list[dict]:
     """What to build: one engine per (component, shape plan) with its profile and flags. Pure.
 
-    The text encoder does not depend on the image size, so it gets one engine (covering every plan's
+    Text encoders do not depend on the image size, so each gets one engine (covering every plan's
     batch range). The VAE decoder is fp32 when asked (``vae_fp32``); fp16 overflow is handled after
     the build by ``build_tensorrt`` (checked on real data, rebuilt in fp32).
     """
     out = []
     for comp in components:
-        comp_plans = plans[:1] if comp == "text_encoder" else plans
+        text = comp.startswith("text_encoder")
+        comp_plans = plans[:1] if text else plans
         for plan in comp_plans:
-            prof = component_profiles(plan, text_dim, latent_channels)[comp]
-            if comp == "text_encoder":
+            prof = component_profiles(plan, text_dim, latent_channels, pooled_dim)[comp]
+            if text:
                 lo = min(p.unet_batch[0] for p in plans)
                 hi = max(p.unet_batch[2] for p in plans)
                 opt = plans[0].unet_batch[1]
                 prof = {"input_ids": ((lo, 77), (opt, 77), (hi, 77))}
             fp16 = precision == "fp16" and not (comp == "vae_decoder" and vae_fp32)
-            name = "all" if comp == "text_encoder" else plan.name
+            name = "all" if text else plan.name
             out.append({
                 "component": comp, "plan": name, "file": f"{comp}/{name}.plan",
                 "fp16": fp16, "refittable": refit,

@@ -16,7 +16,11 @@ from ..errors import UserError
 
 
 class Engine(Protocol):
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The first output."""
+
+    def run_all(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output, in the graph's order."""
 
 
 def _rebuild_hint(engine_dir: Path) -> str:
@@ -47,18 +51,23 @@ class OrtEngine:
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise UserError(f"engine file {path} is corrupt or truncated ({first}); {_rebuild_hint(engine_dir or path.parent.parent)}") from None
         self.providers = self.session.get_providers()
-        self.output = self.session.get_outputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.run_all(feeds, self.outputs[:1])[0]
+
+    def run_all(self, feeds: dict[str, np.ndarray], names: list[str] | None = None) -> list[np.ndarray]:
+        names = names or self.outputs
         if not self.on_cuda:
-            return self.session.run([self.output], feeds)[0]
+            return self.session.run(names, feeds)
         binding = self.session.io_binding()
         for name, arr in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(arr))
-        binding.bind_output(self.output, "cuda")
+        for name in names:
+            binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.copy_outputs_to_cpu()
 
 
 class TrtEngine:
@@ -102,6 +111,9 @@ class TrtEngine:
         return self.buffers[shapes]
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.run_all(feeds)[0]
+
+    def run_all(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         shapes = tuple(tuple(feeds[n].shape) for n in self.inputs)
         bufs = self._buffers_for(shapes)
         for name, shape in zip(self.inputs, shapes):
@@ -111,11 +123,14 @@ class TrtEngine:
             self.context.set_tensor_address(name, buf.ptr)
         if not self._replay(shapes):
             self.context.execute_async_v3(self.stream.ptr)
-        out = bufs[self.outputs[0]]
-        host = np.empty(out.shape, dtype=out.dtype)
-        out.copy_to(host, stream=self.stream)
+        hosts = []
+        for name in self.outputs:
+            out = bufs[name]
+            host = np.empty(out.shape, dtype=out.dtype)
+            out.copy_to(host, stream=self.stream)
+            hosts.append(host)
         self.stream.synchronize()
-        return host
+        return hosts
 
     def _replay(self, shapes: tuple) -> bool:
         """Launch a captured CUDA graph for these shapes (capturing it on first use)."""

@@ -1,5 +1,12 @@
-"""Text -> image around the engines: tokenizer -> text engine -> steps × (UNet engine + numpy LCM
-step) -> VAE engine -> PIL images. numpy, tokenizers, Pillow and the engine backend only."""
+"""Text -> image around the engines: tokenizer(s) -> text engine(s) -> steps × (UNet engine + numpy
+LCM step) -> VAE engine -> PIL images. numpy, tokenizers, Pillow and the engine backend only.
+
+SD 1.5 conditions the UNet on the text encoder's last hidden state. SDXL / SSD-1B concatenate the
+penultimate hidden states of both encoders, and add the second encoder's pooled projection and six
+"time ids" (original size, crop top-left, target size) — as diffusers' StableDiffusionXLPipeline does,
+including zeroed unconditional embeddings when the model sets ``force_zeros_for_empty_prompt`` and
+no negative prompt is given.
+"""
 
 from __future__ import annotations
 
@@ -60,14 +67,17 @@ class Timings:
 class LCMPipeline:
     """The lean runtime: ``LCMPipeline.from_engine_dir(DIR)(prompt)`` -> list of PIL images."""
 
-    def __init__(self, manifest: dict, engine_dir: Path, engines: dict, tokenizer: ClipTokenizer, scheduler_config: dict):
+    def __init__(self, manifest: dict, engine_dir: Path, engines: dict, tokenizers: dict[str, ClipTokenizer], scheduler_config: dict):
         self.manifest = manifest
         self.engine_dir = engine_dir
         self.engines = engines
-        self.tokenizer = tokenizer
+        self.tokenizers = tokenizers
+        self.xl = "text_encoder_2" in manifest.get("text_encoders", ["text_encoder"])
         self.scheduler_config = scheduler_config
         self.vae_scaling = float(manifest["vae"]["scaling_factor"])
         self.vae_shift = manifest["vae"].get("shift_factor")
+        self.vae_mean = manifest["vae"].get("latents_mean")
+        self.vae_std = manifest["vae"].get("latents_std")
         self.latent_channels = int(manifest.get("latent_channels", 4))
         self.resolutions = [tuple(int(v) for v in r.split("x")) for r in manifest["resolutions"]]
         self.last_timings = Timings()
@@ -76,14 +86,13 @@ class LCMPipeline:
     def from_engine_dir(cls, engine_dir: str | Path, threads: int | None = None) -> "LCMPipeline":
         d = Path(engine_dir)
         m = read_manifest(d)
-        tok = m["tokenizer"]
-        tok_path = d / tok["file"]
         sched_path = d / m["scheduler"]["file"]
-        for p in (tok_path, sched_path):
+        toks = {k: m[k] for k in ("tokenizer", "tokenizer_2") if k in m}
+        for p in [sched_path] + [d / t["file"] for t in toks.values()]:
             if not p.is_file():
                 raise UserError(f"{p} is missing from the engine dir; rebuild it with `lcm-export build-engine --engine-dir {d} --force`")
-        tokenizer = ClipTokenizer(tok_path, tok["max_length"], tok["pad_id"])
-        return cls(m, d, load_engines(m, d, threads), tokenizer, json.loads(sched_path.read_text()))
+        tokenizers = {k: ClipTokenizer(d / t["file"], t["max_length"], t["pad_id"]) for k, t in toks.items()}
+        return cls(m, d, load_engines(m, d, threads), tokenizers, json.loads(sched_path.read_text()))
 
     # ------------------------------------------------------------------------------------------
     def _plan_for(self, comp: str, h: int, w: int):
@@ -121,6 +130,34 @@ class LCMPipeline:
                 f"--precision fp32{' or --vae-fp32' if comp == 'vae_decoder' else ''}"
             )
 
+    def _default_hw(self) -> tuple[int, int]:
+        """The model's default resolution if it was built, else the first built one."""
+        default = tuple(self.manifest.get("default_resolution") or ())
+        return default if default in self.resolutions else self.resolutions[0]
+
+    def _encode(self, prompt, negative_prompt, batch, cfg, h, w, t: "Timings"):
+        """Text embeddings [N,77,D] (N = 2B with guidance: uncond first) and, for SDXL, pooled [N,P]."""
+        t0 = time.perf_counter()
+        zero_uncond = cfg and self.xl and negative_prompt is None and self.manifest.get("force_zeros_for_empty_prompt")
+        texts = [prompt] * batch
+        if cfg and not zero_uncond:
+            texts = [negative_prompt or ""] * batch + texts
+        ids = {k: tok(texts) for k, tok in self.tokenizers.items()}
+        t.tokenize = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if not self.xl:
+            emb, pooled = self._plan_for("text_encoder", h, w).run({"input_ids": ids["tokenizer"]}), None
+        else:
+            h1 = self._plan_for("text_encoder", h, w).run({"input_ids": ids["tokenizer"]})
+            h2, pooled = self._plan_for("text_encoder_2", h, w).run_all({"input_ids": ids["tokenizer_2"]})
+            emb = np.concatenate([h1, h2], axis=-1)
+        t.text_encoder = time.perf_counter() - t0
+        self._check_finite(emb, "text_encoder")
+        if zero_uncond:  # diffusers SDXL: zeros for the unconditional branch when no negative prompt
+            emb = np.concatenate([np.zeros_like(emb), emb])
+            pooled = np.concatenate([np.zeros_like(pooled), pooled])
+        return np.ascontiguousarray(emb, dtype=np.float32), pooled
+
     def __call__(self, prompt: str, negative_prompt: str | None = None, steps: int = 4, guidance: float = 1.0,
                  seed: int = 0, batch: int = 1, height: int | None = None, width: int | None = None,
                  latents: np.ndarray | None = None, step_noise: list[np.ndarray] | None = None, output_type: str = "pil"):
@@ -135,7 +172,7 @@ class LCMPipeline:
             raise UserError("prompt must be a string (it may be empty)")
         if (height is None) != (width is None):
             raise UserError("give both height and width, or neither")
-        h, w = (height, width) if height is not None else self.resolutions[0]
+        h, w = (height, width) if height is not None else self._default_hw()
         self._check_resolution(h, w)
         cfg = guidance > 1.0
         lh, lw = h // 8, w // 8
@@ -151,19 +188,12 @@ class LCMPipeline:
         t = Timings()
         t_start = time.perf_counter()
 
-        # 1. Tokenize (uncond first, as diffusers concatenates [uncond, cond])
-        t0 = time.perf_counter()
-        texts = [prompt] * batch
-        if cfg:
-            texts = [negative_prompt or ""] * batch + texts
-        ids = self.tokenizer(texts)
-        t.tokenize = time.perf_counter() - t0
-
-        # 2. Text encoder
-        t0 = time.perf_counter()
-        emb = self._plan_for("text_encoder", h, w).run({"input_ids": ids})
-        t.text_encoder = time.perf_counter() - t0
-        self._check_finite(emb, "text_encoder")
+        # 1.-2. Tokenize and encode (uncond first, as diffusers concatenates [uncond, cond])
+        emb, pooled = self._encode(prompt, negative_prompt, batch, cfg, h, w, t)
+        extra = {}
+        if self.xl:  # SDXL added conditioning: pooled text embedding + (original, crop, target) sizes
+            extra = {"text_embeds": pooled,
+                     "time_ids": np.tile(np.array([h, w, 0, 0, h, w], np.float32), (emb.shape[0], 1))}
 
         # 3. Denoising loop
         t0 = time.perf_counter()
@@ -176,7 +206,7 @@ class LCMPipeline:
             t0 = time.perf_counter()
             x_in = np.concatenate([x, x]) if cfg else x
             tt = np.full((x_in.shape[0],), ts, dtype=np.float32)
-            out = unet.run({"sample": x_in, "timestep": tt, "encoder_hidden_states": emb})
+            out = unet.run({"sample": x_in, "timestep": tt, "encoder_hidden_states": emb, **extra})
             t.unet.append(time.perf_counter() - t0)
             self._check_finite(out, "unet", i)
             t0 = time.perf_counter()
@@ -191,7 +221,12 @@ class LCMPipeline:
 
         # 4. VAE decode
         t0 = time.perf_counter()
-        z = x / np.float32(self.vae_scaling)
+        if self.vae_mean is not None and self.vae_std is not None:
+            mean = np.asarray(self.vae_mean, np.float32).reshape(1, -1, 1, 1)
+            std = np.asarray(self.vae_std, np.float32).reshape(1, -1, 1, 1)
+            z = x * std / np.float32(self.vae_scaling) + mean
+        else:
+            z = x / np.float32(self.vae_scaling)
         if self.vae_shift:
             z = z + np.float32(self.vae_shift)
         img = self._plan_for("vae_decoder", h, w).run({"latent": np.ascontiguousarray(z, dtype=np.float32)})

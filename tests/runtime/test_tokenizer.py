@@ -15,7 +15,7 @@ def saved_tokenizer(tmp_path_factory, demo_pipe):
     from lcm_export.build.engine import _copy_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
-    _copy_tokenizer(demo_pipe, d)
+    _copy_tokenizer(demo_pipe.tokenizer, d)
     return d / "tokenizer.json"
 
 
