@@ -40,10 +40,11 @@ def detect_family(unet_config: dict) -> str:
         # SSD-1B (and Segmind Vega) are SDXL with transformer layers pruned: an asymmetric UNet
         # (nested per-layer counts, reverse_transformer_layers_per_block for the up path), or
         # SDXL's channel layout with fewer than its 1+2+10 transformer layers per block.
-        tl = unet_config.get("transformer_layers_per_block")
-        if unet_config.get("reverse_transformer_layers_per_block") is not None or any(isinstance(t, (list, tuple)) for t in tl or []):
+        tl = unet_config.get("transformer_layers_per_block") or 1
+        tl = [tl] if isinstance(tl, int) else list(tl)
+        if unet_config.get("reverse_transformer_layers_per_block") is not None or any(isinstance(t, (list, tuple)) for t in tl):
             return "ssd1b"
-        if list(unet_config.get("block_out_channels", [])) == [320, 640, 1280] and isinstance(tl, (list, tuple)) and sum(tl) < 13:
+        if list(unet_config.get("block_out_channels", [])) == [320, 640, 1280] and len(tl) == 3 and sum(tl) < 13:
             return "ssd1b"
         return "sdxl"
     cad = unet_config.get("cross_attention_dim")

@@ -290,16 +290,27 @@ def test_hub_id_offline_cache_miss_is_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
-def test_sdxl_family_rejected_not_mishandled(tmp_path, base_dir, capsys):
+def test_unsupported_family_rejected_not_mishandled(tmp_path, base_dir, capsys):
     import shutil
 
-    sdxl = tmp_path / "fake-sdxl"
-    shutil.copytree(base_dir, sdxl)
-    cfg = json.loads((sdxl / "unet" / "config.json").read_text())
-    cfg.update(addition_embed_type="text_time", cross_attention_dim=2048)
-    (sdxl / "unet" / "config.json").write_text(json.dumps(cfg))
-    code, _, err = run_cli(["fuse", "--base", sdxl, "--out", tmp_path / "o", "--quiet"], capsys)
-    assert code == 2 and "SDXL" in err and "not supported yet" in err
+    sd2 = tmp_path / "fake-sd2"
+    shutil.copytree(base_dir, sd2)
+    cfg = json.loads((sd2 / "unet" / "config.json").read_text())
+    cfg.update(cross_attention_dim=1024)
+    (sd2 / "unet" / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(["fuse", "--base", sd2, "--out", tmp_path / "o", "--quiet"], capsys)
+    assert code == 2 and "SD 2.x" in err and "not supported yet" in err
+
+
+def test_family_detection():
+    from lcm_export.demo import _configs
+    from lcm_export.models import detect_family
+
+    assert detect_family(_configs("sd15-full", 0)["unet"]) == "sd15"
+    assert detect_family(_configs("sdxl-full", 0)["unet"]) == "sdxl"
+    assert detect_family(_configs("sdxl", 0)["unet"]) == "sdxl"
+    assert detect_family(_configs("ssd1b", 0)["unet"]) == "ssd1b"
+    assert detect_family({**_configs("sdxl-full", 0)["unet"], "transformer_layers_per_block": [1, 2, 4]}) == "ssd1b"
 
 
 def test_cli_process_exit_code_and_no_traceback(tmp_path, base_dir):

@@ -35,9 +35,12 @@ def test_original_steps_override_in_set_timesteps():
     assert LCMScheduler(**SCHEDULER_CONFIG).set_timesteps(3, original_inference_steps=20).tolist() == ref.timesteps.tolist()
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("beta_schedule,alpha_one,zero_snr", [("scaled_linear", True, False), ("linear", False, False),
-                                                              ("scaled_linear", True, True)])
+LOOP_CASES = [(p, b, a, False) for p in ("epsilon", "v_prediction", "sample") for b, a in (("scaled_linear", True), ("linear", False))]
+# zero terminal SNR makes alpha_bar(999) = 0: only defined for v- and sample-prediction
+LOOP_CASES += [(p, "scaled_linear", True, True) for p in ("v_prediction", "sample")]
+
+
+@pytest.mark.parametrize("prediction_type,beta_schedule,alpha_one,zero_snr", LOOP_CASES)
 @pytest.mark.parametrize("steps", [1, 4, 6])
 def test_full_loop_matches_diffusers(prediction_type, beta_schedule, alpha_one, zero_snr, steps):
     cfg = {**SCHEDULER_CONFIG, "prediction_type": prediction_type, "beta_schedule": beta_schedule,
