@@ -56,6 +56,7 @@ def test_manifest(demo_engine, demo_loras):
     assert m["resolutions"] == ["64x64", "64x96"]
     assert [p["name"] for p in m["shape_plans"]] == ["64x64", "64x96"]
     assert m["onnxruntime"]["providers"] == ["CPUExecutionProvider"] and m["onnxruntime"]["intra_op_threads"] >= 1
+    assert m["onnxruntime"]["allow_spinning"] is False and m["onnxruntime"]["runtime_optimization"] == "ORT_DISABLE_ALL"
     assert len(m["cache_key"]) == 64
     assert {"lcm_export", "torch", "onnx", "onnxruntime"} <= set(m["versions"])
     assert m["vae"]["scaling_factor"] == pytest.approx(0.18215)

@@ -186,13 +186,12 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     components = {}
     extra = {}
     if backend == "onnxruntime":
-        from .onnxruntime import optimize_graph, providers_for
+        from .onnxruntime import optimize_graph
 
-        providers = providers_for(device)
         for comp in comps:
             bar.set_description_str(f"ONNX Runtime {comp}")
             dst = tmp / comp / "model.onnx"
-            ort_info = optimize_graph(work / comp / "model.onnx", dst, providers)
+            ort_info = optimize_graph(work / comp / "model.onnx", dst, device)
             files = [f"{comp}/{f.name}" for f in sorted(dst.parent.iterdir())]
             import onnxruntime as ort
 

@@ -31,7 +31,7 @@ class OrtEngine:
     """An ONNX Runtime session over a stored graph. CPU: plain run; CUDA: IO binding."""
 
     def __init__(self, path: Path, providers: list[str], threads: int | None = None, opt_level: str = "ORT_ENABLE_ALL",
-                 engine_dir: Path | None = None):
+                 engine_dir: Path | None = None, allow_spinning: bool = False):
         import onnxruntime as ort
 
         if not path.is_file():
@@ -43,6 +43,8 @@ class OrtEngine:
         if threads:
             so.intra_op_num_threads = int(threads)
         so.log_severity_level = 3
+        if not allow_spinning:  # idle sessions must not spin on the cores the next one needs
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         use = [p for p in providers if p in available] or ["CPUExecutionProvider"]
         try:
@@ -188,8 +190,17 @@ def load_engines(manifest: dict, engine_dir: Path, threads: int | None = None) -
         providers = ort_cfg.get("providers", ["CPUExecutionProvider"])
         threads = threads or int(os.environ.get("LCM_EXPORT_THREADS", 0)) or ort_cfg.get("intra_op_threads")
         level = ort_cfg.get("runtime_optimization", "ORT_ENABLE_ALL")
+        built_isa = ort_cfg.get("cpu_isa")
+        if built_isa:
+            from .._cpu import cpu_isa
+
+            here = cpu_isa()
+            if here != built_isa:
+                raise UserError(f"{engine_dir} holds ONNX Runtime graphs optimized for {built_isa} CPUs; this CPU is {here}; "
+                                f"{_rebuild_hint(engine_dir)}")
+        spin = bool(ort_cfg.get("allow_spinning", False))
         for comp, c in manifest["components"].items():
-            out[comp] = {plan: OrtEngine(engine_dir / f, providers, threads, level, engine_dir) for plan, f in c["engines"].items()}
+            out[comp] = {plan: OrtEngine(engine_dir / f, providers, threads, level, engine_dir, spin) for plan, f in c["engines"].items()}
     elif backend == "tensorrt":
         check_tensorrt_compat(manifest, engine_dir)
         for comp, c in manifest["components"].items():

@@ -150,3 +150,16 @@ def test_nan_is_reported_not_written(demo_engine, tmp_path, capsys, monkeypatch,
     assert not (tmp_path / "o.png").exists()
     with pytest.raises(NonFiniteOutput):
         LCMPipeline.from_engine_dir(demo_engine)("x")
+
+
+def test_graph_for_another_cpu_isa_is_refused(demo_engine, tmp_path, capsys):
+    from lcm_export._cpu import cpu_isa
+
+    m = json.loads((demo_engine / "manifest.json").read_text())
+    assert m["onnxruntime"]["cpu_isa"] == cpu_isa() and m["onnxruntime"]["stored_optimization"] == "ORT_ENABLE_ALL"
+    bad = tmp_path / "entry"
+    shutil.copytree(demo_engine, bad)
+    m["onnxruntime"]["cpu_isa"] = "some-other-isa"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(["generate", "--engine-dir", bad, "--prompt", "x", "--out", tmp_path / "o.png"], capsys)
+    assert code == 2 and "optimized for some-other-isa CPUs" in err and "--force" in err and err.count("\n") == 1

@@ -1,0 +1,178 @@
+"""SDXL-config UNet on CPU: ONNX Runtime engine vs PyTorch eager, one UNet step at 512² and 1024².
+
+Why the UNet alone: the SDXL-base configs in fp32 are 10.3 GB (UNet) + 2.8 GB (text encoder 2) +
+0.8 GB; export, ONNX Runtime's optimized copy and a PyTorch baseline in one process do not fit this
+machine's 24 GB, and the UNet is where the time goes (4 steps vs one text-encoder and one VAE call).
+So each stage runs in its own process: export (seeded random weights = `demo:sdxl-full`'s UNet),
+ORT timing, PyTorch timing; the parent compares the two outputs on the same inputs.
+
+Usage: python benchmarks/sdxl_unet_cpu.py [--resolutions 512x512,1024x1024] [--runs 3] [--work DIR] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TEXT_DIM, POOLED = 2048, 1280
+
+
+def _unet():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from lcm_export.demo import _configs
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same seed build_demo_pipeline("sdxl-full") uses for the UNet
+        unet = UNet2DConditionModel(**_configs("sdxl-full", 0)["unet"])
+    return unet.eval()
+
+
+def _inputs(hw):
+    rng = np.random.default_rng(0)
+    return {"sample": rng.standard_normal((1, 4, hw[0] // 8, hw[1] // 8), dtype=np.float32),
+            "timestep": np.array([999.0], np.float32),
+            "encoder_hidden_states": rng.standard_normal((1, 77, TEXT_DIM), dtype=np.float32),
+            "text_embeds": rng.standard_normal((1, POOLED), dtype=np.float32),
+            "time_ids": np.array([[hw[0], hw[1], 0, 0, hw[0], hw[1]]], np.float32)}
+
+
+def stage_export(work: Path):
+    """Export the UNet (lcm_export's exporter) and store the ORT_ENABLE_ALL graph, as build-engine does."""
+    import types
+
+    from lcm_export.build.onnxruntime import optimize_graph
+    from lcm_export.export import export_component
+
+    unet = _unet()
+    cfg = unet.config
+    # export_component needs a pipeline-like object: the UNet plus the widths of the SDXL text encoders
+    te2 = types.SimpleNamespace(config=types.SimpleNamespace(projection_dim=POOLED, hidden_size=1280))
+    te1 = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=768))
+    pipe = types.SimpleNamespace(unet=unet, text_encoder=te1, text_encoder_2=te2, vae=None,
+                                 tokenizer=types.SimpleNamespace(bos_token_id=0))
+    t0 = time.perf_counter()
+    export_component("unet", pipe, work / "onnx", (512, 512))
+    t_export = time.perf_counter() - t0
+    del unet, pipe
+    t0 = time.perf_counter()
+    info = optimize_graph(work / "onnx" / "unet" / "model.onnx", work / "ort" / "model.onnx", "cpu")
+    print(json.dumps({"export_s": t_export, "ort_optimize_s": time.perf_counter() - t0, "ort": info, "in_channels": cfg.in_channels}))
+
+
+def _time(fn, runs):
+    t0 = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - t0
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return out, first, ts
+
+
+def stage_ort(work: Path, hw, runs: int, threads: int):
+    import onnxruntime as ort
+
+    from lcm_export.runtime.engines import OrtEngine
+
+    t0 = time.perf_counter()
+    eng = OrtEngine(work / "ort" / "model.onnx", ["CPUExecutionProvider"], threads, "ORT_DISABLE_ALL")
+    load = time.perf_counter() - t0
+    out, first, ts = _time(lambda: eng.run(_inputs(hw)), runs)
+    np.save(work / f"ort-{hw[0]}.npy", out)
+    print(json.dumps({"session_create_s": load, "first_s": first, "runs_s": ts, "onnxruntime": ort.__version__}))
+
+
+def stage_torch(work: Path, hw, runs: int, threads: int):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(threads)
+    unet = _unet()
+    x = {k: torch.from_numpy(v) for k, v in _inputs(hw).items()}
+    call = lambda: unet(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"],
+                        added_cond_kwargs={"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]}).sample
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad():
+        with counter:  # the warm-up run doubles as the FLOP count
+            out = call().numpy()
+        _, _, ts = _time(lambda: call(), runs)
+    np.save(work / f"torch-{hw[0]}.npy", out)
+    print(json.dumps({"runs_s": ts, "flops": int(counter.get_total_flops()), "torch": torch.__version__}))
+
+
+def _sub(stage, *args) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--stage", stage, *map(str, args)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{stage} failed: {r.stderr.strip()[-800:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", default=None)
+    ap.add_argument("rest", nargs="*")
+    ap.add_argument("--resolutions", default="512x512,1024x1024")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--out", default="benchmarks/reports/sdxl-unet-cpu")
+    a = ap.parse_args()
+    if a.stage:
+        work, rest = Path(a.rest[0]), a.rest[1:]
+        if a.stage == "export":
+            return stage_export(work)
+        hw = tuple(int(v) for v in rest[0].split("x"))
+        return (stage_ort if a.stage == "ort" else stage_torch)(work, hw, int(rest[1]), int(rest[2]))
+
+    from lcm_export.bench import machine_info, measure_peak
+    from lcm_export._util import tool_versions
+
+    threads = len(os.sched_getaffinity(0))
+    work = Path(a.work or tempfile.mkdtemp(prefix="sdxl-unet-"))
+    exp = _sub("export", work) if not (work / "ort" / "model.onnx").exists() else {"reused": True}
+    rows = []
+    for res in a.resolutions.split(","):
+        o = _sub("ort", work, res, a.runs, threads)
+        t = _sub("torch", work, res, a.runs, threads)
+        got, want = np.load(work / f"ort-{res.split('x')[0]}.npy"), np.load(work / f"torch-{res.split('x')[0]}.npy")
+        rel = float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want))
+        om, tm = float(np.median(o["runs_s"])), float(np.median(t["runs_s"]))
+        rows.append({"resolution": res, "unet_step_flops": t["flops"], "onnxruntime": o, "eager": t,
+                     "ort_median_s": om, "eager_median_s": tm, "speedup": tm / om, "rel_l2_ort_vs_torch": rel})
+        print(f"{res}: ORT {om:.2f} s, eager {tm:.2f} s, {tm / om:.2f}x, rel-L2 {rel:.1e}", flush=True)
+    peak = measure_peak(threads)
+    rep = {"schema": "lcm-export-sdxl-unet/1", "model": "demo:sdxl-full UNet (stabilityai SDXL-base config, seeded random weights)",
+           "batch": 1, "runs": a.runs, "warmup": 1, "machine": machine_info(threads), "versions": tool_versions(),
+           "export": exp, "peak": peak, "results": rows}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    lines = ["# SDXL-config UNet on CPU: ONNX Runtime engine vs PyTorch eager", "",
+             f"{rep['model']}; batch 1 (guidance off); 1 warm-up + {a.runs} timed runs each, median; "
+             f"{rep['machine']['cpu']}, {threads} threads; each path in its own process (fp32 SDXL does not fit "
+             "export, ORT and PyTorch in one 24 GB process).", "",
+             f"Measured fp32 peak: {peak['best_flops_per_s'] / 1e9:.1f} GFLOP/s (best of a {peak['matrix_size']}² matrix product).", "",
+             "| resolution | GFLOP/step | ORT s (median) | eager s (median) | speed-up | ORT GFLOP/s (% of peak) | eager GFLOP/s (% of peak) | rel-L2 ORT vs torch |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r["unet_step_flops"]
+        eo, ee = f / r["ort_median_s"], f / r["eager_median_s"]
+        lines.append(f"| {r['resolution']} | {f / 1e9:,.0f} | {r['ort_median_s']:.2f} | {r['eager_median_s']:.2f} | {r['speedup']:.2f}x | "
+                     f"{eo / 1e9:.0f} ({eo / peak['best_flops_per_s'] * 100:.0f}%) | {ee / 1e9:.0f} ({ee / peak['best_flops_per_s'] * 100:.0f}%) | {r['rel_l2_ort_vs_torch']:.1e} |")
+    lines += ["", f"Versions: {', '.join(f'{k} {v}' for k, v in rep['versions'].items())}.", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
