@@ -15,6 +15,10 @@ from ..errors import UserError
 from ..store import MANIFEST, SCHEMA_VERSION, cache_key, existing_entry
 from .profiles import plan_shapes, size_multiple
 
+# Bump when a change to lcm-export alters what a build writes for the same inputs, so existing
+# entries rebuild instead of being reported up to date. 2: CPU graphs stored at ORT_ENABLE_ALL.
+BUILD_RECIPE = 2
+
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     engine_dir = Path(opts.engine_dir) if opts.engine_dir else Path("engines") / name
     versions = tool_versions("tensorrt", "polygraphy")
     key_inputs = {
-        "schema": SCHEMA_VERSION, "base": base_identity(src), "family": family,
+        "schema": SCHEMA_VERSION, "recipe": BUILD_RECIPE, "base": base_identity(src), "family": family,
         "loras": [{"sha256": i.sha256, "weight": s.weight} for s, i in items],
         "plans": [asdict(p) for p in plans], "batch": opts.batch, "guidance": opts.guidance,
         "backend": backend, "device": device, "precision": precision, "vae_fp32": opts.vae_fp32, "refit": opts.refit,
