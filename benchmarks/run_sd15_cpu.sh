@@ -9,5 +9,5 @@ $BIN/lcm-export build-engine --base demo:sd15-full --resolution 256x256 --resolu
 $BIN/lcm-export bench --engine-dir engines/demo-sd15-full --resolution 256x256 --baselines eager --runs 7 --warmup 1 --solver-runs 1 --out benchmarks/reports/sd15-cpu-256
 $BIN/lcm-export bench --engine-dir engines/demo-sd15-full --resolution 512x512 --baselines eager --runs 3 --warmup 1 --solver-runs 1 --out benchmarks/reports/sd15-cpu-512
 test -f out/sd15-full-onnx/unet/model.onnx || $BIN/lcm-export export --model demo:sd15-full --out out/sd15-full-onnx --resolution 256x256 --quiet
-$BIN/python benchmarks/ort_settings.py out/sd15-full-onnx/unet/model.onnx --resolution 256x256 --runs 5 --out benchmarks/reports/ort-settings-256
+$BIN/python benchmarks/ort_settings.py out/sd15-full-onnx/unet/model.onnx --resolution 256x256 --runs 2 --rounds 3 --out benchmarks/reports/ort-settings-256
 $BIN/python benchmarks/sdxl_unet_cpu.py --resolutions 512x512,1024x1024 --runs 3 --work out/sdxl-unet --out benchmarks/reports/sdxl-unet-cpu
