@@ -34,7 +34,7 @@ def _rel(a, b):
 def component_parity(engine_dir: Path, hw) -> dict:
     import torch
 
-    from lcm_export.bench import reference_pipeline
+    from lcm_export.bench_torch import reference_pipeline
     from lcm_export.export import _wrappers, sample_inputs
     from lcm_export.runtime.engines import load_engines
     from lcm_export.store import read_manifest
@@ -63,7 +63,7 @@ def image_parity(engine_dir: Path, hw) -> float:
     import torch
     import diffusers.schedulers.scheduling_lcm as lcm_mod
 
-    from lcm_export.bench import reference_pipeline
+    from lcm_export.bench_torch import reference_pipeline
     from lcm_export.runtime import LCMPipeline
     from lcm_export.store import read_manifest
 

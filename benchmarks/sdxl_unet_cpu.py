@@ -135,7 +135,8 @@ def main():
         hw = tuple(int(v) for v in rest[0].split("x"))
         return (stage_ort if a.stage == "ort" else stage_torch)(work, hw, int(rest[1]), int(rest[2]))
 
-    from lcm_export.bench import machine_info, measure_peak
+    from lcm_export.bench import machine_info
+    from lcm_export.bench_torch import measure_peak
     from lcm_export._util import tool_versions
 
     threads = len(os.sched_getaffinity(0))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -21,19 +20,20 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ._cpu import usable_cores
 from ._util import progress, tool_versions, write_json
+from .bench_torch import (PROMPT, SOLVERS, StageTimer, measure_peak, reference_pipeline, scheduler_for, stats, time_torch,
+                          torch_call, unet_flops)
 from .errors import UserError
 from .store import read_manifest
 
-SOLVERS = {"lcm": "LCMScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolver", "dpmpp": "DPMSolver++"}
 BASELINES = ("eager", "compile")
 STAGES = ("text_encoder", "unet_step", "vae_decoder", "end_to_end")
-PROMPT = "a photo of an astronaut riding a horse on mars"
 REPORT_SCHEMA = "lcm-export-bench/1"
 
 
@@ -69,12 +69,6 @@ def parse_solvers(items) -> list[tuple[str, int]]:
     return out
 
 
-def stats(xs) -> dict:
-    a = np.asarray(xs, dtype=np.float64)
-    return {"median_s": float(np.median(a)), "p90_s": float(np.percentile(a, 90)), "mean_s": float(a.mean()),
-            "min_s": float(a.min()), "n": int(a.size)}
-
-
 def _validate(o: BenchOptions, manifest: dict) -> tuple[int, int]:
     if o.runs < 1:
         raise UserError(f"--runs {o.runs}: must be at least 1")
@@ -97,11 +91,8 @@ def _validate(o: BenchOptions, manifest: dict) -> tuple[int, int]:
 
 
 def machine_info(threads: int) -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from ._cpu import cpu_isa, cpu_name, usable_cores
+
     gpu = None
     try:
         import torch
@@ -110,9 +101,8 @@ def machine_info(threads: int) -> dict:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "threads": threads, "gpu": gpu, "platform": platform.platform(),
-            "python": platform.python_version()}
+    return {"cpu": cpu_name(), "isa": cpu_isa(), "cores": usable_cores(), "threads": threads, "gpu": gpu,
+            "platform": platform.platform(), "python": platform.python_version()}
 
 
 def _rss_mb() -> float:
@@ -125,145 +115,6 @@ def _rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-# ----------------------------------------------------------------------------------------------
-# PyTorch side
-
-def reference_pipeline(manifest: dict, engine_dir: Path):
-    """The fused model the engine was built from, rebuilt in diffusers (same LoRA files, same λ)."""
-    from diffusers import LCMScheduler
-
-    from ._util import sha256_file
-    from .fuse import LoraSpec, fuse_into, inspect_lora
-    from .models import load_pipeline, resolve_base
-
-    items = []
-    for l in manifest["fusion"]["loras"]:
-        p = Path(l["path"])
-        if not p.is_file() or sha256_file(p) != l["sha256"]:
-            raise UserError(f"LoRA file {p} is missing or changed since {engine_dir} was built; the baselines need the same fused model")
-        items.append((LoraSpec(p, l["weight"]), inspect_lora(p)))
-    pipe = load_pipeline(resolve_base(manifest["base_source"]))
-    fuse_into(pipe, items)
-    sched_cfg = json.loads((engine_dir / manifest["scheduler"]["file"]).read_text())
-    pipe.scheduler = LCMScheduler.from_config(sched_cfg)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, sched_cfg
-
-
-class StageTimer:
-    """Wraps callables on the pipeline's modules and records each call's wall time."""
-
-    def __init__(self, sync=None):
-        self.times = defaultdict(list)
-        self.sync = sync or (lambda: None)
-
-    def wrap(self, obj, attr: str, name: str) -> None:
-        fn = getattr(obj, attr)
-
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            r = fn(*a, **k)
-            self.sync()
-            self.times[name].append(time.perf_counter() - t0)
-            return r
-
-        setattr(obj, attr, timed)
-
-    def reset(self):
-        self.times.clear()
-
-
-def _scheduler(name: str, cfg: dict):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
-
-    if name == "lcm":
-        return LCMScheduler.from_config(cfg)
-    if name == "ddim":
-        return DDIMScheduler.from_config(cfg)
-    if name == "dpm":  # DPM-Solver (not ++) cannot step to sigma 0: its last step ends at sigma_min
-        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
-    return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++")
-
-
-def _torch_call(pipe, latents, steps, guidance, hw):
-    import torch
-
-    return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, latents=torch.from_numpy(latents),
-                height=hw[0], width=hw[1], output_type="np").images
-
-
-def time_torch(pipe, timer, latents, hw, guidance, runs, warmup, steps=4, bar=None) -> tuple[dict, float]:
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        _torch_call(pipe, latents, steps, guidance, hw)
-        bar and bar.update()
-    warm = time.perf_counter() - t0
-    e2e, text, unet, vae = [], [], [], []
-    for _ in range(runs):
-        timer.reset()
-        t0 = time.perf_counter()
-        _torch_call(pipe, latents, steps, guidance, hw)
-        e2e.append(time.perf_counter() - t0)
-        text.append(sum(timer.times["text_encoder"]))  # per image: every encoder call (cond, uncond, both encoders)
-        unet += timer.times["unet"]
-        vae.append(sum(timer.times["vae_decoder"]))
-        bar and bar.update()
-    return {"text_encoder": stats(text), "unet_step": stats(unet), "vae_decoder": stats(vae), "end_to_end": stats(e2e)}, warm
-
-
-def unet_flops(pipe, batch: int, hw: tuple[int, int]) -> int:
-    """FLOPs of one UNet call (2 per multiply-add), counted by torch's FlopCounterMode."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    unet = pipe.unet
-    x = torch.randn(batch, unet.config.in_channels, hw[0] // 8, hw[1] // 8)
-    e = torch.randn(batch, 77, unet.config.cross_attention_dim)
-    added = None
-    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: pooled text embedding + time ids
-        added = {"text_embeds": torch.randn(batch, pipe.text_encoder_2.config.projection_dim),
-                 "time_ids": torch.tensor([[hw[0], hw[1], 0, 0, hw[0], hw[1]]], dtype=torch.float32).repeat(batch, 1)}
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        unet(x, torch.full((batch,), 999), encoder_hidden_states=e, added_cond_kwargs=added)
-    return int(counter.get_total_flops())
-
-
-def measure_peak(threads: int, n: int = 4096, repeats: int = 3) -> dict:
-    """fp32 peak measured here: best of a large square matrix product in torch (MKL/oneDNN) and numpy."""
-    import torch
-
-    torch.set_num_threads(threads)
-    out = {}
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = min(_timeit(lambda: torch.mm(a, b)) for _ in range(repeats))
-    out["torch_mm_flops_per_s"] = 2 * n**3 / best
-    an, bn = a.numpy(), b.numpy()
-    an @ bn
-    best = min(_timeit(lambda: an @ bn) for _ in range(repeats))
-    out["numpy_matmul_flops_per_s"] = 2 * n**3 / best
-    out["best_flops_per_s"] = max(out["torch_mm_flops_per_s"], out["numpy_matmul_flops_per_s"])
-    out["matrix_size"] = n
-    return out
-
-
-def _nvidia_smi_used_mb() -> float | None:
-    """GPU memory in use (MB) on device 0, without importing torch; None where there is no NVIDIA GPU."""
-    try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                           capture_output=True, text=True, timeout=10)
-        return float(r.stdout.strip().splitlines()[0]) if r.returncode == 0 else None
-    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-        return None
-
-
-def _timeit(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,6 +148,16 @@ print(json.dumps({"peak_rss_mb": _rss_mb()}))
 """
 
 
+def _nvidia_smi_used_mb() -> float | None:
+    """GPU memory in use (MB) on device 0, without importing torch; None where there is no NVIDIA GPU."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                           capture_output=True, text=True, timeout=10)
+        return float(r.stdout.strip().splitlines()[0]) if r.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
 def _cold(script: str, args: list[str]) -> dict:
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
@@ -315,7 +176,7 @@ def run_bench(o: BenchOptions) -> dict:
     manifest = read_manifest(engine_dir)
     hw = _validate(o, manifest)
     solvers = parse_solvers(o.solvers)
-    threads = o.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    threads = o.threads or usable_cores()
     solver_runs = o.solver_runs or o.runs
     batch = 1
     cfg_on = o.guidance > 1.0
@@ -397,16 +258,16 @@ def run_bench(o: BenchOptions) -> dict:
     with torch.no_grad():
         for name, steps in solvers:
             bar.set_description_str(f"PyTorch {SOLVERS[name]} {steps} steps")
-            ref.scheduler = _scheduler(name, sched_cfg)
+            ref.scheduler = scheduler_for(name, sched_cfg)
             ts = []
             for _ in range(solver_runs):
                 t0 = time.perf_counter()
-                _torch_call(ref, latents, steps, o.guidance, hw)
+                torch_call(ref, latents, steps, o.guidance, hw)
                 ts.append(time.perf_counter() - t0)
                 bar.update()
             table2.append({"solver": SOLVERS[name], "steps": steps, "path": "diffusers eager", **stats(ts)})
     table2.append({"solver": "LCMScheduler", "steps": 4, "path": paths["engine"]["label"], **engine_lcm4})
-    ref.scheduler = _scheduler("lcm", sched_cfg)
+    ref.scheduler = scheduler_for("lcm", sched_cfg)
 
     # 4. Cold start, each in a fresh process
     cold = {}

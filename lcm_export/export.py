@@ -27,7 +27,6 @@ I/O (B batch, H x W image, h = H/8, w = W/8, D text width: 768 for SD 1.5, 2048 
 
 from __future__ import annotations
 
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -35,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 from .build.profiles import LATENT_FACTOR, TEXT_LEN
-from .errors import UserError
 
 OPSET = 17
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")

@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .._cpu import cpu_name, usable_cores
 from .._util import atomic_dir, disk_error, progress, tool_versions, write_json
 from ..errors import UserError
 from ..store import MANIFEST, SCHEMA_VERSION, cache_key, existing_entry
@@ -205,9 +206,7 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
             components[comp] = {"engines": {"*": f"{comp}/model.onnx"}, "files": files, "precision": "fp32",
                                 **component_io(comp, dims), "parity": checks, "export_parity": exported[comp]["parity"]}
             bar.update()
-        from .onnxruntime import default_threads
-
-        extra["onnxruntime"] = {**ort_info, "intra_op_threads": opts.threads or default_threads(),
+        extra["onnxruntime"] = {**ort_info, "intra_op_threads": opts.threads or usable_cores(),
                                 "inter_op_threads": 1, "execution_mode": "sequential"}
     else:
         from .tensorrt import build_plan, build_tensorrt
@@ -270,7 +269,7 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
         **extra,
         "fusion": fusion,
         "versions": versions,
-        "hardware": {"cpu": _cpu_name(), "machine": platform.machine()},
+        "hardware": {"cpu": cpu_name(), "machine": platform.machine()},
     }
     if backend == "tensorrt":
         manifest["hardware"].update({k: extra["tensorrt"].get(k) for k in ("gpu", "compute_capability")})
@@ -300,13 +299,3 @@ def _lcm_scheduler_config(pipe) -> dict:
 
     cfg = dict(LCMScheduler.from_config(pipe.scheduler.config).config)
     return json.loads(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")} | {"_class_name": "LCMScheduler"}, default=list))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

@@ -13,7 +13,6 @@ spinning workers compete with the next session's (measured no slower for the UNe
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 LEVELS = {  # device -> (stored graph level, level applied at load)
@@ -56,7 +55,3 @@ def optimize_graph(src: Path, dst: Path, device: str) -> dict:
     if device == "cpu":
         info["cpu_isa"] = cpu_isa()
     return info
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,149 @@
+"""The PyTorch side of ``bench``: the reference pipeline (same fused weights), per-stage timers,
+the paper's solvers, the UNet FLOP count and the fp32 peak measured on this machine."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+SOLVERS = {"lcm": "LCMScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolver", "dpmpp": "DPMSolver++"}
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+def stats(xs) -> dict:
+    a = np.asarray(xs, dtype=np.float64)
+    return {"median_s": float(np.median(a)), "p90_s": float(np.percentile(a, 90)), "mean_s": float(a.mean()),
+            "min_s": float(a.min()), "n": int(a.size)}
+
+
+
+def reference_pipeline(manifest: dict, engine_dir: Path):
+    """The fused model the engine was built from, rebuilt in diffusers (same LoRA files, same λ)."""
+    from diffusers import LCMScheduler
+
+    from ._util import sha256_file
+    from .fuse import LoraSpec, fuse_into, inspect_lora
+    from .models import load_pipeline, resolve_base
+
+    items = []
+    for l in manifest["fusion"]["loras"]:
+        p = Path(l["path"])
+        if not p.is_file() or sha256_file(p) != l["sha256"]:
+            raise UserError(f"LoRA file {p} is missing or changed since {engine_dir} was built; the baselines need the same fused model")
+        items.append((LoraSpec(p, l["weight"]), inspect_lora(p)))
+    pipe = load_pipeline(resolve_base(manifest["base_source"]))
+    fuse_into(pipe, items)
+    sched_cfg = json.loads((engine_dir / manifest["scheduler"]["file"]).read_text())
+    pipe.scheduler = LCMScheduler.from_config(sched_cfg)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, sched_cfg
+
+
+class StageTimer:
+    """Wraps callables on the pipeline's modules and records each call's wall time."""
+
+    def __init__(self, sync=None):
+        self.times = defaultdict(list)
+        self.sync = sync or (lambda: None)
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            r = fn(*a, **k)
+            self.sync()
+            self.times[name].append(time.perf_counter() - t0)
+            return r
+
+        setattr(obj, attr, timed)
+
+    def reset(self):
+        self.times.clear()
+
+
+def scheduler_for(name: str, cfg: dict):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
+
+    if name == "lcm":
+        return LCMScheduler.from_config(cfg)
+    if name == "ddim":
+        return DDIMScheduler.from_config(cfg)
+    if name == "dpm":  # DPM-Solver (not ++) cannot step to sigma 0: its last step ends at sigma_min
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+    return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++")
+
+
+def torch_call(pipe, latents, steps, guidance, hw):
+    import torch
+
+    return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, latents=torch.from_numpy(latents),
+                height=hw[0], width=hw[1], output_type="np").images
+
+
+def time_torch(pipe, timer, latents, hw, guidance, runs, warmup, steps=4, bar=None) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        torch_call(pipe, latents, steps, guidance, hw)
+        bar and bar.update()
+    warm = time.perf_counter() - t0
+    e2e, text, unet, vae = [], [], [], []
+    for _ in range(runs):
+        timer.reset()
+        t0 = time.perf_counter()
+        torch_call(pipe, latents, steps, guidance, hw)
+        e2e.append(time.perf_counter() - t0)
+        text.append(sum(timer.times["text_encoder"]))  # per image: every encoder call (cond, uncond, both encoders)
+        unet += timer.times["unet"]
+        vae.append(sum(timer.times["vae_decoder"]))
+        bar and bar.update()
+    return {"text_encoder": stats(text), "unet_step": stats(unet), "vae_decoder": stats(vae), "end_to_end": stats(e2e)}, warm
+
+
+def unet_flops(pipe, batch: int, hw: tuple[int, int]) -> int:
+    """FLOPs of one UNet call (2 per multiply-add), counted by torch's FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = pipe.unet
+    x = torch.randn(batch, unet.config.in_channels, hw[0] // 8, hw[1] // 8)
+    e = torch.randn(batch, 77, unet.config.cross_attention_dim)
+    added = None
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: pooled text embedding + time ids
+        added = {"text_embeds": torch.randn(batch, pipe.text_encoder_2.config.projection_dim),
+                 "time_ids": torch.tensor([[hw[0], hw[1], 0, 0, hw[0], hw[1]]], dtype=torch.float32).repeat(batch, 1)}
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        unet(x, torch.full((batch,), 999), encoder_hidden_states=e, added_cond_kwargs=added)
+    return int(counter.get_total_flops())
+
+
+def measure_peak(threads: int, n: int = 4096, repeats: int = 3) -> dict:
+    """fp32 peak measured here: best of a large square matrix product in torch (MKL/oneDNN) and numpy."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timeit(lambda: torch.mm(a, b)) for _ in range(repeats))
+    out["torch_mm_flops_per_s"] = 2 * n**3 / best
+    an, bn = a.numpy(), b.numpy()
+    an @ bn
+    best = min(_timeit(lambda: an @ bn) for _ in range(repeats))
+    out["numpy_matmul_flops_per_s"] = 2 * n**3 / best
+    out["best_flops_per_s"] = max(out["torch_mm_flops_per_s"], out["numpy_matmul_flops_per_s"])
+    out["matrix_size"] = n
+    return out
+
+
+def _timeit(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
