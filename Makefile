@@ -35,7 +35,7 @@ lean-check: demo
 	.venv-lean/bin/lcm-export generate --engine-dir $(DEMO) --prompt "$(PROMPT)" --out out/lean.png
 
 bench-ci: demo
-	$(VENV)/bin/lcm-export bench --engine-dir $(DEMO) --runs 2 --warmup 1 --out out/bench-ci --quiet
+	$(VENV)/bin/lcm-export bench --engine-dir $(DEMO) --baselines eager,compile --runs 2 --warmup 1 --out out/bench-ci --quiet
 	$(VPY) benchmarks/check_report.py out/bench-ci
 
 clean:
