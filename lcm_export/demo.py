@@ -243,8 +243,7 @@ def write_demo_loras(pipe, out_dir: Path | None = None, name: str = "sd15") -> l
 
     out_dir = Path(out_dir or demo_lora_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
-    lcm_path = out_dir / f"demo-{name}-lcm-lora-kohya.safetensors"
-    style_path = out_dir / f"demo-{name}-style-lora-peft.safetensors"
+    (lcm_path, lcm_weight), (style_path, style_weight) = demo_lora_paths(out_dir, name)
     gen = torch.Generator().manual_seed(1234)
 
     def rnd(*shape, std=0.05):
@@ -281,7 +280,15 @@ def write_demo_loras(pipe, out_dir: Path | None = None, name: str = "sd15") -> l
                     sd[f"{comp}.{mname}.lora_B.weight"] = rnd(mod.out_features, rank)
             meta.update({f"{comp}.r": rank, f"{comp}.lora_alpha": 4, f"{comp}.target_modules": ["q_proj", "v_proj"]})
         _save_atomic(save_file, sd, style_path, {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)})
-    return [(lcm_path, 1.0), (style_path, 0.8)]
+    return [(lcm_path, lcm_weight), (style_path, style_weight)]
+
+
+def demo_lora_paths(out_dir: Path, name: str) -> list[tuple[Path, float]]:
+    """Where the demo LoRAs of ``demo:<name>`` live, with the paper's default λ (LCM 1.0, style 0.8)."""
+    from .fuse import DEFAULT_LCM_WEIGHT, DEFAULT_STYLE_WEIGHT
+
+    return [(Path(out_dir) / f"demo-{name}-lcm-lora-kohya.safetensors", DEFAULT_LCM_WEIGHT),
+            (Path(out_dir) / f"demo-{name}-style-lora-peft.safetensors", DEFAULT_STYLE_WEIGHT)]
 
 
 def _save_atomic(save_file, sd, path: Path, metadata: dict) -> None:

@@ -81,14 +81,6 @@ def manifest_files(m: dict) -> list[str]:
     return files
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
     """A readable table of a manifest (``lcm-export inspect``)."""
     rows = [

@@ -13,7 +13,7 @@ from pathlib import Path
 from .._cpu import cpu_name, usable_cores
 from .._util import atomic_dir, disk_error, progress, tool_versions, write_json
 from ..errors import UserError
-from ..store import MANIFEST, SCHEMA_VERSION, cache_key, existing_entry
+from ..store import DEFAULT_ROOT, MANIFEST, SCHEMA_VERSION, cache_key, existing_entry
 from .profiles import plan_shapes, size_multiple
 
 # Bump when a change to lcm-export alters what a build writes for the same inputs, so existing
@@ -110,10 +110,10 @@ def _resolve_loras(opts: BuildOptions, src, demo_default: bool):
         from ..demo import demo_lora_dir
 
         d = demo_lora_dir()
-        paths = [(d / f"demo-{src.demo}-lcm-lora-kohya.safetensors", 1.0), (d / f"demo-{src.demo}-style-lora-peft.safetensors", 0.8)]
-        if not all(p.exists() for p, _ in paths):
-            from ..demo import build_demo_pipeline, write_demo_loras
+        from ..demo import build_demo_pipeline, demo_lora_paths, write_demo_loras
 
+        paths = demo_lora_paths(d, src.demo)
+        if not all(p.exists() for p, _ in paths):
             write_demo_loras(build_demo_pipeline(src.demo), d, src.demo)
         specs = [LoraSpec(p, w) for p, w in paths]
     else:
@@ -141,7 +141,7 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     items = _resolve_loras(opts, src, demo_default)
 
     name = opts.name or default_entry_name(src)
-    engine_dir = Path(opts.engine_dir) if opts.engine_dir else Path("engines") / name
+    engine_dir = Path(opts.engine_dir) if opts.engine_dir else DEFAULT_ROOT / name
     versions = tool_versions("tensorrt", "polygraphy")
     key_inputs = {
         "schema": SCHEMA_VERSION, "recipe": BUILD_RECIPE, "base": base_identity(src), "family": family,
