@@ -236,7 +236,9 @@ def _lcm_like_targets(unet) -> list[str]:
 def write_demo_loras(pipe, out_dir: Path | None = None, name: str = "sd15") -> list[tuple[Path, float]]:
     """Write the demo LCM-LoRA (kohya LoCon) and style LoRA (PEFT); return [(path, λ)] with defaults.
 
-    Files are deterministic, so their sha256 (and so engine cache keys) are stable across runs.
+    Files are byte-for-byte deterministic, so their sha256 (and so engine cache keys) are stable
+    across runs and machines. Each carries one metadata key: safetensors writes its metadata map
+    in an order that varies from process to process.
     """
     import torch
     from safetensors.torch import save_file
@@ -263,7 +265,7 @@ def write_demo_loras(pipe, out_dir: Path | None = None, name: str = "sd15") -> l
                 sd[f"{key}.lora_down.weight"] = rnd(rank, mod.in_features)
                 sd[f"{key}.lora_up.weight"] = rnd(mod.out_features, rank)
             sd[f"{key}.alpha"] = torch.tensor(2.0)
-        _save_atomic(save_file, sd, lcm_path, {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(rank)})
+        _save_atomic(save_file, sd, lcm_path, {"ss_network_module": "lycoris.kohya"})
     if not style_path.exists():
         sd, rank = {}, 2
         for mname, mod in pipe.unet.named_modules():
@@ -279,7 +281,7 @@ def write_demo_loras(pipe, out_dir: Path | None = None, name: str = "sd15") -> l
                     sd[f"{comp}.{mname}.lora_A.weight"] = rnd(rank, mod.in_features)
                     sd[f"{comp}.{mname}.lora_B.weight"] = rnd(mod.out_features, rank)
             meta.update({f"{comp}.r": rank, f"{comp}.lora_alpha": 4, f"{comp}.target_modules": ["q_proj", "v_proj"]})
-        _save_atomic(save_file, sd, style_path, {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)})
+        _save_atomic(save_file, sd, style_path, {"lora_adapter_metadata": json.dumps(meta, sort_keys=True)})
     return [(lcm_path, lcm_weight), (style_path, style_weight)]
 
 
