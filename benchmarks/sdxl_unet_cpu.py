@@ -127,7 +127,10 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default="benchmarks/reports/sdxl-unet-cpu")
+    ap.add_argument("--chart-only", action="store_true", help="redraw unet_step.png from OUT/report.json")
     a = ap.parse_args()
+    if a.chart_only:
+        return write_chart(json.loads(Path(a.out, "report.json").read_text()), Path(a.out))
     if a.stage:
         work, rest = Path(a.rest[0]), a.rest[1:]
         if a.stage == "export":
@@ -172,7 +175,32 @@ def main():
         lines.append(f"| {r['resolution']} | {f / 1e9:,.0f} | {r['ort_median_s']:.2f} | {r['eager_median_s']:.2f} | {r['speedup']:.2f}x | "
                      f"{eo / 1e9:.0f} ({eo / peak['best_flops_per_s'] * 100:.0f}%) | {ee / 1e9:.0f} ({ee / peak['best_flops_per_s'] * 100:.0f}%) | {r['rel_l2_ort_vs_torch']:.1e} |")
     lines += ["", f"Versions: {', '.join(f'{k} {v}' for k, v in rep['versions'].items())}.", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    (out / "report.md").write_text("\n".join(lines + ["Chart: `unet_step.png`.", ""]))
+    write_chart(rep, out)
+
+
+def write_chart(rep: dict, out: Path) -> None:
+    """unet_step.png: median seconds per UNet step, ONNX Runtime vs PyTorch eager, per resolution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rep["results"]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (key, label) in enumerate((("ort_median_s", "engine (onnxruntime, fp32)"), ("eager_median_s", "PyTorch eager (fp32)"))):
+        vals = [r[key] for r in rows]
+        ax.bar(x + i * 0.4, vals, 0.4, label=label)
+        for xi, v in zip(x, vals):
+            ax.text(xi + i * 0.4, v, f"{v:.1f}s", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x + 0.2, [r["resolution"] for r in rows])
+    ax.set_ylabel("median seconds per UNet step")
+    ax.set_title(f"SDXL-config UNet, batch 1 — {rep['machine']['cores']} CPU cores")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "unet_step.png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
