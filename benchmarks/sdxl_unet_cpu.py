@@ -1,8 +1,8 @@
 """SDXL-config UNet on CPU: ONNX Runtime engine vs PyTorch eager, one UNet step at 512² and 1024².
 
 Why the UNet alone: the SDXL-base configs in fp32 are 10.3 GB (UNet) + 2.8 GB (text encoder 2) +
-0.8 GB; export, ONNX Runtime's optimized copy and a PyTorch baseline in one process do not fit this
-machine's 24 GB, and the UNet is where the time goes (4 steps vs one text-encoder and one VAE call).
+0.8 GB; by estimate, export, ONNX Runtime's optimized copy and a PyTorch baseline in one process would
+not fit this machine's 24 GB (not attempted), and the UNet is where the time goes (4 steps vs one text-encoder and one VAE call).
 So each stage runs in its own process: export (seeded random weights = `demo:sdxl-full`'s UNet),
 ORT timing, PyTorch timing; the parent compares the two outputs on the same inputs.
 
@@ -164,8 +164,8 @@ def main():
     (out / "report.json").write_text(json.dumps(rep, indent=2))
     lines = ["# SDXL-config UNet on CPU: ONNX Runtime engine vs PyTorch eager", "",
              f"{rep['model']}; batch 1 (guidance off); 1 warm-up + {a.runs} timed runs each, median; "
-             f"{rep['machine']['cpu']}, {threads} threads; each path in its own process (fp32 SDXL does not fit "
-             "export, ORT and PyTorch in one 24 GB process).", "",
+             f"{rep['machine']['cpu']}, {threads} threads; each path in its own process (by estimate fp32 SDXL "
+             "export, ORT and PyTorch would not fit one 24 GB process).", "",
              f"Measured fp32 peak: {peak['best_flops_per_s'] / 1e9:.1f} GFLOP/s (best of a {peak['matrix_size']}² matrix product).", "",
              "| resolution | GFLOP/step | ORT s (median) | eager s (median) | speed-up | ORT GFLOP/s (% of peak) | eager GFLOP/s (% of peak) | rel-L2 ORT vs torch |",
              "|---|---|---|---|---|---|---|---|"]
