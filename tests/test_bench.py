@@ -66,3 +66,42 @@ def test_engine_dir_without_manifest(tmp_path, capsys):
     (tmp_path / "e").mkdir()
     code, _, err = run_cli(["bench", "--engine-dir", tmp_path / "e", "--out", tmp_path / "r"], capsys)
     assert code == 2 and "no manifest.json" in err
+
+
+def test_unet_flops_include_attention(demo_pipe):
+    """The FLOP count against my own count: convs and linears by module hooks, attention as
+    QK^T + PV from each attention's sequence lengths (2 FLOP per multiply-add)."""
+    import torch
+
+    from lcm_export.bench_torch import unet_flops
+
+    unet, total, hooks = demo_pipe.unet, [0], []
+
+    def conv(m, inp, out):
+        total[0] += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear(m, inp, out):
+        total[0] += 2 * out.numel() * m.in_features
+
+    def attention(m, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        ctx = kwargs.get("encoder_hidden_states")
+        b, sq, inner = x.shape[0], x.shape[1], m.inner_dim
+        sk = sq if ctx is None else ctx.shape[1]
+        total[0] += 2 * 2 * b * sq * sk * inner  # scores and weighted sum, all heads together
+
+    for m in unet.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv))
+        elif isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_hook(linear))
+        elif type(m).__name__ == "Attention":
+            hooks.append(m.register_forward_hook(attention, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            unet(torch.randn(2, 4, 8, 12), torch.full((2,), 999), encoder_hidden_states=torch.randn(2, 77, unet.config.cross_attention_dim))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert any(type(m).__name__ == "Attention" for m in unet.modules())
+    assert unet_flops(demo_pipe, 2, (64, 96)) == total[0]

@@ -18,7 +18,8 @@ from .profiles import plan_shapes, size_multiple
 
 # Bump when a change to lcm-export alters what a build writes for the same inputs, so existing
 # entries rebuild instead of being reported up to date. 2: CPU graphs stored at ORT_ENABLE_ALL.
-BUILD_RECIPE = 2
+# 3: CPU UNet graphs with attention fused (build/ort_fusion.py).
+BUILD_RECIPE = 3
 
 
 
@@ -165,7 +166,8 @@ def build_engine(opts: BuildOptions) -> BuildResult:
         raise disk_error(exc, engine_dir) from None
     finally:
         bar.close()
-    return BuildResult(engine_dir, manifest, False, time.perf_counter() - t0)
+    return BuildResult(engine_dir, manifest, False, time.perf_counter() - t0,
+                       [f"note: {n}" for n in manifest.get("notes", [])])
 
 
 def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans, items, key, versions, engine_dir, bar) -> dict:
@@ -196,7 +198,11 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
         for comp in comps:
             bar.set_description_str(f"ONNX Runtime {comp}")
             dst = tmp / comp / "model.onnx"
-            ort_info = optimize_graph(work / comp / "model.onnx", dst, device)
+            graph, fusion_rec = work / comp / "model.onnx", None
+            if comp == "unet" and device == "cpu":
+                bar.set_description_str("ONNX Runtime unet: attention fusion")
+                graph, fusion_rec = _fuse_attention(graph, extra)
+            ort_info = optimize_graph(graph, dst, device)
             files = [f"{comp}/{f.name}" for f in sorted(dst.parent.iterdir())]
             import onnxruntime as ort
 
@@ -205,6 +211,8 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
             checks = [parity(comp, pipe, dst, 1, r, session=sess) for r in res]
             components[comp] = {"engines": {"*": f"{comp}/model.onnx"}, "files": files, "precision": "fp32",
                                 **component_io(comp, dims), "parity": checks, "export_parity": exported[comp]["parity"]}
+            if fusion_rec is not None:
+                components[comp]["attention_fusion"] = fusion_rec
             bar.update()
         extra["onnxruntime"] = {**ort_info, "intra_op_threads": opts.threads or usable_cores(),
                                 "inter_op_threads": 1, "execution_mode": "sequential"}
@@ -276,6 +284,27 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     write_json(tmp / MANIFEST, manifest)
     bar.update()
     return manifest
+
+
+def _fuse_attention(graph: Path, extra: dict) -> tuple[Path, dict]:
+    """The UNet graph with attention fused, or the graph as exported when the fusion can't be applied.
+
+    A fusion failure never fails the build: the engine is correct without it, only slower, so the
+    reason is recorded in the manifest (``components.unet.attention_fusion``) and printed.
+    """
+    from .ort_fusion import fuse_attention
+
+    t0 = time.perf_counter()
+    try:
+        fused, counts = fuse_attention(graph)
+    except Exception as exc:  # noqa: BLE001 — an optimizer bug must not cost the user the engine
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        extra.setdefault("notes", []).append(f"unet attention fusion skipped ({reason}); engine built without it")
+        return graph, {"applied": False, "reason": reason}
+    if not any(counts.values()):
+        extra.setdefault("notes", []).append("unet attention fusion found no attention to fuse; engine built without it")
+        return graph, {"applied": False, "reason": "no attention pattern matched", **counts}
+    return fused, {"applied": True, **counts, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _copy_tokenizer(tok, dst: Path) -> None:

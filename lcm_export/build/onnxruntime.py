@@ -45,7 +45,7 @@ def optimize_graph(src: Path, dst: Path, device: str) -> dict:
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, stored)
     so.log_severity_level = 3  # ORT warns that ENABLE_ALL graphs are hardware-specific: we record and check that
     so.optimized_model_filepath = str(dst)
-    size = sum(f.stat().st_size for f in src.parent.iterdir() if f.name.startswith(src.name))
+    size = sum(f.stat().st_size for f in src.parent.iterdir() if f.is_file())  # the graph + any data it references
     if size > EXTERNAL_DATA_THRESHOLD:
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
