@@ -5,7 +5,7 @@ of ``runs`` after ``warmup`` untimed runs. Baselines: diffusers' StableDiffusion
 LCMScheduler at 4 steps, eager (fp32 on CPU, fp16 on GPU) and torch.compile (a failure is
 reported, not hidden); the LCM-LoRA paper's Table 2 solvers (DDIM 32, DPM-Solver 16,
 DPM-Solver++ 8, LCM 4) end to end; cold start (process start -> first image) of both stacks;
-the FLOP count of one UNet step (torch's FlopCounterMode) against a fp32 peak measured in the same
+the FLOP count of one UNet step (torch's FlopCounterMode, attention included) against a fp32 peak measured in the same
 run (a large matrix product). Writes report.json, report.md and PNG charts.
 """
 

@@ -50,7 +50,7 @@ def write_markdown(r: dict) -> str:
             lines.append(f"| {paths[n]['label']} | " + " | ".join(f"{rat[s]:.2f}x" for s in STAGE_LABELS) + " |")
     f = r["flops"]
     lines += ["", "## Compute", "",
-              f"One UNet step at batch {f['unet_batch']}: {f['unet_step_flops'] / 1e9:,.1f} GFLOP (torch FlopCounterMode, 2 FLOP per multiply-add).",
+              f"One UNet step at batch {f['unet_batch']}: {f['unet_step_flops'] / 1e9:,.1f} GFLOP (torch FlopCounterMode, attention on SDPA's math backend so it is counted; 2 FLOP per multiply-add).",
               f"Measured fp32 peak on this machine in this run: {f['peak']['best_flops_per_s'] / 1e9:,.1f} GFLOP/s "
               f"(best of a {f['peak']['matrix_size']}² matrix product: torch {f['peak']['torch_mm_flops_per_s'] / 1e9:,.1f}, "
               f"numpy {f['peak']['numpy_matmul_flops_per_s'] / 1e9:,.1f}).", "",

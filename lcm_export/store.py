@@ -107,14 +107,6 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
         ins = ", ".join(f"{i[0]}:{i[1]}{list(i[2])}" for i in c.get("inputs", []))
         par = "; ".join(f"{p['rel_l2']:.1e}/{p['max_abs']:.1e} @ {p['resolution']}" for p in c.get("parity", []))
         out.append(f"{name:<13} {c.get('precision', m.get('precision')):<9} {ins:<60} {par}")
-    fusion = m.get("components", {}).get("unet", {}).get("attention_fusion")
-    if fusion:
-        out.append("")
-        out.append("unet attention fusion: " + (
-            f"{fusion.get('Attention', 0)} Attention + {fusion.get('MultiHeadAttention', 0)} MultiHeadAttention nodes"
-            if fusion.get("applied") else f"not applied ({fusion.get('reason')})"))
-    for note in m.get("notes", []):
-        out.append(f"note: {note}")
     plans = m.get("shape_plans", [])
     if plans:
         out.append("")

@@ -5,8 +5,9 @@ takes about 1 s instead of the 5-8 s ORT spends re-optimizing the SD 1.5 UNet at
 (measured here; see benchmarks/reports/ort-settings-256). The NCHWc block size follows the CPU's
 vector ISA, so the manifest records it (``cpu_isa``) and the runtime refuses a graph built for
 another ISA, with a rebuild hint. CUDA: the graph is stored at ``ORT_ENABLE_EXTENDED`` and the
-runtime applies ``ORT_ENABLE_ALL`` at load. ``onnxruntime.transformers.optimizer(model_type="unet")``
-is not used: it crashes under numpy 2.4 and its fusions (NhwcConv, GroupNorm) are CUDA-only.
+runtime applies ``ORT_ENABLE_ALL`` at load. Attention is left as exported (MatMul-Softmax-MatMul):
+fusing it with ``onnxruntime.transformers.optimizer`` into Attention/MultiHeadAttention measured no
+faster on CPU for SD 1.5 or SDXL (benchmarks/attention_ab.py, reports/attention-fusion*).
 Intra-op thread spinning is off: with one session per component on few cores, a session's
 spinning workers compete with the next session's (measured no slower for the UNet alone).
 """
