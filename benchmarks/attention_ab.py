@@ -205,7 +205,7 @@ def main():
     (out / "report.json").write_text(json.dumps(rep, indent=2))
     lines = ["# Attention fusion on the CPU UNet: interleaved A/B", "",
              f"{rep['machine']['cpu']}, {threads} threads, onnxruntime {ort.__version__}. Graphs as build-engine stores them "
-             f"(ORT_ENABLE_ALL), with and without build/ort_fusion.py ({counts['Attention']} Attention + "
+             f"(ORT_ENABLE_ALL), with and without the fusion (`fuse_attention` in benchmarks/attention_ab.py; {counts['Attention']} Attention + "
              f"{counts['MultiHeadAttention']} MultiHeadAttention nodes; fusion took {t_fuse:.0f} s). {a.rounds} rounds × "
              f"{a.runs} runs per graph, graphs alternating, after one warm-up each"
              f"{' (each graph loaded afresh in each round: both do not fit in memory together)' if a.one_at_a_time else ''}. This shared VM's timings vary by up to "
