@@ -321,7 +321,8 @@ def run_bench(o: BenchOptions) -> dict:
     e_unet = eng["unet_step"]["median_s"]
     parts = [f"engine UNet step {e_unet * 1e3:.1f} ms"]
     if "eager" in ratios:
-        parts.append(f"{ratios['eager']['unet_step']:.2f}x faster than eager, end to end {ratios['eager']['end_to_end']:.2f}x")
+        r = ratios["eager"]
+        parts.append(f"{r['unet_step']:.2f}x eager's speed (end to end {r['end_to_end']:.2f}x)")
     parts.append(f"{flop['engine']['fraction_of_peak'] * 100:.0f}% of measured fp32 peak")
     report["summary_line"] = f"{report['resolution']}: " + ", ".join(parts)
     out.mkdir(parents=True, exist_ok=True)
