@@ -43,7 +43,6 @@ FUSED_OPS = ("Attention", "MultiHeadAttention")
 
 @contextlib.contextmanager
 def _numpy2_safe_num_heads():
-    import numpy as np
     import onnxruntime.transformers.optimizer  # noqa: F401  (puts its folder on sys.path)
 
     unet_mod = sys.modules.get("onnx_model_unet")
@@ -90,7 +89,6 @@ def fuse_attention(src: Path, dst_name: str = "model.fused.onnx", quiet: bool = 
     packed weights in memory, not a copy of the model (the optimizer's own loader peaks at ~14 GB
     for the SD 1.5 UNet).
     """
-    import contextlib as _cl
     import io
     import logging
     import os
@@ -101,7 +99,7 @@ def fuse_attention(src: Path, dst_name: str = "model.fused.onnx", quiet: bool = 
     folder = src.parent.resolve()
     model = onnx.load(str(src), load_external_data=False)
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    mute = _cl.redirect_stderr(io.StringIO()) if quiet else _cl.nullcontext()  # its own tqdm bar
+    mute = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()  # its own tqdm bar
     cwd = os.getcwd()
     # the fusion reads the Q/K/V weights with onnx.numpy_helper.to_array, which resolves external
     # data against the working directory (absolute locations fail onnx's checker in shape inference)
@@ -117,8 +115,6 @@ def fuse_attention(src: Path, dst_name: str = "model.fused.onnx", quiet: bool = 
     dst = folder / dst_name
     onnx.save(fused.model, str(dst))
     return dst, counts
-
-
 
 
 def _feed(model: Path, h: int, w: int) -> dict:
