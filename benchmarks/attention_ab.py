@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -148,7 +147,7 @@ def main():
     a = ap.parse_args()
     import onnxruntime as ort
 
-    from lcm_export._util import tool_versions
+    from lcm_export._util import tool_versions, write_json
     from lcm_export.bench import machine_info
     from lcm_export.build.onnxruntime import optimize_graph
     from lcm_export.runtime.engines import OrtEngine
@@ -198,7 +197,7 @@ def main():
            "machine": machine_info(threads), "versions": tool_versions(), "results": rows}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    write_json(out / "report.json", rep)  # atomic, as every file lcm-export writes
     lines = ["# Attention fusion on the CPU UNet: interleaved A/B", "",
              f"{rep['machine']['cpu']}, {threads} threads, onnxruntime {ort.__version__}. Graphs as build-engine stores them "
              f"(ORT_ENABLE_ALL), with and without the fusion (`fuse_attention` in benchmarks/attention_ab.py; {counts['Attention']} Attention + "

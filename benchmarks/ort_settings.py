@@ -9,7 +9,6 @@ session, 1 warm-up run, ``runs`` timed runs, median and min. Batch 1 (guidance o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from lcm_export._util import write_json
 
 
 def _median_run(fn, runs):
@@ -128,7 +129,7 @@ def main():
     rep = {"unet": path, "resolution": a.resolution, "note": "this VM's timings vary by up to ~30% run to run (shared host); compare rows by median and min", "threads": threads, "runs_per_round": a.runs, "rounds": a.rounds, "warmup": "1 per session",
            "machine": {"cpu": cpu, "cores": threads, "platform": platform.platform()}, "onnxruntime": ort.__version__,
            "results": results}
-    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    write_json(out / "report.json", rep)  # atomic, as every file lcm-export writes
     lines = [f"# ONNX Runtime settings for one SD 1.5 UNet step ({a.resolution}, batch 1)", "",
              f"{cpu}, {threads} threads, onnxruntime {ort.__version__}. ONNX Runtime rows: {a.rounds} interleaved rounds, "
              f"each a fresh session with 1 warm-up + {a.runs} timed runs; median and min over all timed runs, session "

@@ -144,7 +144,7 @@ def main():
 
     from lcm_export.bench import machine_info
     from lcm_export.bench_torch import measure_peak
-    from lcm_export._util import tool_versions
+    from lcm_export._util import tool_versions, write_json
 
     threads = len(os.sched_getaffinity(0))
     work = Path(a.work or tempfile.mkdtemp(prefix="sdxl-unet-"))
@@ -165,7 +165,7 @@ def main():
            "export": exp, "peak": peak, "results": rows}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    write_json(out / "report.json", rep)  # atomic, as every file lcm-export writes
     lines = ["# SDXL-config UNet on CPU: ONNX Runtime engine vs PyTorch eager", "",
              f"{rep['model']}; batch 1 (guidance off); 1 warm-up + {a.runs} timed runs each, median; "
              f"{rep['machine']['cpu']}, {threads} threads; each path in its own process (by estimate fp32 SDXL "

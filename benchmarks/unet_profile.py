@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    from lcm_export._util import tool_versions
+    from lcm_export._util import tool_versions, write_json
     from lcm_export.bench import machine_info
     from lcm_export.bench_torch import measure_peak
     from lcm_export.store import read_manifest
@@ -142,7 +142,7 @@ def main():
                        "bound_ms_if_matrix_at_peak": bound_ms, "bound_fraction_of_peak": gflop / bound_ms * 1e3 / p}}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    write_json(out / "report.json", rep)  # atomic, as every file lcm-export writes
     s = rep["summary"]
     lines = [f"# Where a UNet step's time goes — {m['base_source']} at {a.resolution}, ONNX Runtime CPU engine", "",
              f"{rep['machine']['cpu']}, {threads} threads, onnxruntime {rep['versions'].get('onnxruntime')}. "
