@@ -149,8 +149,8 @@ def main():
 
     from lcm_export._util import tool_versions, write_json
     from lcm_export.bench import machine_info
-    from lcm_export.build.onnxruntime import optimize_graph
-    from lcm_export.runtime.engines import OrtEngine
+    from lcm_export.backends.onnxruntime import optimize_graph
+    from lcm_export.backends.onnxruntime import OrtEngine
 
     src = Path(a.unet_onnx)
     work = Path(tempfile.mkdtemp(prefix="attn-ab-"))

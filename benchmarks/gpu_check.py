@@ -88,7 +88,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=10)
     a = ap.parse_args()
     from lcm_export.bench import BenchOptions, run_bench
-    from lcm_export.build.engine import BuildOptions, build_engine
+    from lcm_export.build_engine import BuildOptions, build_engine
 
     hw = tuple(int(v) for v in a.resolution.split("x"))
     ok = True

@@ -50,7 +50,7 @@ def stage_export(work: Path):
     """Export the UNet (lcm_export's exporter) and store the ORT_ENABLE_ALL graph, as build-engine does."""
     import types
 
-    from lcm_export.build.onnxruntime import optimize_graph
+    from lcm_export.backends.onnxruntime import optimize_graph
     from lcm_export.export import export_component
 
     t0 = time.perf_counter()
@@ -85,7 +85,7 @@ def _time(fn, runs):
 def stage_ort(work: Path, hw, runs: int, threads: int):
     import onnxruntime as ort
 
-    from lcm_export.runtime.engines import OrtEngine
+    from lcm_export.backends.onnxruntime import OrtEngine
 
     t0 = time.perf_counter()
     eng = OrtEngine(work / "ort" / "model.onnx", ["CPUExecutionProvider"], threads, "ORT_DISABLE_ALL")

@@ -6,19 +6,38 @@ from __future__ import annotations
 import platform
 
 ISA_ORDER = ("avx512f", "avx2", "avx", "sse4_1")
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+"""CPU flags that give native bf16 matrix arithmetic (Intel AMX tiles; AVX-512 BF16 dot products)."""
+RECORDED_FLAGS = ISA_ORDER + BF16_FLAGS + ("amx_tile", "amx_int8", "avx512_vnni", "fma")
 
 
-def cpu_isa() -> str:
-    """The widest of avx512f / avx2 / avx / sse4_1 this CPU has, or the machine name elsewhere."""
-    flags: set[str] = set()
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return set()
+
+
+def native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether the CPU computes bf16 natively (AMX or AVX512_BF16): bf16 engines pay only there."""
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in BF16_FLAGS)
+
+
+def recorded_flags(flags: set[str] | None = None) -> list[str]:
+    """The ISA flags an entry's manifest records (those that decide speed and compatibility)."""
+    flags = cpu_flags() if flags is None else flags
+    return sorted(f for f in RECORDED_FLAGS if f in flags)
+
+
+def cpu_isa(flags: set[str] | None = None) -> str:
+    """The widest of avx512f / avx2 / avx / sse4_1 this CPU has, or the machine name elsewhere."""
+    flags = cpu_flags() if flags is None else flags
     for isa in ISA_ORDER:
         if isa in flags:
             return isa

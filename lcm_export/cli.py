@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from .backends import names as backend_names
 from .errors import UserError
 
 
@@ -39,8 +40,8 @@ def _lora_help() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lcm-export",
-        description="Fuse LCM-LoRA + style LoRAs into Stable Diffusion, export to ONNX, build TensorRT / ONNX Runtime "
-                    "engines and run 4-step LCM generation with a lean numpy runtime.",
+        description="Fuse LCM-LoRA + style LoRAs into Stable Diffusion, export to ONNX, build TensorRT / OpenVINO / "
+                    "ONNX Runtime engines and run 4-step LCM generation with a lean numpy runtime.",
     )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -62,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build-engine", help="fuse → export → build an engine-store entry (the common case)",
                        description="Chain fuse, export and build. With no --base: the demo model and its two demo LoRAs. "
-                                   "Every ONNX Runtime graph is checked against the fused PyTorch model at each resolution; "
-                                   "one that differs by more than rel-L2 1e-3 fails the build and nothing is written.")
+                                   "Every CPU engine is checked against the fused PyTorch model at each resolution; an fp32 "
+                                   "one that differs by more than rel-L2 1e-3, or a bf16 entry whose 4-step image is below "
+                                   "30 dB PSNR against PyTorch fp32, fails the build and nothing is written.")
     b.add_argument("--base", default=None, help="hub id, local diffusers folder or demo:NAME (default: demo:sd15 with the demo LoRAs)")
     b.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help=_lora_help())
     b.add_argument("--resolution", action="append", type=_resolution, default=[], metavar="HxW",
@@ -73,15 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1, help="images per call, B (UNet runs at B, or 2B with guidance)")
     b.add_argument("--guidance", choices=("auto", "on", "off"), default="auto",
                    help="classifier-free guidance shapes: off = UNet batch B, on = 2B, auto = both (default)")
-    b.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto",
-                   help="auto: TensorRT where it imports and a CUDA GPU exists, else ONNX Runtime (CUDA, then CPU)")
-    b.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
-                   help="auto: fp16 on TensorRT, fp32 on ONNX Runtime")
+    b.add_argument("--backend", choices=("auto", *backend_names()), default="auto",
+                   help="auto (default): TensorRT where it imports and a CUDA GPU exists; else ONNX Runtime on CUDA; "
+                        "on CPUs the backend measured fastest for the precision (OpenVINO for bf16, ONNX Runtime for fp32)")
+    b.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="auto (default): fp16 on TensorRT; on CPUs bf16 where the CPU has native bf16 (AMX or AVX512_BF16), "
+                        "else fp32. bf16 needs --backend openvino and such a CPU; its 4-step image is checked against "
+                        "PyTorch fp32 and refused below 30 dB PSNR")
     b.add_argument("--vae-fp32", action="store_true", help="TensorRT: build the VAE decoder in fp32 (always done if fp16 overflows)")
     b.add_argument("--refit", action="store_true", help="TensorRT: build refittable engines (weights can be swapped without rebuild)")
     b.add_argument("--engine-dir", default=None, help="engine-store entry to write (default: engines/<name>)")
     b.add_argument("--name", default=None, help="entry name under engines/ (default: derived from the base)")
-    b.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads recorded as the default (default: all cores)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="CPU threads recorded as the entry's default (default: all cores; $LCM_EXPORT_THREADS overrides at run time)")
     b.add_argument("--force", action="store_true", help="replace an entry that holds another model")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -167,7 +173,7 @@ def _dispatch(a) -> int:
             print(f"{comp:13s} {c['file']}  rel-L2 {par['rel_l2']:.2e}  max-abs {par['max_abs']:.2e}")
         return 0
     if a.cmd == "build-engine":
-        from .build.engine import BuildOptions, build_engine
+        from .build_engine import BuildOptions, build_engine
 
         opts = BuildOptions(
             base=a.base, loras=tuple(a.lora), resolutions=tuple(a.resolution), dynamic=a.dynamic, batch=a.batch,

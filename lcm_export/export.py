@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .build.profiles import LATENT_FACTOR, TEXT_LEN
+from .shapes import LATENT_FACTOR, TEXT_LEN
 
 OPSET = 17
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
@@ -238,15 +238,19 @@ def onnx_files(path: Path) -> list[str]:
     return names
 
 
-def parity(comp: str, pipe, onnx_path: Path, batch: int, hw: tuple[int, int], seed: int = 0, session=None) -> dict:
-    """Run the ONNX graph in ONNX Runtime (CPU) and the PyTorch module on the same seeded inputs."""
-    import onnxruntime as ort
+def parity(comp: str, pipe, onnx_path: Path | None, batch: int, hw: tuple[int, int], seed: int = 0, engine=None) -> dict:
+    """Run ``engine`` (anything with ``run_all(feeds)``; default: the ONNX graph in ONNX Runtime on
+    the CPU) and the PyTorch module on the same seeded inputs; the worst output is reported."""
     import torch
 
     feeds = sample_inputs(comp, pipe, batch, hw, seed=seed)
-    if session is None:
+    if engine is None:
+        import onnxruntime as ort
+
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run(None, feeds)
+        got = session.run(None, feeds)
+    else:
+        got = engine.run_all(feeds)
     with torch.no_grad():
         want = _wrappers(pipe)[comp](*[torch.from_numpy(v) for v in feeds.values()])
     want = [w.numpy() for w in (want if isinstance(want, tuple) else (want,))]
@@ -299,7 +303,7 @@ def export_model(model: str, out: str | Path, resolution=None, force: bool = Fal
     src = resolve_base(str(model))
     family = base_family(src)
     hw = tuple(resolution) if resolution else DEFAULT_RESOLUTION[family]
-    from .build.profiles import size_multiple, validate_resolution
+    from .shapes import size_multiple, validate_resolution
 
     bar = progress(1 + 2 * len(XL_COMPONENTS if family in ("sdxl", "ssd1b") else COMPONENTS), "export", enabled=show_progress)
     bar.set_description_str(f"load {model}")

@@ -66,7 +66,7 @@ RESOLUTIONS = ((64, 64), (64, 96))
 @pytest.fixture(scope="session")
 def demo_engine(tmp_path_factory, base_dir, demo_loras):
     """An ONNX Runtime entry for the tiny model + two LoRAs at two resolutions (one non-square)."""
-    from lcm_export.build.engine import BuildOptions, build_engine
+    from lcm_export.build_engine import BuildOptions, build_engine
 
     d = tmp_path_factory.mktemp("engines") / "tiny"
     build_engine(BuildOptions(base=str(base_dir), loras=tuple(f"{p}:{w}" for p, w in demo_loras),

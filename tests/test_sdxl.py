@@ -144,7 +144,7 @@ def test_family_mismatch_is_refused(xl, tmp_path, capsys, base_dir, demo_loras):
 
 @pytest.fixture(scope="module")
 def xl_engine(xl, tmp_path_factory):
-    from lcm_export.build.engine import BuildOptions, build_engine
+    from lcm_export.build_engine import BuildOptions, build_engine
 
     fam, base, _, loras = xl
     d = tmp_path_factory.mktemp(f"{fam}-engine") / "e"

@@ -131,7 +131,7 @@ def test_corrupt_engine_file(demo_engine, tmp_path, capsys):
 
 @pytest.mark.parametrize("component", ["unet", "vae_decoder"])
 def test_nan_is_reported_not_written(demo_engine, tmp_path, capsys, monkeypatch, component):
-    from lcm_export.runtime import engines
+    from lcm_export.backends import onnxruntime as engines
 
     real_run = engines.OrtEngine.run
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import RESOLUTIONS, run_cli
-from lcm_export.build.engine import BuildOptions, build_engine
+from lcm_export.build_engine import BuildOptions, build_engine
 
 
 def _rel_l2(a, b):
@@ -112,7 +112,7 @@ def test_another_models_entry_is_refused(tmp_path, demo_engine, capsys):
     (["--resolution", "72x64"], "multiples of 16"),
     (["--resolution", "256x256", "--dynamic", "64x64-128x128"], "outside the dynamic range"),
     (["--lora", "nope.safetensors"], "not found"),
-    (["--precision", "fp16", "--backend", "onnxruntime"], "needs --backend tensorrt"),
+    (["--precision", "fp16", "--backend", "onnxruntime"], "use --backend tensorrt"),
     (["--batch", "0"], "at least 1"),
 ])
 def test_bad_input(tmp_path, capsys, args, needle):
@@ -158,6 +158,6 @@ def test_graph_failing_parity_is_an_error(base_dir, tmp_path, monkeypatch, capsy
     code, _, err = run_cli(["build-engine", "--base", base_dir, "--resolution", "64x64", "--backend", "onnxruntime",
                             "--engine-dir", tmp_path / "e", "--quiet"], capsys)
     assert code == 2
-    assert err.strip().splitlines() == [err.strip()] and "vae_decoder: the ONNX Runtime graph does not match PyTorch" in err
+    assert err.strip().splitlines() == [err.strip()] and "vae_decoder: the onnxruntime engine does not match PyTorch" in err
     assert "rel-L2 5.0e-01 at 64x64 (limit 0.001)" in err and "nothing was written" in err
     assert not list(tmp_path.iterdir())

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lcm_export.build.profiles import plan_shapes
-from lcm_export.build.tensorrt import build_plan, tensorrt_status, timing_cache_path
+from lcm_export.shapes import plan_shapes
+from lcm_export.backends.tensorrt import build_plan, tensorrt_status, timing_cache_path
 
 TRT_OK, TRT_WHY = tensorrt_status()
 needs_trt = [pytest.mark.tensorrt, pytest.mark.skipif(not TRT_OK, reason=f"needs TensorRT and a CUDA GPU: {TRT_WHY}")]
@@ -85,7 +85,7 @@ def test_tensorrt_fp16_build_and_parity(tmp_path, base_dir):
     """On a GPU machine: build fp16 engines for the tiny model and compare with ORT fp32."""
     import numpy as np
 
-    from lcm_export.build.engine import BuildOptions, build_engine
+    from lcm_export.build_engine import BuildOptions, build_engine
     from lcm_export.runtime import LCMPipeline
 
     trt_dir = tmp_path / "trt"

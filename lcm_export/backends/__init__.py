@@ -1,0 +1,180 @@
+"""Engine backends as plug-ins: one module per backend, all with the same small interface.
+
+The orchestrator (``build_engine``), the runtime, the CLI and bench never name a backend: they ask
+this registry. A backend module defines
+
+    NAME            its name on the command line and in manifests
+    PRECISIONS      the precisions it builds, e.g. ("fp32", "bf16")
+    SPEED_RANK      {precision: rank}: lower is faster, from our measurements (README, Benchmarks);
+                    ``auto`` never picks a backend that measured slower for the same precision
+    VERIFY_IN_BUILD whether its engines can run during the build (then each component is checked
+                    against PyTorch through the built engine itself)
+    status() -> (usable, device, reason)         imports and hardware; reason says how to fix it
+    entry_settings(threads) -> dict              its manifest section (thread count, hints, ISA)
+    build_component(job) -> dict                 one component from the exported ONNX: files + record
+    finish(out_dir, section, jobs) -> None       after every component (optional; e.g. TensorRT info)
+    check(manifest, engine_dir) -> list[str]     refuse (UserError) or warn about running here
+    load_engine(manifest, engine_dir, component, file, threads) -> Engine
+
+Modules are imported lazily: the lean runtime imports only the backend an entry uses, and no
+backend imports torch at module level.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+from ..errors import UserError
+
+REGISTRY = {
+    "onnxruntime": "lcm_export.backends.onnxruntime",
+    "openvino": "lcm_export.backends.openvino",
+    "tensorrt": "lcm_export.backends.tensorrt",
+}
+PRECISIONS = ("fp32", "fp16", "bf16")
+THREADS_ENV = "LCM_EXPORT_THREADS"
+
+
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def get(name: str) -> ModuleType:
+    """The backend module called ``name`` (UserError for an unknown one)."""
+    if name not in REGISTRY:
+        raise UserError(f"unknown backend {name!r}: choose {', '.join(REGISTRY)}")
+    return importlib.import_module(REGISTRY[name])
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str
+    device: str
+    precision: str
+    why: str = ""
+
+
+def _statuses() -> dict[str, tuple[bool, str, str]]:
+    return {n: get(n).status() for n in REGISTRY}
+
+
+def choose(backend: str = "auto", precision: str = "auto", cpu_bf16: bool | None = None,
+           statuses: dict[str, tuple[bool, str, str]] | None = None) -> Choice:
+    """Pick (backend, device, precision) for ``--backend`` / ``--precision``. Pure given ``statuses``
+    ({name: (usable, device, reason)}) and ``cpu_bf16`` (whether the CPU has native bf16).
+
+    auto precision: fp16 on a GPU backend; on CPU bf16 where the CPU has native bf16 (AMX or
+    AVX512_BF16) and a usable backend builds it, else fp32. auto backend: a usable GPU backend
+    first (TensorRT, then ONNX Runtime on CUDA); on CPU, among the usable backends that build the
+    precision, the one with the best measured SPEED_RANK.
+    """
+    from .._cpu import native_bf16
+
+    if precision not in ("auto", *PRECISIONS):
+        raise UserError(f"--precision {precision!r}: choose auto, {', '.join(PRECISIONS)}")
+    statuses = _statuses() if statuses is None else statuses
+    cpu_bf16 = native_bf16() if cpu_bf16 is None else cpu_bf16
+    mods = {n: get(n) for n in REGISTRY}
+
+    if backend != "auto":
+        mod = get(backend)
+        ok, device, reason = statuses[backend]
+        if not ok:
+            raise UserError(f"--backend {backend}: {reason}")
+        if precision == "auto":
+            return Choice(backend, device, mod.default_precision(device, cpu_bf16), "auto precision")
+        if precision not in mod.PRECISIONS:
+            others = [n for n, m in mods.items() if precision in m.PRECISIONS]
+            raise UserError(f"--precision {precision} is not built by {backend} (it builds {', '.join(mod.PRECISIONS)}); "
+                            f"use --backend {' or '.join(others)}, or --precision {' or '.join(mod.PRECISIONS)}")
+        _check_bf16(precision, device, cpu_bf16)
+        return Choice(backend, device, precision)
+
+    usable = {n: s for n, s in statuses.items() if s[0]}
+    gpu = [n for n in REGISTRY if n in usable and usable[n][1] == "cuda"]
+    if gpu and precision in ("auto", "fp16", "fp32"):
+        for n in gpu:
+            p = mods[n].default_precision("cuda", cpu_bf16) if precision == "auto" else precision
+            if p in mods[n].PRECISIONS:
+                return Choice(n, "cuda", p, "GPU backend")
+    cpu = [n for n in REGISTRY if n in usable and usable[n][1] == "cpu"]
+    if precision == "auto":
+        precision = "bf16" if cpu_bf16 and any("bf16" in mods[n].PRECISIONS for n in cpu) else "fp32"
+    _check_bf16(precision, "cpu", cpu_bf16)
+    serving = [n for n in cpu if precision in mods[n].PRECISIONS]
+    if not serving:
+        builders = [n for n in REGISTRY if precision in mods[n].PRECISIONS]
+        why = "; ".join(f"{n}: {statuses[n][2]}" for n in builders)
+        raise UserError(f"no usable backend builds {precision} on this machine ({why})")
+    best = min(serving, key=lambda n: mods[n].SPEED_RANK[precision])
+    return Choice(best, "cpu", precision, "fastest measured CPU backend for " + precision)
+
+
+def _check_bf16(precision: str, device: str, cpu_bf16: bool) -> None:
+    if precision == "bf16" and device == "cpu" and not cpu_bf16:
+        raise UserError("--precision bf16: this CPU has no native bf16 (neither AMX nor AVX512_BF16), so bf16 would run "
+                        "emulated, slower than fp32; use --precision fp32 (or auto)")
+    if precision == "fp16" and device == "cpu":
+        raise UserError("--precision fp16 needs a GPU (--backend tensorrt); on CPUs use --precision bf16 (native bf16 CPUs) or fp32")
+
+
+def thread_count(explicit: int | None, recorded: int | None) -> int | None:
+    """Threads for an engine: the caller's, else $LCM_EXPORT_THREADS, else the entry's recorded default."""
+    if explicit is not None:
+        if not isinstance(explicit, int) or isinstance(explicit, bool) or explicit < 1:
+            raise UserError(f"threads {explicit!r}: must be a whole number >= 1")
+        return explicit
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UserError(f"{THREADS_ENV}={env!r}: must be a whole number >= 1 (or unset it to use the entry's default)")
+        return n
+    return recorded
+
+
+def rebuild_hint(engine_dir: Path) -> str:
+    return f"rebuild it with `lcm-export build-engine --engine-dir {engine_dir} --force`"
+
+
+@dataclass
+class ComponentJob:
+    """What a backend needs to build one component (built by the orchestrator)."""
+
+    component: str
+    onnx: Path
+    """The exported fp32 ONNX graph (the interchange format)."""
+    out_dir: Path
+    """The entry's temporary folder; files go under ``out_dir/component/``."""
+    plans: list
+    """ShapePlans the entry covers."""
+    precision: str
+    """The entry's precision; the backend records what each component really runs in."""
+    dims: dict
+    section: dict
+    """The backend's manifest section (from ``entry_settings``); a backend may add to it."""
+    vae_fp32: bool = False
+    refit: bool = False
+    store_root: Path | None = None
+    sample_feeds: dict = field(default_factory=dict)
+    """Seeded real inputs at the first plan's size (TensorRT's fp16 overflow probe)."""
+
+
+def load_engines(manifest: dict, engine_dir: Path, threads: int | None = None) -> tuple[dict, list[str]]:
+    """({component: {plan name or '*': engine}}, warnings) for an entry, through its backend."""
+    name = manifest.get("backend")
+    if name not in REGISTRY:
+        raise UserError(f"{engine_dir}: unknown backend {name!r} in the manifest; {rebuild_hint(engine_dir)}")
+    mod = get(name)
+    warnings = mod.check(manifest, engine_dir) or []
+    out = {}
+    for comp, c in manifest["components"].items():
+        out[comp] = {plan: mod.load_engine(manifest, engine_dir, comp, engine_dir / f, threads) for plan, f in c["engines"].items()}
+    return out, warnings

@@ -1,0 +1,153 @@
+"""OpenVINO engines on the CPU: fp32, or bf16 where the CPU computes bf16 natively (AMX, AVX512_BF16).
+
+Built from the exported ONNX (ONNX stays the interchange format). Each component stores
+  - ``model.xml`` / ``model.bin``: OpenVINO IR with fp32 weights (the portable form);
+  - ``model.blob``: the compiled model (``CompiledModel.export_model``) for this OpenVINO version, CPU
+    and precision. Importing it skips compilation at load, which is what makes a cold start fast.
+The runtime imports the blob when the manifest's OpenVINO version and CPU flags match this machine,
+and otherwise compiles the IR (slower start, same results) with a one-line warning.
+
+Precision: OpenVINO's CPU plugin picks bf16 by itself on bf16 CPUs, so fp32 is always asked for
+explicitly (``INFERENCE_PRECISION_HINT=f32``). In a bf16 entry, every component in
+``BF16_COMPONENTS`` runs in bf16; the others stay fp32 (see that constant for the measurements).
+A bf16 entry loaded on a CPU without native bf16 runs, in fp32 (OpenVINO ignores the hint there),
+with a warning: the weights are fp32 in the IR, so the images are as good or better, only not faster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from . import rebuild_hint, thread_count
+
+NAME = "openvino"
+PRECISIONS = ("fp32", "bf16")
+SPEED_RANK = {"fp32": 2, "bf16": 0}
+"""fp32: ONNX Runtime measured faster here (rank 1), so auto keeps it for fp32; bf16: only OpenVINO builds it."""
+VERIFY_IN_BUILD = True
+BF16_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+"""Components that run in bf16 in a bf16 entry (measured per component: README, Benchmarks)."""
+INSTALL_HINT = "pip install openvino (or pip install 'lcm-export[openvino]')"
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+
+
+def status() -> tuple[bool, str, str]:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False, "cpu", f"the openvino package is not installed: {INSTALL_HINT}"
+    return True, "cpu", "ok"
+
+
+def default_precision(device: str, cpu_bf16: bool) -> str:
+    return "bf16" if cpu_bf16 else "fp32"
+
+
+def _version() -> str:
+    import openvino as ov
+
+    return ov.get_version()
+
+
+def entry_settings(threads: int | None, device: str) -> dict:
+    from .._cpu import recorded_flags, usable_cores
+
+    return {"version": _version(), "device": "CPU", "inference_num_threads": threads or usable_cores(),
+            "performance_hint": "LATENCY", "num_streams": 1, "cpu_flags": recorded_flags()}
+
+
+def compile_config(precision: str, threads: int | None) -> dict:
+    cfg = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = int(threads)
+    return cfg
+
+
+def build_component(job) -> dict:
+    """ONNX -> IR (fp32 weights) + the compiled blob for this CPU and precision."""
+    import openvino as ov
+
+    comp = job.component
+    precision = "bf16" if job.precision == "bf16" and comp in BF16_COMPONENTS else "fp32"
+    folder = job.out_dir / comp
+    folder.mkdir(parents=True, exist_ok=True)
+    core = ov.Core()
+    model = core.read_model(str(job.onnx))
+    ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
+    del model
+    compiled = core.compile_model(str(folder / "model.xml"), "CPU", compile_config(precision, job.section["inference_num_threads"]))
+    stream = compiled.export_model()  # a BytesIO (this API writes to nothing else)
+    del compiled
+    with open(folder / "model.blob", "wb") as f:
+        f.write(stream.getbuffer())
+    del stream
+    files = [f"{comp}/model.xml", f"{comp}/model.bin", f"{comp}/model.blob"]
+    return {"engines": {"*": f"{comp}/model.xml"}, "files": files, "precision": precision,
+            "compiled_blob": f"{comp}/model.blob"}
+
+
+def check(manifest: dict, engine_dir: Path) -> list[str]:
+    from .._cpu import native_bf16
+
+    ok, _, reason = status()
+    if not ok:
+        raise UserError(f"{engine_dir} holds OpenVINO engines but {reason}")
+    warnings = []
+    bf16 = [c for c, r in manifest.get("components", {}).items() if r.get("precision") == "bf16"]
+    if bf16 and not native_bf16():
+        warnings.append(f"{engine_dir} was built for bf16 ({', '.join(bf16)}), but this CPU has no native bf16 "
+                        "(AMX / AVX512_BF16): it runs in fp32, correct but no faster; for the fastest entry here, "
+                        f"{rebuild_hint(engine_dir)}")
+    return warnings
+
+
+def _blob_usable(manifest: dict) -> bool:
+    from .._cpu import recorded_flags
+
+    section = manifest.get("openvino", {})
+    return section.get("version") == _version() and section.get("cpu_flags") == recorded_flags()
+
+
+def load_engine(manifest: dict, engine_dir: Path, component: str, path: Path, threads: int | None = None):
+    section = manifest.get("openvino", {})
+    rec = manifest["components"][component]
+    n = thread_count(threads, section.get("inference_num_threads"))
+    blob = engine_dir / rec["compiled_blob"] if rec.get("compiled_blob") and _blob_usable(manifest) else None
+    return OvEngine(path, rec.get("precision", "fp32"), n, engine_dir, blob)
+
+
+class OvEngine:
+    """One compiled OpenVINO model and one infer request (calls are serialized by the caller)."""
+
+    def __init__(self, xml: Path, precision: str, threads: int | None, engine_dir: Path, blob: Path | None = None):
+        import openvino as ov
+
+        for p in (xml, xml.with_suffix(".bin")):
+            if not p.is_file():
+                raise UserError(f"engine file {p} is missing; {rebuild_hint(engine_dir)}")
+        core = ov.Core()
+        cfg = compile_config(precision, threads)
+        try:
+            if blob is not None and blob.is_file():
+                with open(blob, "rb") as f:
+                    self.compiled = core.import_model(f.read(), "CPU", cfg)
+                self.source = "blob"
+            else:
+                self.compiled = core.compile_model(str(xml), "CPU", cfg)
+                self.source = "ir"
+        except Exception as exc:  # OpenVINO raises RuntimeError with multi-line C++ traces
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"engine file {xml} (or its .bin/.blob) is corrupt or truncated ({first}); {rebuild_hint(engine_dir)}") from None
+        self.request = self.compiled.create_infer_request()
+        self.outputs = list(self.compiled.outputs)
+        self.precision = precision
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.run_all(feeds)[0]
+
+    def run_all(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        res = self.request.infer(feeds)  # share_outputs=False: copies, safe across calls
+        return [np.asarray(res[o]) for o in self.outputs]
