@@ -30,7 +30,7 @@ SPEED_RANK = {"fp32": 2, "bf16": 0}
 VERIFY_IN_BUILD = True
 BF16_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 """Components that run in bf16 in a bf16 entry (measured per component: README, Benchmarks)."""
-INSTALL_HINT = "pip install openvino (or pip install 'lcm-export[openvino]')"
+INSTALL_HINT = "pip install 'openvino>=2024.0' (part of lcm-export's base install)"
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 
 

@@ -1,0 +1,190 @@
+"""OpenVINO entries of the tiny demo against PyTorch: fp32 at <= 1e-4 rel-L2, bf16 within its gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PY, RESOLUTIONS, run_cli
+from lcm_export._cpu import native_bf16
+from lcm_export.build_engine import BuildOptions, build_engine
+from lcm_export.errors import UserError
+from lcm_export.fidelity import diffusers_images, psnr, seeded_inputs
+from lcm_export.runtime import LCMPipeline
+
+needs_bf16 = pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16 (AMX / AVX512_BF16): bf16 builds are refused here")
+
+
+def _build(tmp_path_factory, base_dir, demo_loras, precision, name):
+    d = tmp_path_factory.mktemp("ov") / name
+    build_engine(BuildOptions(base=str(base_dir), loras=tuple(f"{p}:{w}" for p, w in demo_loras), resolutions=RESOLUTIONS,
+                              engine_dir=str(d), backend="openvino", precision=precision, show_progress=False))
+    return d
+
+
+@pytest.fixture(scope="module")
+def ov_fp32(tmp_path_factory, base_dir, demo_loras):
+    return _build(tmp_path_factory, base_dir, demo_loras, "fp32", "ov-fp32")
+
+
+@pytest.fixture(scope="module")
+def ov_bf16(tmp_path_factory, base_dir, demo_loras):
+    if not native_bf16():
+        pytest.skip("this CPU has no native bf16 (AMX / AVX512_BF16): bf16 builds are refused here")
+    return _build(tmp_path_factory, base_dir, demo_loras, "bf16", "ov-bf16")
+
+
+def _rel_l2(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _component_errors(engine_dir, fused_pipe, hw, seed):
+    """Each component's engine against its PyTorch module on fresh seeded inputs (not the build's)."""
+    from lcm_export.export import _wrappers, sample_inputs
+
+    pipe = LCMPipeline.from_engine_dir(engine_dir)
+    mods = _wrappers(fused_pipe)
+    out = {}
+    for comp, engines in pipe.engines.items():
+        feeds = sample_inputs(comp, fused_pipe, 2 if comp == "unet" else 1, hw, seed=seed)
+        got = engines["*"].run_all(feeds)
+        with torch.no_grad():
+            want = mods[comp](*[torch.from_numpy(v) for v in feeds.values()])
+        want = want if isinstance(want, tuple) else (want,)
+        out[comp] = max(_rel_l2(g, w.numpy()) for g, w in zip(got, want))
+    return out
+
+
+@pytest.mark.parametrize("hw", RESOLUTIONS)
+def test_fp32_components_match_pytorch(ov_fp32, fused_pipe, hw):
+    errors = _component_errors(ov_fp32, fused_pipe, hw, seed=11)
+    assert set(errors) == {"text_encoder", "unet", "vae_decoder"}
+    assert all(e <= 1e-4 for e in errors.values()), errors
+
+
+def test_fp32_manifest_records_parity_and_files(ov_fp32):
+    m = json.loads((ov_fp32 / "manifest.json").read_text())
+    assert m["backend"] == "openvino" and m["precision"] == "fp32" and m["device"] == "cpu"
+    assert m["openvino"]["version"] and m["openvino"]["inference_num_threads"] >= 1
+    assert isinstance(m["hardware"]["cpu_flags"], list)
+    for comp, c in m["components"].items():
+        assert c["precision"] == "fp32"
+        assert {f.split("/")[-1] for f in c["files"]} == {"model.xml", "model.bin", "model.blob"}
+        assert all((ov_fp32 / f).stat().st_size > 0 for f in c["files"])
+        res = {p["resolution"] for p in c["parity"]}
+        assert res == ({"64x64"} if comp.startswith("text") else {"64x64", "64x96"})
+        assert all(p["rel_l2"] <= 1e-4 for p in c["parity"])
+    assert "fidelity" not in m  # the image gate is for reduced precision
+
+
+@pytest.mark.parametrize("guidance", [1.0, 8.0])
+def test_fp32_image_matches_diffusers(ov_fp32, fused_pipe, guidance):
+    runtime = LCMPipeline.from_engine_dir(ov_fp32)
+    latents, noise = seeded_inputs(4, (64, 96), steps=4, seed=5)
+    ours = runtime("a red cube", steps=4, guidance=guidance, height=64, width=96, latents=latents, step_noise=noise, output_type="np")
+    ref = diffusers_images(fused_pipe, "a red cube", 4, guidance, latents, noise)
+    assert ref.std() > 0.02
+    assert psnr(ours, ref) >= 40
+
+
+def test_blob_is_used_and_ir_is_the_fallback(ov_fp32, tmp_path):
+    pipe = LCMPipeline.from_engine_dir(ov_fp32)
+    assert {e["*"].source for e in pipe.engines.values()} == {"blob"}
+    a = pipe("x", output_type="np")
+    other = tmp_path / "other-version"
+    shutil.copytree(ov_fp32, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["openvino"]["version"] = "0.0.0-another"
+    (other / "manifest.json").write_text(json.dumps(m))
+    pipe2 = LCMPipeline.from_engine_dir(other)
+    assert {e["*"].source for e in pipe2.engines.values()} == {"ir"}
+    assert np.array_equal(a, pipe2("x", output_type="np"))
+
+
+def test_truncated_ir_is_one_line_error(ov_fp32, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(ov_fp32, bad)
+    (bad / "unet" / "model.blob").unlink()
+    f = bad / "unet" / "model.xml"
+    f.write_bytes(f.read_bytes()[:2000])
+    code, _, err = run_cli(["generate", "--engine-dir", bad, "--prompt", "x", "--out", tmp_path / "o.png"], capsys)
+    assert code == 2 and "corrupt or truncated" in err and err.count("\n") == 1
+    assert not (tmp_path / "o.png").exists()
+
+
+@needs_bf16
+def test_bf16_entry_within_its_gate(ov_bf16, fused_pipe):
+    m = json.loads((ov_bf16 / "manifest.json").read_text())
+    assert m["precision"] == "bf16"
+    fid = m["fidelity"]
+    assert fid["gate_db"] == 30 and fid["image_psnr_db"] >= 30
+    from lcm_export.backends.openvino import BF16_COMPONENTS
+
+    for comp, c in m["components"].items():
+        assert c["precision"] == ("bf16" if comp in BF16_COMPONENTS else "fp32")
+    # independently: the image against diffusers fp32 with other inputs than the build's check
+    runtime = LCMPipeline.from_engine_dir(ov_bf16)
+    latents, noise = seeded_inputs(4, (64, 64), steps=4, seed=7)
+    ours = runtime("a blue sphere", steps=4, latents=latents, step_noise=noise, output_type="np")
+    ref = diffusers_images(fused_pipe, "a blue sphere", 4, 1.0, latents, noise)
+    assert 30 <= psnr(ours, ref) < 120  # bf16 is close, and not secretly fp32
+    errors = _component_errors(ov_bf16, fused_pipe, (64, 64), seed=3)
+    assert errors["unet"] > 1e-4 and all(e < 0.2 for e in errors.values()), errors
+
+
+@needs_bf16
+def test_fidelity_failure_writes_nothing(base_dir, tmp_path, monkeypatch, capsys):
+    from lcm_export import fidelity
+
+    monkeypatch.setattr(fidelity, "image_psnr", lambda *a, **k: 21.5)
+    d = tmp_path / "e"
+    code, _, err = run_cli(["build-engine", "--base", base_dir, "--resolution", "64x64", "--backend", "openvino",
+                            "--precision", "bf16", "--engine-dir", d, "--quiet"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "PSNR 21.5 dB" in err and "gate 30 dB" in err and "unet bf16 rel-L2" in err and "--precision fp32" in err
+    assert not d.exists() and not list(tmp_path.glob(".e.partial-*"))
+
+
+def test_bf16_entry_on_cpu_without_bf16_warns(ov_fp32, tmp_path, monkeypatch, capsys):
+    """Item 3's decision: warn (it runs, in fp32, correctly) rather than refuse."""
+    from lcm_export import _cpu
+
+    entry = tmp_path / "bf16-marked"
+    shutil.copytree(ov_fp32, entry)
+    m = json.loads((entry / "manifest.json").read_text())
+    for c in m["components"].values():
+        c["precision"] = "bf16"
+    (entry / "manifest.json").write_text(json.dumps(m))
+    monkeypatch.setattr(_cpu, "native_bf16", lambda flags=None: False)
+    code, _, err = run_cli(["generate", "--engine-dir", entry, "--prompt", "x", "--out", tmp_path / "o.png"], capsys)
+    assert code == 0 and (tmp_path / "o.png").is_file()
+    assert "warning:" in err and "no native bf16" in err and "--force" in err
+
+
+def test_lean_runtime_with_openvino(ov_fp32):
+    code = (
+        "import sys, json\n"
+        "import lcm_export.runtime as rt\n"
+        f"pipe = rt.LCMPipeline.from_engine_dir({str(ov_fp32)!r})\n"
+        "imgs = pipe('a photo', steps=2)\n"
+        "assert imgs[0].size == (64, 64)\n"
+        "print(json.dumps([sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers', 'peft', 'onnxruntime')),"
+        " 'openvino' in sys.modules]))\n"
+    )
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [[], True]
+
+
+def test_missing_openvino_is_an_install_hint(monkeypatch):
+    from lcm_export import backends
+    from lcm_export.backends import openvino
+
+    monkeypatch.setattr(openvino, "status", lambda: (False, "cpu", f"the openvino package is not installed: {openvino.INSTALL_HINT}"))
+    with pytest.raises(UserError, match=r"--backend openvino: the openvino package is not installed: pip install"):
+        backends.choose("openvino", "fp32")

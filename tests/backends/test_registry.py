@@ -1,0 +1,103 @@
+"""The backend registry: ``auto`` precision and backend selection on mocked CPUs, and the errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from lcm_export import backends
+from lcm_export._cpu import cpu_isa, native_bf16, recorded_flags
+from lcm_export.errors import UserError
+
+CPU_ONLY = {"onnxruntime": (True, "cpu", "ok"), "openvino": (True, "cpu", "ok"),
+            "tensorrt": (False, "cuda", "TensorRT is not installed; install it")}
+NO_OV = {**CPU_ONLY, "openvino": (False, "cpu", "the openvino package is not installed: pip install openvino")}
+GPU = {**CPU_ONLY, "tensorrt": (True, "cuda", "ok")}
+
+SAPPHIRE_RAPIDS = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8", "avx2", "fma"}
+ZEN4 = {"avx512f", "avx512_bf16", "avx2", "fma"}
+ZEN3 = {"avx2", "avx", "fma", "sse4_1"}
+SKYLAKE_X = {"avx512f", "avx2", "fma"}
+
+
+@pytest.mark.parametrize("flags, expected", [(SAPPHIRE_RAPIDS, True), (ZEN4, True), (ZEN3, False), (SKYLAKE_X, False), (set(), False)])
+def test_native_bf16_from_flags(flags, expected):
+    assert native_bf16(flags) is expected
+
+
+def test_recorded_flags_and_isa():
+    assert recorded_flags(SAPPHIRE_RAPIDS | {"sse2", "pni"}) == sorted(["amx_bf16", "amx_int8", "amx_tile", "avx2", "avx512_bf16", "avx512f", "fma"])
+    assert cpu_isa(ZEN3) == "avx2" and cpu_isa(SAPPHIRE_RAPIDS) == "avx512f"
+
+
+@pytest.mark.parametrize("flags, want", [(SAPPHIRE_RAPIDS, ("openvino", "bf16")), (ZEN4, ("openvino", "bf16")),
+                                         (ZEN3, ("onnxruntime", "fp32")), (SKYLAKE_X, ("onnxruntime", "fp32"))])
+def test_auto_on_cpus(flags, want):
+    c = backends.choose("auto", "auto", cpu_bf16=native_bf16(flags), statuses=CPU_ONLY)
+    assert (c.backend, c.precision, c.device) == (*want, "cpu")
+
+
+def test_auto_without_openvino_falls_back_to_fp32():
+    c = backends.choose("auto", "auto", cpu_bf16=True, statuses=NO_OV)
+    assert (c.backend, c.precision) == ("onnxruntime", "fp32")
+
+
+def test_auto_on_gpu_is_tensorrt_fp16():
+    c = backends.choose("auto", "auto", cpu_bf16=True, statuses=GPU)
+    assert (c.backend, c.device, c.precision) == ("tensorrt", "cuda", "fp16")
+
+
+def test_auto_never_picks_the_slower_backend(monkeypatch):
+    """For a precision both CPU backends build, auto takes the lower measured SPEED_RANK, whichever it is."""
+    ort, ov = backends.get("onnxruntime"), backends.get("openvino")
+    assert "fp32" in ort.PRECISIONS and "fp32" in ov.PRECISIONS
+    faster = min(("onnxruntime", "openvino"), key=lambda n: backends.get(n).SPEED_RANK["fp32"])
+    assert backends.choose("auto", "fp32", cpu_bf16=True, statuses=CPU_ONLY).backend == faster
+    monkeypatch.setattr(ort, "SPEED_RANK", {"fp32": 9})
+    assert backends.choose("auto", "fp32", cpu_bf16=True, statuses=CPU_ONLY).backend == "openvino"
+
+
+@pytest.mark.parametrize("backend, precision, cpu_bf16, statuses, msg", [
+    ("tensorrt", "bf16", True, GPU, "--precision bf16 is not built by tensorrt"),
+    ("onnxruntime", "bf16", True, CPU_ONLY, "use --backend openvino"),
+    ("onnxruntime", "fp16", True, CPU_ONLY, "use --backend tensorrt"),
+    ("openvino", "fp16", True, CPU_ONLY, "use --backend tensorrt"),
+    ("openvino", "bf16", False, CPU_ONLY, "no native bf16"),
+    ("auto", "bf16", False, CPU_ONLY, "no native bf16"),
+    ("auto", "fp16", True, CPU_ONLY, "--precision fp16 needs a GPU"),
+    ("auto", "bf16", True, NO_OV, "openvino: the openvino package is not installed"),
+    ("tensorrt", "auto", True, CPU_ONLY, "--backend tensorrt: TensorRT is not installed"),
+    ("openvino", "fp64", True, CPU_ONLY, "--precision 'fp64': choose auto"),
+    ("coreml", "auto", True, CPU_ONLY, "unknown backend 'coreml'"),
+])
+def test_bad_choices_are_one_line_errors(backend, precision, cpu_bf16, statuses, msg):
+    with pytest.raises(UserError) as e:
+        backends.choose(backend, precision, cpu_bf16=cpu_bf16, statuses=statuses)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_explicit_backend_auto_precision():
+    assert backends.choose("openvino", "auto", cpu_bf16=True, statuses=CPU_ONLY).precision == "bf16"
+    assert backends.choose("openvino", "auto", cpu_bf16=False, statuses=CPU_ONLY).precision == "fp32"
+    assert backends.choose("onnxruntime", "auto", cpu_bf16=True, statuses=CPU_ONLY).precision == "fp32"
+
+
+def test_every_backend_module_has_the_interface():
+    for name in backends.names():
+        mod = backends.get(name)
+        assert mod.NAME == name
+        assert set(mod.SPEED_RANK) == set(mod.PRECISIONS)
+        for fn in ("status", "default_precision", "entry_settings", "build_component", "check", "load_engine"):
+            assert callable(getattr(mod, fn)), (name, fn)
+
+
+@pytest.mark.parametrize("env, explicit, recorded, want", [("", None, 2, 2), ("3", None, 2, 3), ("", 1, 2, 1), ("4", 1, 2, 1)])
+def test_thread_count(monkeypatch, env, explicit, recorded, want):
+    monkeypatch.setenv(backends.THREADS_ENV, env)
+    assert backends.thread_count(explicit, recorded) == want
+
+
+@pytest.mark.parametrize("env", ["abc", "0", "-2", "1.5"])
+def test_bad_thread_env_is_a_user_error(monkeypatch, env):
+    monkeypatch.setenv(backends.THREADS_ENV, env)
+    with pytest.raises(UserError, match="LCM_EXPORT_THREADS"):
+        backends.thread_count(None, 2)
