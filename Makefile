@@ -4,6 +4,8 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 DEMO    := engines/demo-sd15
+DEMO_OV := engines/demo-sd15-openvino-fp32
+DEMO_ORT := engines/demo-sd15-onnxruntime
 PROMPT  := a photo of an astronaut riding a horse
 
 .PHONY: setup demo test lean-check bench-ci clean
@@ -26,13 +28,19 @@ demo: setup
 test: setup
 	$(VPY) -m pytest -q tests
 
-# The runtime with the base install only (no extras: no torch, diffusers, transformers), in its own venv.
+# The runtime with the base install only (no extras: no torch, diffusers, transformers), in its own venv,
+# on the demo entry (`auto`: OpenVINO bf16 on CPUs with native bf16, else ONNX Runtime fp32) and on
+# one entry of each CPU backend, whatever this CPU is.
 lean-check: demo
+	$(VENV)/bin/lcm-export build-engine --engine-dir $(DEMO_OV) --backend openvino --precision fp32 --quiet
+	$(VENV)/bin/lcm-export build-engine --engine-dir $(DEMO_ORT) --backend onnxruntime --quiet
 	test -x .venv-lean/bin/python || $(PY) -m venv .venv-lean
 	.venv-lean/bin/python -m pip install -q --upgrade pip
 	.venv-lean/bin/python -m pip install -q .
 	.venv-lean/bin/python -c "import importlib.util as u, sys; bad = [m for m in ('torch', 'diffusers', 'transformers') if u.find_spec(m)]; sys.exit(f'lean venv has {bad}' if bad else 0)"
 	.venv-lean/bin/lcm-export generate --engine-dir $(DEMO) --prompt "$(PROMPT)" --out out/lean.png
+	.venv-lean/bin/lcm-export generate --engine-dir $(DEMO_OV) --prompt "$(PROMPT)" --out out/lean-openvino.png
+	.venv-lean/bin/lcm-export generate --engine-dir $(DEMO_ORT) --prompt "$(PROMPT)" --out out/lean-onnxruntime.png
 
 bench-ci: demo
 	$(VENV)/bin/lcm-export bench --engine-dir $(DEMO) --baselines eager,compile --runs 2 --warmup 1 --out out/bench-ci --quiet

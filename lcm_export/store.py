@@ -91,6 +91,10 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
     ]
     if m.get("demo"):
         rows.append(("note", "demo model with random weights: its images are noise"))
+    fid = m.get("fidelity")
+    if fid:
+        rows.append(("image check", f"4-step image vs PyTorch fp32 at {fid['resolution']}: PSNR {fid['image_psnr_db']:.1f} dB "
+                                    f"(gate {fid['gate_db']:g} dB)"))
     for l in m.get("fusion", {}).get("loras", []):
         rows.append(("lora", f"{Path(l['path']).name}  λ={l['weight']:g}  {l['format']}  rank {','.join(map(str, l['ranks']))}  "
                               f"layers {sum(l['layers'].values())}  sha256 {l['sha256'][:12]}…"))
