@@ -1,4 +1,5 @@
-"""Validate a bench report folder: report.json against the schema, ratios from medians, report.md and PNGs.
+"""Validate a bench report folder: report.json against the schema, ratios from medians, each path's FLOP/s share
+against the peak of its own precision, skipped baselines with their reason, report.md and PNGs.
 
 Usage: python benchmarks/check_report.py REPORT_DIR   (exit 1 with the reason on failure)
 """
@@ -24,7 +25,20 @@ def check(d: Path) -> None:
         for stage, value in ratios.items():
             want = r["paths"][base]["stages"][stage]["median_s"] / eng[stage]["median_s"]
             assert abs(value - want) <= 1e-9 * max(1, want), f"ratio {base}/{stage} is not median/median"
-    assert (d / "report.md").read_text().startswith("# lcm-export benchmark")
+    f = r["flops"]
+    for name, p in r["paths"].items():
+        if "stages" not in p:
+            assert name not in r["ratios"] and name not in f, f"{name} did not run but has ratios or FLOP/s"
+            continue
+        got = f[name]
+        assert got["precision"] == p["precision"], f"{name}: FLOP/s precision is not the path's"
+        want = got["flops_per_s"] / f["peaks"][got["precision"]]["best_flops_per_s"]
+        assert abs(got["fraction_of_peak"] - want) <= 1e-9 * max(1, want), f"{name}: share is not of its own precision's peak"
+    md = (d / "report.md").read_text()
+    assert md.startswith("# lcm-export benchmark")
+    for name, p in r["paths"].items():
+        if "skipped" in p:
+            assert f"{p['label']} skipped:** {p['skipped']}" in md, f"report.md does not say why {name} was skipped"
     for png in ("stages.png", "solvers.png"):
         with Image.open(d / png) as im:
             im.verify()

@@ -2,15 +2,19 @@
 
 What is timed, per path: text encoder, each UNet step, VAE decode, end to end — median and p90
 of ``runs`` after ``warmup`` untimed runs. Baselines: diffusers' StableDiffusionPipeline with
-LCMScheduler at 4 steps, eager (fp32 on CPU, fp16 on GPU) and torch.compile (a failure is
+LCMScheduler at 4 steps, eager (fp32 on CPU, fp16 on GPU), torch.compile, torch.compile with CUDA graphs
+(``reduce-overhead``; GPU only, reported as skipped elsewhere) and every module cast to bf16 (a failure is
 reported, not hidden); the LCM-LoRA paper's Table 2 solvers (DDIM 32, DPM-Solver 16,
 DPM-Solver++ 8, LCM 4) end to end; cold start (process start -> first image) of both stacks;
-the FLOP count of one UNet step (torch's FlopCounterMode, attention included) against a fp32 peak measured in the same
-run (a large matrix product). Writes report.json, report.md and PNG charts.
+the FLOP count of one UNet step (torch's FlopCounterMode, attention included) against the matrix-product peak
+of each path's own precision, measured in the same run (fp32 paths vs the fp32 peak, bf16 paths and bf16
+engines vs the bf16 peak); the runtime's own overhead at 512² with stub engines. Writes report.json,
+report.md and PNG charts.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import platform
@@ -27,12 +31,11 @@ import numpy as np
 
 from ._cpu import usable_cores
 from ._util import progress, tool_versions, write_json
-from .bench_torch import (PROMPT, SOLVERS, StageTimer, measure_peak, reference_pipeline, scheduler_for, stats, time_torch,
-                          torch_call, unet_flops)
+from .bench_torch import (BASELINES, PROMPT, SOLVERS, StageTimer, baseline_setup, measure_peak, reference_pipeline,
+                          scheduler_for, stats, time_torch, torch_call, unet_flops)
 from .errors import UserError
 from .store import read_manifest
 
-BASELINES = ("eager", "compile")
 STAGES = ("text_encoder", "unet_step", "vae_decoder", "end_to_end")
 REPORT_SCHEMA = "lcm-export-bench/1"
 
@@ -51,6 +54,14 @@ class BenchOptions:
     cold_start: bool = True
     out: str = "benchmarks/reports/latest"
     show_progress: bool = True
+
+
+def engine_precision(precision: str, device: str) -> str:
+    """The peak an engine is measured against: its manifest precision; "mixed" (an fp32 VAE beside fp16
+    engines) counts as the reduced precision of its device (fp16 on CUDA, bf16 on CPU)."""
+    if precision in ("fp32", "fp16", "bf16"):
+        return precision
+    return "fp16" if device == "cuda" else "bf16"
 
 
 def parse_solvers(items) -> list[tuple[str, int]]:
@@ -225,33 +236,47 @@ def run_bench(o: BenchOptions) -> dict:
     bar.update()
     for base in o.baselines:
         bar.set_description_str(f"PyTorch {base}")
-        label = f"diffusers {base} ({'fp16 ' + device if device == 'cuda' else 'fp32 cpu'})"
+        setup = baseline_setup(base, device)
+        label = setup["label"]
+        if setup["skip"]:
+            paths[base] = {"label": label, "precision": setup["precision"], "skipped": setup["skip"]}
+            bar.update(o.runs + o.warmup)
+            continue
+        pipe = ref
         try:
             timer = StageTimer(sync)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            if base == "compile":  # instance attributes; removed again below
-                ref.unet.forward = torch.compile(ref.unet.forward)
-                ref.vae.decode = torch.compile(ref.vae.decode)
-            text_encoders = [m for m in (ref.text_encoder, getattr(ref, "text_encoder_2", None)) if m is not None]
+            if setup["dtype"] != str(ref.unet.dtype).removeprefix("torch."):  # a cast copy; ref keeps its weights
+                pipe = copy.deepcopy(ref).to(getattr(torch, setup["dtype"]))
+            if setup["compile"]:  # instance attributes; removed again below
+                pipe.unet.forward = torch.compile(pipe.unet.forward, mode=setup["compile"])
+                pipe.vae.decode = torch.compile(pipe.vae.decode, mode=setup["compile"])
+            text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
             for te in text_encoders:
                 timer.wrap(te, "forward", "text_encoder")
-            timer.wrap(ref.unet, "forward", "unet")
-            timer.wrap(ref.vae, "decode", "vae_decoder")
+            timer.wrap(pipe.unet, "forward", "unet")
+            timer.wrap(pipe.vae, "decode", "vae_decoder")
             with torch.no_grad():
-                st, warm = time_torch(ref, timer, latents, hw, o.guidance, o.runs, o.warmup, bar=bar)
-            paths[base] = {"label": label, "stages": st, "warmup_s": warm}
+                st, warm = time_torch(pipe, timer, latents, hw, o.guidance, o.runs, o.warmup, bar=bar)
+            paths[base] = {"label": label, "precision": setup["precision"], "stages": st, "warmup_s": warm}
             if device == "cuda":
                 paths[base]["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            if base == "compile":
-                paths[base]["note"] = "torch.compile(default mode) on unet.forward and vae.decode; compile time is inside warm-up"
+            if setup["compile"]:
+                paths[base]["note"] = (f"torch.compile(mode={setup['compile']!r}) on unet.forward and vae.decode; "
+                                       "compile time is inside warm-up")
         except Exception as exc:  # report the failure, keep the rest of the report
-            paths[base] = {"label": label, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"}
+            paths[base] = {"label": label, "precision": setup["precision"],
+                           "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"}
             bar.update(o.runs + o.warmup)
         finally:
-            mods = [(m, "forward") for m in (ref.text_encoder, getattr(ref, "text_encoder_2", None), ref.unet) if m is not None]
-            for mod, attr in mods + [(ref.vae, "decode")]:
+            mods = [(m, "forward") for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.unet) if m is not None]
+            for mod, attr in mods + [(pipe.vae, "decode")]:
                 mod.__dict__.pop(attr, None)  # drop wrappers / compiled forwards
+            if pipe is not ref:
+                del pipe
+            if device == "cuda":
+                torch.cuda.empty_cache()
 
     # 3. The paper's Table 2: solvers end to end (the model is warm from the eager baseline)
     table2 = []
@@ -284,16 +309,25 @@ def run_bench(o: BenchOptions) -> dict:
         if "seconds" in cold.get("engine", {}) and "seconds" in cold.get("diffusers", {}):
             cold["ratio"] = cold["diffusers"]["seconds"] / cold["engine"]["seconds"]
 
-    # 5. FLOP/s against a peak measured now
-    bar.set_description_str("fp32 peak (matrix product)")
-    peak = measure_peak(threads)
+    # 5. FLOP/s against the peak of each path's own precision, measured now
+    paths["engine"]["precision"] = engine_precision(manifest["precision"], device)
+    needed = sorted({p["precision"] for p in paths.values() if "stages" in p} | {"fp32"})
+    peaks = {}
+    for prec in needed:
+        bar.set_description_str(f"{prec} peak (matrix product)")
+        peaks[prec] = measure_peak(threads, precision=prec, device=device)
     bar.update()
+    bar.set_description_str("runtime overhead at 512x512 (stub engines)")
+    from .overhead import measure_overhead
+
+    overhead_stub = measure_overhead(engine_dir, (512, 512), runs=10, guidance=o.guidance)
     bar.close()
-    flop = {"unet_step_flops": flops, "unet_batch": 2 * batch if cfg_on else batch, "peak": peak}
+    flop = {"unet_step_flops": flops, "unet_batch": 2 * batch if cfg_on else batch, "peak": peaks["fp32"], "peaks": peaks}
     for name, p in paths.items():
         if "stages" in p:
             fps = flops / p["stages"]["unet_step"]["median_s"]
-            flop[name] = {"flops_per_s": fps, "fraction_of_peak": fps / peak["best_flops_per_s"]}
+            flop[name] = {"flops_per_s": fps, "precision": p["precision"],
+                          "fraction_of_peak": fps / peaks[p["precision"]]["best_flops_per_s"]}
 
     ratios = {}
     eng = paths["engine"]["stages"]
@@ -317,13 +351,16 @@ def run_bench(o: BenchOptions) -> dict:
         "engine": {"backend": manifest["backend"], "precision": manifest["precision"],
                    "onnxruntime": manifest.get("onnxruntime"), "tensorrt": manifest.get("tensorrt", {}).get("tensorrt")},
         "paths": paths, "ratios": ratios, "solvers": table2, "cold_start": cold, "flops": flop,
+        "runtime_overhead_stub": overhead_stub,
     }
     e_unet = eng["unet_step"]["median_s"]
     parts = [f"engine UNet step {e_unet * 1e3:.1f} ms"]
     if "eager" in ratios:
         r = ratios["eager"]
         parts.append(f"{r['unet_step']:.2f}x eager's speed (end to end {r['end_to_end']:.2f}x)")
-    parts.append(f"{flop['engine']['fraction_of_peak'] * 100:.0f}% of measured fp32 peak")
+    if "reduce-overhead" in ratios:
+        parts.append(f"{ratios['reduce-overhead']['unet_step']:.2f}x the CUDA-graph baseline's")
+    parts.append(f"{flop['engine']['fraction_of_peak'] * 100:.0f}% of measured {flop['engine']['precision']} peak")
     report["summary_line"] = f"{report['resolution']}: " + ", ".join(parts)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "report.json", report)

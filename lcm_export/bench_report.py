@@ -34,30 +34,43 @@ def write_markdown(r: dict) -> str:
         cells = []
         for n in names:
             p = paths[n]
-            cells.append(f"{_ms(p['stages'][s]['median_s'])} / {_ms(p['stages'][s]['p90_s'])}" if "stages" in p else "failed")
+            cells.append(f"{_ms(p['stages'][s]['median_s'])} / {_ms(p['stages'][s]['p90_s'])}" if "stages" in p
+                         else ("skipped" if "skipped" in p else "failed"))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for n in names:
         if "error" in paths[n]:
             lines += ["", f"**{paths[n]['label']} failed:** `{paths[n]['error']}`"]
+        if "skipped" in paths[n]:
+            lines += ["", f"**{paths[n]['label']} skipped:** {paths[n]['skipped']}"]
     ov = paths["engine"]["stages"].get("runtime_overhead")
     if ov:
         lines += ["", f"Lean-runtime overhead outside the engines (tokenize, scheduler, copies, image conversion): "
                       f"median {_ms(ov['median_s'])} ms per image. Engine-path peak RSS: {paths['engine']['peak_rss_mb']:.0f} MB."]
+    st = r.get("runtime_overhead_stub")
+    if st:
+        lines += ["", f"The same overhead at {st['resolution']} with stub engines (fixed arrays, so only host work is left; "
+                      f"goal ≤ 2 ms): median {st['median_s'] * 1e3:.2f} ms per image (tokenize {st['tokenize_median_s'] * 1e3:.2f}, "
+                      f"scheduler {st['scheduler_median_s'] * 1e3:.2f}, VAE input {st['vae_input_median_s'] * 1e3:.2f}, "
+                      f"postprocess {st['postprocess_median_s'] * 1e3:.2f} ms)."]
     if r["ratios"]:
         lines += ["", "## Speed-up of the engine (baseline median / engine median)", "",
                   "| baseline | " + " | ".join(STAGE_LABELS.values()) + " |", "|---|" + "---|" * len(STAGE_LABELS)]
         for n, rat in r["ratios"].items():
             lines.append(f"| {paths[n]['label']} | " + " | ".join(f"{rat[s]:.2f}x" for s in STAGE_LABELS) + " |")
     f = r["flops"]
+    peaks = f.get("peaks") or {"fp32": f["peak"]}
     lines += ["", "## Compute", "",
               f"One UNet step at batch {f['unet_batch']}: {f['unet_step_flops'] / 1e9:,.1f} GFLOP (torch FlopCounterMode, attention on SDPA's math backend so it is counted; 2 FLOP per multiply-add).",
-              f"Measured fp32 peak on this machine in this run: {f['peak']['best_flops_per_s'] / 1e9:,.1f} GFLOP/s "
-              f"(best of a {f['peak']['matrix_size']}² matrix product: torch {f['peak']['torch_mm_flops_per_s'] / 1e9:,.1f}, "
-              f"numpy {f['peak']['numpy_matmul_flops_per_s'] / 1e9:,.1f}).", "",
-              "| path | UNet step GFLOP/s | share of measured peak |", "|---|---|---|"]
+              "Matrix-product peaks measured on this machine in this run (each path is compared with the peak of its own precision):", ""]
+    for prec, pk in peaks.items():
+        extra = f", numpy {pk['numpy_matmul_flops_per_s'] / 1e9:,.1f}" if "numpy_matmul_flops_per_s" in pk else ""
+        lines.append(f"- {prec}: {pk['best_flops_per_s'] / 1e9:,.1f} GFLOP/s (best of a {pk['matrix_size']}² product on "
+                     f"{pk.get('device', 'cpu')}: torch {pk['torch_mm_flops_per_s'] / 1e9:,.1f}{extra})")
+    lines += ["", "| path | precision | UNet step GFLOP/s | share of its precision's peak |", "|---|---|---|---|"]
     for n in names:
         if n in f:
-            lines.append(f"| {paths[n]['label']} | {f[n]['flops_per_s'] / 1e9:,.1f} | {f[n]['fraction_of_peak'] * 100:.0f}% |")
+            prec = f[n].get("precision", "fp32")
+            lines.append(f"| {paths[n]['label']} | {prec} | {f[n]['flops_per_s'] / 1e9:,.1f} | {f[n]['fraction_of_peak'] * 100:.0f}% |")
     lines += ["", "## Solver comparison (the LCM-LoRA paper's Table 2 setting), end to end", "",
               "| solver | steps | path | median s | p90 s |", "|---|---|---|---|---|"]
     for s in r["solvers"]:

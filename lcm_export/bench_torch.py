@@ -80,10 +80,36 @@ def scheduler_for(name: str, cfg: dict):
     return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++")
 
 
+BASELINES = ("eager", "compile", "reduce-overhead", "bf16")
+
+
+def baseline_setup(base: str, device: str) -> dict:
+    """How one PyTorch baseline runs on ``device`` ("cpu" | "cuda"). Pure.
+
+    {"dtype": torch dtype name, "precision", "compile": None | torch.compile mode, "skip": reason or None,
+    "label"}. eager/compile/reduce-overhead run in the device's native precision (fp16 on CUDA, fp32 on
+    CPU); bf16 casts every module to bf16. reduce-overhead (CUDA graphs) needs CUDA: skipped elsewhere."""
+    precision = "fp16" if device == "cuda" else "fp32"
+    if base == "bf16":
+        precision = "bf16"
+    dtype = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}[precision]
+    mode = {"compile": "default", "reduce-overhead": "reduce-overhead"}.get(base)
+    skip = None
+    if base == "reduce-overhead" and device != "cuda":
+        skip = "needs a CUDA GPU: torch.compile(mode='reduce-overhead') is CUDA graphs, which CPUs do not have"
+    what = {"eager": "eager", "compile": "torch.compile", "reduce-overhead": "torch.compile reduce-overhead (CUDA graphs)",
+            "bf16": "eager, modules cast to bf16"}[base]
+    return {"dtype": dtype, "precision": precision, "compile": mode, "skip": skip,
+            "label": f"diffusers {what} ({precision} {device})"}
+
+
 def torch_call(pipe, latents, steps, guidance, hw):
+    """One diffusers image; the numpy latents follow the pipeline's device and dtype."""
     import torch
 
-    return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, latents=torch.from_numpy(latents),
+    param = next(pipe.unet.parameters())
+    lat = torch.from_numpy(latents).to(param.device, param.dtype)
+    return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, latents=lat,
                 height=hw[0], width=hw[1], output_type="np").images
 
 
@@ -130,26 +156,35 @@ def unet_flops(pipe, batch: int, hw: tuple[int, int]) -> int:
     return int(counter.get_total_flops())
 
 
-def measure_peak(threads: int, n: int = 4096, repeats: int = 3) -> dict:
-    """fp32 peak measured here: best of a large square matrix product in torch (MKL/oneDNN) and numpy."""
+def measure_peak(threads: int, n: int = 4096, repeats: int = 3, precision: str = "fp32", device: str = "cpu") -> dict:
+    """Matrix-multiply peak measured here in ``precision`` (fp32 | bf16 | fp16) on ``device``: best of a large
+    square product in torch (MKL/oneDNN; AMX for bf16 where the CPU has it; cuBLAS on CUDA) and, for fp32
+    on CPU, numpy."""
     import torch
 
     torch.set_num_threads(threads)
-    out = {}
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    out = {"precision": precision, "device": device}
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     torch.mm(a, b)
-    best = min(_timeit(lambda: torch.mm(a, b)) for _ in range(repeats))
+    sync()
+    best = min(_timeit(lambda: torch.mm(a, b), sync) for _ in range(repeats))
     out["torch_mm_flops_per_s"] = 2 * n**3 / best
-    an, bn = a.numpy(), b.numpy()
-    an @ bn
-    best = min(_timeit(lambda: an @ bn) for _ in range(repeats))
-    out["numpy_matmul_flops_per_s"] = 2 * n**3 / best
-    out["best_flops_per_s"] = max(out["torch_mm_flops_per_s"], out["numpy_matmul_flops_per_s"])
+    out["best_flops_per_s"] = out["torch_mm_flops_per_s"]
+    if precision == "fp32" and device == "cpu":
+        an, bn = a.numpy(), b.numpy()
+        an @ bn
+        best = min(_timeit(lambda: an @ bn) for _ in range(repeats))
+        out["numpy_matmul_flops_per_s"] = 2 * n**3 / best
+        out["best_flops_per_s"] = max(out["torch_mm_flops_per_s"], out["numpy_matmul_flops_per_s"])
     out["matrix_size"] = n
     return out
 
 
-def _timeit(fn) -> float:
+def _timeit(fn, sync=None) -> float:
     t0 = time.perf_counter()
     fn()
+    if sync:
+        sync()
     return time.perf_counter() - t0

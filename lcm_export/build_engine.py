@@ -173,7 +173,10 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     components = {}
     for comp in comps:
         bar.set_description_str(f"{backend} {comp}")
-        feeds = sample_inputs(comp, pipe, plans[0].vae_batch[1], plans[0].opt_hw) if comp == "vae_decoder" else {}
+        feeds = {}
+        if comp == "vae_decoder":  # the decoder sees latents / scaling_factor (~5.5x N(0,1) for SD 1.5): probe at that scale
+            feeds = sample_inputs(comp, pipe, plans[0].vae_batch[1], plans[0].opt_hw)
+            feeds["latent"] *= 1.0 / float(pipe.vae.config.scaling_factor)  # in place: stays float32
         job = backends.ComponentJob(comp, work / comp / "model.onnx", tmp, plans, precision, dims, section,
                                     vae_fp32=vae_fp32, refit=opts.refit, store_root=engine_dir.resolve().parent,
                                     sample_feeds=feeds)

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="latency of the engine vs PyTorch baselines; writes report.json/.md and charts",
                        description="Benchmark the engine path against diffusers eager / torch.compile and the paper's solver comparison.")
     s.add_argument("--engine-dir", required=True, help="engine-store entry built by build-engine")
-    s.add_argument("--baselines", type=_csv, default=["eager"], help="comma list of eager,compile (default: eager; empty string for none)")
+    s.add_argument("--baselines", type=_csv, default=["eager"], help="comma list of eager,compile,reduce-overhead,bf16 (default: eager; empty string for none; reduce-overhead = torch.compile with CUDA graphs, GPU only; bf16 = modules cast to bf16)")
     s.add_argument("--solvers", type=_csv, default=["lcm:4", "ddim:32", "dpm:16", "dpmpp:8"],
                    help="PyTorch solver comparison as NAME:STEPS, NAME in lcm,ddim,dpm,dpmpp (default: the paper's Table 2; empty for none)")
     s.add_argument("--resolution", type=_resolution, default=None, metavar="HxW", help="one the engine was built for (default: its first)")

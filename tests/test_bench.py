@@ -20,6 +20,7 @@ def report_dir(demo_engine, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bench")
     code = main(["bench", "--engine-dir", str(demo_engine), "--runs", "2", "--warmup", "1", "--solvers", "lcm:2,ddim:3,dpm:2,dpmpp:2",
+                 "--baselines", "eager,bf16,reduce-overhead",
                  "--resolution", "64x96", "--guidance", "2.0", "--out", str(out), "--quiet"])
     assert code == 0
     return out
@@ -39,6 +40,57 @@ def test_report_json_schema_and_ratios(report_dir):
     assert r["flops"]["unet_batch"] == 2  # guidance 2.0: UNet at 2B
     assert r["cold_start"]["engine"]["torch_loaded"] is False
     assert r["flops"]["engine"]["flops_per_s"] == pytest.approx(r["flops"]["unet_step_flops"] / eng["unet_step"]["median_s"])
+
+
+def test_baselines_bf16_and_cuda_graphs_skipped_on_cpu(report_dir):
+    """bf16 (modules cast) ran and is measured against the bf16 peak; reduce-overhead is skipped with its reason."""
+    import subprocess
+    import sys
+
+    r = json.loads((report_dir / "report.json").read_text())
+    bf16, ro = r["paths"]["bf16"], r["paths"]["reduce-overhead"]
+    assert bf16["precision"] == "bf16" and "bf16" in bf16["label"] and "stages" in bf16 and "bf16" in r["ratios"]
+    assert "skipped" in ro and "CUDA" in ro["skipped"] and "reduce-overhead" not in r["ratios"]
+    f = r["flops"]
+    assert set(f["peaks"]) == {"fp32", "bf16"} and f["peak"] == f["peaks"]["fp32"]
+    assert f["bf16"]["fraction_of_peak"] == pytest.approx(f["bf16"]["flops_per_s"] / f["peaks"]["bf16"]["best_flops_per_s"])
+    assert f["eager"]["fraction_of_peak"] == pytest.approx(f["eager"]["flops_per_s"] / f["peaks"]["fp32"]["best_flops_per_s"])
+    assert r["paths"]["engine"]["precision"] == "fp32" and r["runtime_overhead_stub"]["resolution"] == "512x512"
+    md = (report_dir / "report.md").read_text()
+    assert "skipped:** needs a CUDA GPU" in md and "| bf16 |" in md and "stub engines" in md
+    check = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "check_report.py"), str(report_dir)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_baseline_setup_per_device():
+    from lcm_export.bench_torch import baseline_setup
+
+    assert baseline_setup("eager", "cuda")["dtype"] == "float16" and baseline_setup("eager", "cpu")["dtype"] == "float32"
+    assert baseline_setup("bf16", "cuda")["precision"] == "bf16"
+    ro = baseline_setup("reduce-overhead", "cuda")
+    assert ro["compile"] == "reduce-overhead" and ro["skip"] is None and ro["precision"] == "fp16"
+    assert baseline_setup("reduce-overhead", "cpu")["skip"]
+
+
+def test_baseline_inputs_follow_pipeline_dtype(demo_pipe):
+    """The class of bug that crashed bench on CUDA (fp32 CPU latents into an fp16 CUDA pipeline), caught on
+    CPU with bf16 standing in for fp16: torch_call must move the latents to the pipeline's device and dtype."""
+    import copy
+
+    import numpy as np
+    import torch
+    from diffusers import LCMScheduler
+
+    from lcm_export.bench_torch import torch_call
+
+    pipe = copy.deepcopy(demo_pipe).to(torch.bfloat16)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        img = torch_call(pipe, latents, 2, 1.0, (64, 64))
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
 
 
 def test_report_md_and_charts(report_dir):

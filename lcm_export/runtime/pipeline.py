@@ -40,6 +40,7 @@ class Timings:
     text_encoder: float = 0.0
     unet: list[float] = field(default_factory=list)
     scheduler: float = 0.0
+    vae_input: float = 0.0
     vae_decoder: float = 0.0
     postprocess: float = 0.0
     total: float = 0.0
@@ -54,14 +55,15 @@ class Timings:
 
     def as_dict(self) -> dict:
         return {"tokenize": self.tokenize, "text_encoder": self.text_encoder, "unet_steps": list(self.unet),
-                "unet_total": sum(self.unet), "scheduler": self.scheduler, "vae_decoder": self.vae_decoder,
+                "unet_total": sum(self.unet), "scheduler": self.scheduler, "vae_input": self.vae_input, "vae_decoder": self.vae_decoder,
                 "postprocess": self.postprocess, "engines": self.engines, "overhead": self.overhead, "total": self.total}
 
     def line(self) -> str:
         steps = " ".join(f"{t * 1e3:.1f}" for t in self.unet)
         return (f"text encoder {self.text_encoder * 1e3:.1f} ms | unet steps [{steps}] ms | vae {self.vae_decoder * 1e3:.1f} ms | "
                 f"total {self.total * 1e3:.1f} ms | runtime overhead {self.overhead * 1e3:.2f} ms "
-                f"(tokenize {self.tokenize * 1e3:.2f}, scheduler {self.scheduler * 1e3:.2f}, postprocess {self.postprocess * 1e3:.2f})")
+                f"(tokenize {self.tokenize * 1e3:.2f}, scheduler {self.scheduler * 1e3:.2f}, vae input {self.vae_input * 1e3:.2f}, "
+                f"postprocess {self.postprocess * 1e3:.2f})")
 
 
 class LCMPipeline:
@@ -81,6 +83,14 @@ class LCMPipeline:
         self.latent_channels = int(manifest.get("latent_channels", 4))
         self.resolutions = [tuple(int(v) for v in r.split("x")) for r in manifest["resolutions"]]
         self.last_timings = Timings()
+        # decoder input z = x * vae_mul + vae_add (diffusers: x / scaling_factor [* std + mean] [+ shift])
+        self._vae_mul = self._vae_add = None
+        if self.vae_mean is not None and self.vae_std is not None:
+            self._vae_mul = (np.asarray(self.vae_std, np.float32) / np.float32(self.vae_scaling)).reshape(-1, 1, 1)
+            self._vae_add = np.asarray(self.vae_mean, np.float32).reshape(-1, 1, 1)
+        if self.vae_shift:
+            self._vae_add = np.float32(self.vae_shift) + (0 if self._vae_add is None else self._vae_add)
+        self._post_buffers: dict[tuple, np.ndarray] = {}
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path, threads: int | None = None) -> "LCMPipeline":
@@ -123,7 +133,8 @@ class LCMPipeline:
         raise self._resolution_error(h, w)
 
     def _check_finite(self, arr: np.ndarray, comp: str, step: int | None = None) -> None:
-        if not np.isfinite(arr).all():
+        # a sum is finite exactly when no element is NaN/inf, unless it overflows: then check element-wise
+        if not np.isfinite(np.add.reduce(arr, axis=None)) and not np.isfinite(arr).all():
             where = f" at step {step + 1}" if step is not None else ""
             raise NonFiniteOutput(
                 f"the {comp} engine produced NaN/inf{where} (fp16 overflow?); nothing was written — rebuild with "
@@ -149,7 +160,9 @@ class LCMPipeline:
             emb, pooled = self._plan_for("text_encoder", h, w).run({"input_ids": ids["tokenizer"]}), None
         else:
             h1 = self._plan_for("text_encoder", h, w).run({"input_ids": ids["tokenizer"]})
-            h2, pooled = self._plan_for("text_encoder_2", h, w).run_all({"input_ids": ids["tokenizer_2"]})
+            te2 = self._plan_for("text_encoder_2", h, w)
+            out2 = self._by_name(te2, te2.run_all({"input_ids": ids["tokenizer_2"]}), "text_encoder_2")
+            h2, pooled = out2["hidden_states"], out2["text_embeds"]
             emb = np.concatenate([h1, h2], axis=-1)
         t.text_encoder = time.perf_counter() - t0
         self._check_finite(emb, "text_encoder")
@@ -157,6 +170,47 @@ class LCMPipeline:
             emb = np.concatenate([np.zeros_like(emb), emb])
             pooled = np.concatenate([np.zeros_like(pooled), pooled])
         return np.ascontiguousarray(emb, dtype=np.float32), pooled
+
+    def _by_name(self, engine, outputs: list, comp: str) -> dict[str, np.ndarray]:
+        """{output name: array}: names from the engine (ORT/TensorRT: str; OpenVINO: ports), else the manifest."""
+        names = getattr(engine, "outputs", None)
+        if names is None:
+            names = [o[0] for o in self.manifest["components"][comp]["outputs"]]
+        names = [n if isinstance(n, str) else n.get_any_name() for n in names]
+        out = dict(zip(names, outputs))
+        want = [o[0] for o in self.manifest["components"][comp]["outputs"]]
+        missing = [n for n in want if n not in out]
+        if missing:
+            raise UserError(f"the {comp} engine has no output {', '.join(missing)} (it has {', '.join(names)}); rebuild with "
+                            f"`lcm-export build-engine --engine-dir {self.engine_dir} --force`")
+        return out
+
+    def _decoder_input(self, x: np.ndarray) -> np.ndarray:
+        """Latents -> VAE decoder input, in place on ``x`` (the scheduler's fresh output)."""
+        if self._vae_mul is None:
+            x /= np.float32(self.vae_scaling)  # as diffusers: latents / scaling_factor
+        else:
+            x *= self._vae_mul
+        if self._vae_add is not None:
+            x += self._vae_add
+        return x
+
+    def _postprocess(self, img: np.ndarray, output_type: str):
+        """[-1, 1] NCHW floats -> images as diffusers does ((x / 2 + 0.5).clamp(0, 1) * 255, rounded), in one
+        reused planar buffer (contiguous passes; the NCHW -> NHWC interleave is PIL's merge, in C)."""
+        buf = self._post_buffers.get(img.shape)
+        if buf is None:
+            buf = self._post_buffers.setdefault(img.shape, np.empty(img.shape, np.float32))
+        np.multiply(img, np.float32(0.5), out=buf)
+        buf += np.float32(0.5)
+        np.clip(buf, 0.0, 1.0, out=buf)
+        if output_type == "np":
+            return np.ascontiguousarray(buf.transpose(0, 2, 3, 1))
+        buf *= np.float32(255)
+        np.rint(buf, out=buf)
+        planes = buf.astype(np.uint8)
+        return [Image.merge("RGB", [Image.fromarray(c) for c in p]) if p.shape[0] == 3 else Image.fromarray(p[0])
+                for p in planes]
 
     def __call__(self, prompt: str, negative_prompt: str | None = None, steps: int = 4, guidance: float = 1.0,
                  seed: int = 0, batch: int = 1, height: int | None = None, width: int | None = None,
@@ -221,26 +275,15 @@ class LCMPipeline:
 
         # 4. VAE decode
         t0 = time.perf_counter()
-        if self.vae_mean is not None and self.vae_std is not None:
-            mean = np.asarray(self.vae_mean, np.float32).reshape(1, -1, 1, 1)
-            std = np.asarray(self.vae_std, np.float32).reshape(1, -1, 1, 1)
-            z = x * std / np.float32(self.vae_scaling) + mean
-        else:
-            z = x / np.float32(self.vae_scaling)
-        if self.vae_shift:
-            z = z + np.float32(self.vae_shift)
-        img = self._plan_for("vae_decoder", h, w).run({"latent": np.ascontiguousarray(z, dtype=np.float32)})
-        t.vae_decoder = time.perf_counter() - t0
+        z = self._decoder_input(np.ascontiguousarray(x, dtype=np.float32))
+        t1 = time.perf_counter()
+        img = self._plan_for("vae_decoder", h, w).run({"latent": z})
+        t.vae_input, t.vae_decoder = t1 - t0, time.perf_counter() - t1
         self._check_finite(img, "vae_decoder")
 
-        # 5. Post-process as diffusers does: [-1, 1] -> [0, 1] -> uint8
+        # 5. Post-process as diffusers does: [-1, 1] -> [0, 1] -> uint8 -> PIL (NHWC)
         t0 = time.perf_counter()
-        arr = np.clip(img / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
-        if output_type == "np":
-            result = arr
-        else:
-            u8 = (arr * 255).round().astype(np.uint8)
-            result = [Image.fromarray(a) for a in u8]
+        result = self._postprocess(img, output_type)
         t.postprocess = time.perf_counter() - t0
         t.total = time.perf_counter() - t_start
         self.last_timings = t

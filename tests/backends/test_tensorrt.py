@@ -96,3 +96,381 @@ def test_tensorrt_fp16_build_and_parity(tmp_path, base_dir):
     b = LCMPipeline.from_engine_dir(ort_dir)("a photo", output_type="np")
     mse = float(np.mean((a - b) ** 2))
     assert 10 * np.log10(1 / max(mse, 1e-12)) >= 30
+
+
+# ----------------------------------------------------------------------------------------------
+# Build configuration per TensorRT major version (pure)
+
+def _item(fp16=True, refit=False):
+    return {"fp16": fp16, "refittable": refit, "builder_optimization_level": 3}
+
+
+def test_build_config_tensorrt10_weakly_typed_fp16_flag():
+    from lcm_export.backends.tensorrt import build_config
+
+    cfg = build_config(_item(fp16=True), "10.15.1.29")
+    assert cfg == {"onnx": "fp32", "strongly_typed": False,
+                   "config": {"fp16": True, "tf32": False, "refittable": False, "builder_optimization_level": 3}}
+    fp32 = build_config(_item(fp16=False, refit=True), "10.0.1")
+    assert fp32["config"]["fp16"] is False and fp32["config"]["tf32"] is True and fp32["config"]["refittable"] is True
+
+
+@pytest.mark.parametrize("version", ["11.4.0", "11.1.0.106", "12.0.0"])
+def test_build_config_tensorrt11_strongly_typed_fp16_graph(version):
+    """TensorRT 11 has no fp16 flag: Polygraphy's CreateConfig(fp16=...) fails there, so the key must be absent."""
+    from lcm_export.backends.tensorrt import build_config
+
+    cfg = build_config(_item(fp16=True), version)
+    assert cfg["onnx"] == "fp16" and cfg["strongly_typed"] and "fp16" not in cfg["config"]
+    assert cfg["config"]["tf32"] is False
+    vae32 = build_config(_item(fp16=False), version)  # the fp32 VAE fallback: the fp32 graph, TF32 allowed
+    assert vae32["onnx"] == "fp32" and vae32["strongly_typed"] and vae32["config"] == {
+        "tf32": True, "refittable": False, "builder_optimization_level": 3}
+
+
+def test_build_config_rejects_old_or_unreadable_versions():
+    from lcm_export.backends.tensorrt import build_config
+    from lcm_export.errors import UserError
+
+    with pytest.raises(UserError, match="too old"):
+        build_config(_item(), "8.6.1")
+    with pytest.raises(UserError, match="cannot read"):
+        build_config(_item(), "unknown")
+
+
+def test_pyproject_pins_untested_majors():
+    text = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    assert '"tensorrt>=10.0,<12"' in text and '"polygraphy>=0.49,<0.55"' in text
+
+
+def test_fp16_onnx_keeps_fp32_io_and_matches(tmp_path, demo_pipe):
+    """The TensorRT 11 fp16 graph: fp16 weights, fp32 inputs/outputs; ONNX Runtime runs it close to fp32."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from lcm_export.backends.tensorrt import fp16_onnx
+    from lcm_export.export import export_component, sample_inputs
+
+    src = export_component("unet", demo_pipe, tmp_path, (64, 64))
+    dst = fp16_onnx(src, src.with_name("model.fp16.onnx"))
+    m = onnx.load(str(dst), load_external_data=False)
+    f32 = onnx.TensorProto.FLOAT
+    assert all(v.type.tensor_type.elem_type == f32 for v in list(m.graph.input) + list(m.graph.output))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer)
+    assert not [t.name for t in m.graph.initializer if t.data_type == f32 and len(t.dims) > 1]
+    feeds = sample_inputs("unet", demo_pipe, 1, (64, 64), seed=1)
+    a = ort.InferenceSession(str(src)).run(None, feeds)[0]
+    b = ort.InferenceSession(str(dst)).run(None, feeds)[0]
+    assert b.dtype == np.float32 and np.linalg.norm(a - b) / np.linalg.norm(a) < 2e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA runtime lookup (pure but for folders)
+
+def test_cuda_runtime_dirs_both_wheel_layouts(tmp_path):
+    from lcm_export.backends.tensorrt import cuda_runtime_dirs, tensorrt_cuda_major
+
+    s12, s13 = tmp_path / "a", tmp_path / "b"
+    (s12 / "nvidia" / "cuda_runtime" / "lib").mkdir(parents=True)
+    (s12 / "nvidia" / "cuda_runtime" / "lib" / "libcudart.so.12").write_bytes(b"")
+    (s13 / "nvidia" / "cu13" / "lib").mkdir(parents=True)
+    (s13 / "nvidia" / "cu13" / "lib" / "libcudart.so.13").write_bytes(b"")
+    (tmp_path / "c" / "nvidia" / "cu13" / "lib").mkdir(parents=True)  # no library inside: skipped
+    sites = [s12, s13, tmp_path / "c"]
+    assert cuda_runtime_dirs(sites) == [s13 / "nvidia/cu13/lib", s12 / "nvidia/cuda_runtime/lib"]
+    assert cuda_runtime_dirs(sites, prefer=12)[0] == s12 / "nvidia/cuda_runtime/lib"
+    assert tensorrt_cuda_major(["numpy", "tensorrt_cu13_libs", "tensorrt"]) == 13
+    assert tensorrt_cuda_major(["tensorrt-cu12-bindings"]) == 12 and tensorrt_cuda_major(["tensorrt"]) is None
+
+
+def test_cuda_graphs_off_by_default():
+    from lcm_export.backends.tensorrt import cuda_graphs_enabled
+
+    assert not cuda_graphs_enabled({}) and not cuda_graphs_enabled({"LCM_EXPORT_CUDA_GRAPHS": "0"})
+    assert cuda_graphs_enabled({"LCM_EXPORT_CUDA_GRAPHS": "1"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Profile validation (pure)
+
+UNET_PROFILE = {"sample": {"min": [1, 4, 8, 8], "opt": [1, 4, 8, 8], "max": [1, 4, 8, 8]},
+                "timestep": {"min": [1], "opt": [1], "max": [1]},
+                "encoder_hidden_states": {"min": [1, 77, 32], "opt": [1, 77, 32], "max": [1, 77, 32]}}
+
+
+def _unet_feeds(b=1, h=8, w=8):
+    import numpy as np
+
+    return {"sample": np.zeros((b, 4, h, w), np.float32), "timestep": np.zeros((b,), np.float32),
+            "encoder_hidden_states": np.zeros((b, 77, 32), np.float32)}
+
+
+@pytest.mark.parametrize("feeds,needle", [
+    (_unet_feeds(b=2), "batch 2 is outside the built range 1..1"),  # guidance on an entry built with --guidance off
+    (_unet_feeds(h=16), "4x16x8 (after the batch) is outside the built 4x8x8"),
+])
+def test_check_feeds_one_line_errors(feeds, needle):
+    from lcm_export.backends.tensorrt import check_feeds
+    from lcm_export.errors import UserError
+
+    check_feeds(UNET_PROFILE, _unet_feeds(), "unet engine")
+    with pytest.raises(UserError) as e:
+        check_feeds(UNET_PROFILE, feeds, "unet engine")
+    assert needle in str(e.value) and "\n" not in str(e.value) and "rebuild" in str(e.value)
+
+
+def test_entry_profile_from_manifest(tmp_path):
+    from lcm_export.backends.tensorrt import entry_profile
+
+    m = {"tensorrt": {"builds": [{"file": "unet/8x8.plan", "profile": UNET_PROFILE}]}}
+    assert entry_profile(m, tmp_path, tmp_path / "unet" / "8x8.plan") == UNET_PROFILE
+    assert entry_profile(m, tmp_path, tmp_path / "vae_decoder" / "8x8.plan") is None
+
+
+# ----------------------------------------------------------------------------------------------
+# TrtEngine's control flow against stubs of TensorRT's objects (nothing here runs TensorRT)
+
+class _StubTrt:
+    class TensorIOMode:
+        INPUT, OUTPUT = "in", "out"
+
+    def __init__(self):
+        self.nptype_calls = 0
+
+    def nptype(self, dt):
+        self.nptype_calls += 1
+        return dt
+
+
+class _StubCuda:
+    """Device arrays as host arrays keyed by a fake pointer; reading ``.dtype`` fails the test."""
+
+    def __init__(self):
+        self.memory = {}
+        self.freed = 0
+
+    def Stream(self):
+        cuda = self
+
+        class Stream:
+            ptr = 7
+
+            def synchronize(self):
+                pass
+
+            def free(self):
+                cuda.freed += 1
+
+        return Stream()
+
+    def DeviceArray(self, shape, dtype):
+        import numpy as np
+
+        cuda = self
+
+        class DeviceArray:
+            def __init__(self):
+                self.shape, self._np = shape, np.zeros(shape, dtype)
+                self.ptr = 1000 + len(cuda.memory)
+                cuda.memory[self.ptr] = self._np
+
+            @property
+            def dtype(self):
+                raise AssertionError("DeviceArray.dtype read: Polygraphy 0.53 warns on every call")
+
+            def copy_from(self, host, stream=None):
+                assert host.dtype == self._np.dtype and host.shape == self._np.shape
+                self._np[...] = host
+
+            def copy_to(self, host, stream=None):
+                host[...] = self._np
+
+            def free(self):
+                cuda.freed += 1
+
+        return DeviceArray()
+
+
+class _StubContext:
+    def __init__(self, fail=None):
+        self.fail, self.shapes, self.addr, self.calls = fail or set(), {}, {}, 0
+        self.memory = None
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return "set_input_shape" not in self.fail
+
+    def get_tensor_shape(self, name):
+        return self.shapes.get(name, self.shapes["x"])
+
+    def set_tensor_address(self, name, ptr):
+        self.addr[name] = ptr
+        return "set_tensor_address" not in self.fail
+
+    def execute_async_v3(self, stream):
+        self.calls += 1
+        if "execute_async_v3" in self.fail:
+            return False
+        self.memory[self.addr["y"]][...] = 2 * self.memory[self.addr["x"]]
+        return True
+
+
+class _StubEngine:
+    num_io_tensors = 2
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def get_tensor_name(self, i):
+        return ["x", "y"][i]
+
+    def get_tensor_mode(self, n):
+        return "in" if n == "x" else "out"
+
+    def get_tensor_dtype(self, n):
+        import numpy as np
+
+        return np.float16 if n == "x" else np.float32
+
+    def create_execution_context(self):
+        return self.ctx
+
+
+def _stub_engine(fail=None, graphs=False, lib=None):
+    from lcm_export.backends.tensorrt import TrtEngine
+
+    trt, cuda, ctx = _StubTrt(), _StubCuda(), _StubContext(fail)
+    ctx.memory = cuda.memory
+    profile = {"x": {"min": [1, 3], "opt": [1, 3], "max": [2, 3]}}
+    eng = TrtEngine.from_engine(_StubEngine(ctx), trt, cuda, profile, "unet engine", use_cuda_graph=graphs, cudart=lib)
+    return eng, trt, cuda, ctx
+
+
+def test_trt_engine_runs_with_cached_dtypes():
+    import numpy as np
+
+    eng, trt, cuda, ctx = _stub_engine()
+    for _ in range(3):
+        (y,) = eng.run_all({"x": np.ones((2, 3), np.float32)})
+    assert y.dtype == np.float32 and (y == 2).all()
+    assert trt.nptype_calls == 2  # once per tensor at load, never per call
+    assert eng.dtypes == {"x": np.dtype(np.float16), "y": np.dtype(np.float32)}
+    eng.close()
+    assert cuda.freed == 3  # two buffers and the stream
+
+
+@pytest.mark.parametrize("fail", ["set_input_shape", "set_tensor_address", "execute_async_v3"])
+def test_trt_engine_checks_every_return_value(fail):
+    import numpy as np
+
+    from lcm_export.errors import UserError
+
+    eng, *_ = _stub_engine(fail={fail})
+    with pytest.raises(UserError, match=f"unet engine: TensorRT {fail}"):
+        eng.run_all({"x": np.ones((1, 3), np.float32)})
+
+
+def test_trt_engine_validates_profile_before_the_gpu():
+    import numpy as np
+
+    from lcm_export.errors import UserError
+
+    eng, _, cuda, ctx = _stub_engine()
+    with pytest.raises(UserError, match="batch 3 is outside the built range 1..2"):
+        eng.run_all({"x": np.ones((3, 3), np.float32)})
+    assert ctx.calls == 0 and not cuda.memory
+
+
+class _StubCudart:
+    """cudart's graph calls as the CUDA 12/13 runtime takes them; records what was called."""
+
+    def __init__(self, instantiate_rc=0):
+        self.log, self.instantiate_rc = [], instantiate_rc
+
+    def cudaStreamBeginCapture(self, stream, mode):
+        self.log.append(("begin", mode))
+        return 0
+
+    def cudaStreamEndCapture(self, stream, pgraph):
+        pgraph._obj.value = 42
+        self.log.append("end")
+        return 0
+
+    def cudaGraphInstantiate(self, pexec, graph, flags, *extra):
+        assert not extra and isinstance(flags, __import__("ctypes").c_ulonglong)  # three arguments since CUDA 12
+        pexec._obj.value = 99
+        self.log.append("instantiate")
+        return self.instantiate_rc
+
+    def cudaGraphLaunch(self, exe, stream):
+        self.log.append("launch")
+        return 0
+
+    def cudaGraphDestroy(self, graph):
+        self.log.append("destroy graph")
+
+    def cudaGraphExecDestroy(self, exe):
+        self.log.append("destroy exec")
+
+    def cudaGetLastError(self):
+        return 0
+
+
+def test_cuda_graph_warmup_then_capture_then_replay_and_destroy():
+    import numpy as np
+
+    lib = _StubCudart()
+    eng, _, _, ctx = _stub_engine(graphs=True, lib=lib)
+    x = {"x": np.ones((1, 3), np.float32)}
+    eng.run_all(x)  # warm-up: plain enqueue, nothing captured
+    assert ctx.calls == 1 and lib.log == []
+    eng.run_all(x)  # capture (thread-local mode = 1) and launch
+    assert lib.log == [("begin", 1), "end", "instantiate", "destroy graph", "launch"]
+    eng.run_all(x)
+    assert lib.log[-1] == "launch" and ctx.calls == 2  # replayed: no new enqueue
+    eng.close()
+    assert lib.log[-1] == "destroy exec" and not eng.graphs
+
+
+def test_cuda_graph_discarded_when_enqueue_fails_during_capture():
+    import numpy as np
+
+    lib = _StubCudart()
+    eng, _, _, ctx = _stub_engine(graphs=True, lib=lib)
+    x = {"x": np.ones((1, 3), np.float32)}
+    eng.run_all(x)
+    ctx.fail = {"execute_async_v3"}
+    from lcm_export.errors import UserError
+
+    with pytest.raises(UserError, match="execute_async_v3"):  # the plain enqueue after the failed capture fails too
+        eng.run_all(x)
+    assert "instantiate" not in lib.log and "destroy graph" in lib.log
+    assert not eng.graphs and eng.use_cuda_graph is False
+
+
+def test_cuda_graph_instantiate_failure_falls_back_to_plain_enqueue():
+    import numpy as np
+
+    lib = _StubCudart(instantiate_rc=1)
+    eng, _, _, ctx = _stub_engine(graphs=True, lib=lib)
+    x = {"x": np.ones((1, 3), np.float32)}
+    eng.run_all(x)
+    (y,) = eng.run_all(x)
+    assert (y == 2).all() and "destroy exec" in lib.log and not eng.graphs and not eng.use_cuda_graph
+
+
+def test_trt_engine_serialises_threads():
+    import threading
+
+    import numpy as np
+
+    eng, *_ = _stub_engine()
+    assert isinstance(eng._lock, type(threading.Lock()))
+    outs = []
+    ts = [threading.Thread(target=lambda v=v: outs.append((v, eng.run({"x": np.full((1, 3), v, np.float32)})))) for v in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert all((y == 2 * v).all() for v, y in outs) and len(outs) == 8
