@@ -284,11 +284,15 @@ def export_pipeline(pipe, out_dir: Path, hw: tuple[int, int], parity_resolutions
             from ._util import disk_error
 
             raise disk_error(exc, out_dir / comp) from None
+        from .refit import MAP_FILE, record_weight_map
+
+        wmap = record_weight_map(_wrappers(pipe)[comp], comp, path)
         bar.update()
         bar.set_description_str(f"check {comp} in ONNX Runtime")
         checks = [parity(comp, pipe, path, 1, r) for r in (parity_resolutions if not comp.startswith("text_encoder") else parity_resolutions[:1])]
         bar.update()
-        record[comp] = {"file": f"{comp}/{path.name}", "files": [f"{comp}/{n}" for n in onnx_files(path)],
+        record[comp] = {"file": f"{comp}/{path.name}", "files": [f"{comp}/{n}" for n in onnx_files(path)] + [f"{comp}/{MAP_FILE}"],
+                        "weight_map": {"file": f"{comp}/{MAP_FILE}", "mapped": len(wmap["weights"]), "unmapped": len(wmap["unmapped"])},
                         "opset": OPSET, "exporter": "torch.onnx (TorchScript, dynamo=False)",
                         **component_io(comp, dims), "parity": checks}
     return record
