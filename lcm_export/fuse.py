@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._util import atomic_dir, disk_error, progress, sha256_file, tool_versions, write_json
+from ._util import atomic_dir, check_dir_path, disk_error, progress, sha256_file, tool_versions, write_json
 from .errors import EngineError, UserError
 from .models import base_family, base_record, load_pipeline, resolve_base
 
@@ -204,6 +204,7 @@ def fuse(base: str, loras: list[LoraSpec], out: str | Path, force: bool = False,
     src = resolve_base(base)
     family = base_family(src)
     infos = [inspect_lora(spec.path) for spec in loras]
+    check_dir_path(out)
     if out.exists() and not force:
         raise UserError(f"output folder {out} already exists; pass --force to replace it")
 
