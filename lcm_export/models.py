@@ -59,7 +59,7 @@ def check_supported(family: str, what: str) -> None:
     if family not in SUPPORTED_FAMILIES:
         label = {"sdxl": "SDXL", "ssd1b": "SSD-1B", "sd2": "SD 2.x"}.get(family, family)
         raise UserError(
-            f"{what} is an {label} model ({family}); not supported — this release handles SD 1.5 (sd15), SDXL (sdxl) and SSD-1B (ssd1b) models"
+            f"{what} is an {label} model ({family}); not supported yet — this release handles SD 1.5 (sd15), SDXL (sdxl) and SSD-1B (ssd1b) models"
         )
 
 
