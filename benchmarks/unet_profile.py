@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    from lcm_export._util import tool_versions, write_json
+    from lcm_export._util import tool_versions, write_json, write_text
     from lcm_export.bench import machine_info
     from lcm_export.bench_torch import measure_peak
     from lcm_export.store import read_manifest
@@ -168,7 +168,7 @@ def main():
     for k, v in prof["top_matrix_shapes"].items():
         rate = v["gflop"] / v["ms"] * 1e3
         lines.append(f"| `{k}` | {v['ms']:,.1f} | {v['nodes']} | {rate:.0f} | {rate / p * 100:.0f} % |")
-    (out / "report.md").write_text("\n".join(lines + [""]))
+    write_text(out / "report.md", "\n".join(lines + [""]))
     print("\n".join(lines[:9]))
 
 

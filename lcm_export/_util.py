@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -28,13 +29,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_json(path: str | os.PathLike, data) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text atomically (temp file in the same folder, then rename), readable as umask allows."""
+    """Write a text file atomically (temp file in the same folder, then rename), mode 0666 & ~umask."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -48,17 +44,53 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def write_json(path: str | os.PathLike, data) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(final: Path) -> list[Path]:
+    """Remove ``.NAME.partial-PID-*`` / ``.NAME.old-PID`` folders beside ``final`` whose owner process
+    is gone (a build killed with SIGKILL, a power cut). Live owners' folders are left alone."""
+    removed = []
+    parent = final.parent
+    if not parent.is_dir():
+        return removed
+    for kind in ("partial", "old"):
+        for p in parent.glob(f".{glob.escape(final.name)}.{kind}-*"):
+            pid = p.name[len(f".{final.name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "output folder") -> Iterator[Path]:
     """Yield a temp folder beside ``final``; on success it replaces ``final`` in one rename.
 
-    On any error the temp folder is removed, so ``final`` is either absent, untouched, or complete.
+    On any error (and on SIGINT/SIGTERM, which the CLI turns into ``KeyboardInterrupt``) the temp
+    folder is removed, so ``final`` is either absent, untouched, or complete. The temp folder's name
+    carries this process's id; folders left by a process that died without cleaning up (SIGKILL)
+    are removed by the next ``atomic_dir`` for the same ``final``.
     """
     final = Path(final)
+    check_dir_path(final, what)
     if final.exists() and not force:
         raise UserError(f"{what} {final} already exists; pass --force to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    remove_stale_partials(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
@@ -72,6 +104,48 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "outpu
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_dir_path(path: Path, what: str = "output folder") -> None:
+    """Refuse, as one line, a folder path that names a file or lies under a file."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder; choose a folder path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{what} {path}: {parent} is a file, not a folder; choose another path")
+            break
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) as an exception, so every ``atomic_dir`` cleans up as it does for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def termination_as_interrupt() -> Iterator[None]:
+    """The one signal handler: while active, SIGTERM and SIGHUP raise ``Terminated`` in the main
+    thread (cleanup runs as for SIGINT). A no-op outside the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    sigs = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def disk_error(exc: OSError, where: str | os.PathLike) -> UserError:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ._cpu import usable_cores
-from ._util import progress, tool_versions, write_json
+from ._util import progress, tool_versions, write_json, write_text
 from .bench_torch import (BASELINES, PROMPT, SOLVERS, StageTimer, baseline_setup, measure_peak, reference_pipeline,
                           scheduler_for, stats, time_torch, torch_call, unet_flops)
 from .errors import UserError
@@ -367,5 +367,5 @@ def run_bench(o: BenchOptions) -> dict:
     from .bench_report import write_charts, write_markdown
 
     write_charts(report, out)
-    (out / "report.md").write_text(write_markdown(report))
+    write_text(out / "report.md", write_markdown(report))
     return report

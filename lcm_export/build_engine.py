@@ -14,8 +14,8 @@ from . import backends
 from ._cpu import cpu_name, recorded_flags
 from ._util import atomic_dir, disk_error, progress, tool_versions, write_json
 from .errors import UserError
-from .shapes import plan_shapes, size_multiple
-from .store import DEFAULT_ROOT, MANIFEST, SCHEMA_VERSION, cache_key, existing_entry
+from .shapes import check_memory, plan_shapes, size_multiple
+from .store import DEFAULT_ROOT, MANIFEST, SCHEMA_VERSION, cache_key, existing_entry, record_file_sizes
 
 # Bump when a change to lcm-export alters what a build writes for the same inputs, so existing
 # entries rebuild instead of being reported up to date. 2: CPU graphs stored at ORT_ENABLE_ALL.
@@ -52,7 +52,8 @@ class BuildOptions:
     vae_fp32: bool = False
     """TensorRT: VAE decoder in fp32 (slower; avoids fp16 overflow, which is detected anyway)."""
     refit: bool = False
-    """TensorRT: refittable engines (swap weights without a rebuild; slightly slower engines)."""
+    """TensorRT: build refittable engines (slightly slower). Nothing swaps weights into them yet: a
+    change of LoRA or λ still rebuilds."""
     engine_dir: str | None = None
     """Entry folder; default engines/<name>."""
     name: str | None = None
@@ -60,7 +61,7 @@ class BuildOptions:
     threads: int | None = None
     """CPU threads recorded as the entry's default (None: all cores); $LCM_EXPORT_THREADS overrides at run time."""
     force: bool = False
-    """Replace an entry that holds another model."""
+    """Rebuild even when the entry is up to date, and replace an entry that holds another model."""
     show_progress: bool = True
 
 
@@ -115,6 +116,7 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     multiple = size_multiple(len(unet_cfg["block_out_channels"]))
     resolutions = list(opts.resolutions) or ([] if opts.dynamic else [DEFAULT_RESOLUTION[family]])
     plans = plan_shapes(resolutions, opts.dynamic, opts.batch, opts.guidance, multiple)
+    check_memory(plans, unet_cfg)  # before anything is loaded
     if opts.threads is not None and opts.threads < 1:
         raise UserError(f"--threads {opts.threads}: must be at least 1")
     items = _resolve_loras(opts, src, demo_default)
@@ -227,6 +229,7 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
         "pooled_dim": dims["pooled_dim"],
         "text_encoders": [c for c in comps if c.startswith("text_encoder")],
         "latent_channels": dims["latent_channels"],
+        "size_multiple": size_multiple(len(pipe.unet.config.block_out_channels)),
         "default_resolution": list(DEFAULT_RESOLUTION[family]),
         "force_zeros_for_empty_prompt": bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
         "vae": {"scaling_factor": float(vae_cfg.scaling_factor),
@@ -248,12 +251,13 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     for k in ("gpu", "compute_capability"):
         if section.get(k):
             manifest["hardware"][k] = section[k]
+    manifest = record_file_sizes(manifest, tmp)
     write_json(tmp / MANIFEST, manifest)
     bar.update()
     if precision in REDUCED and mod.VERIFY_IN_BUILD:
         bar.set_description_str("image check against PyTorch fp32")
         manifest["fidelity"] = _image_gate(pipe, tmp, plans, components)
-        write_json(tmp / MANIFEST, manifest)
+        write_json(tmp / MANIFEST, record_file_sizes(manifest, tmp))
         bar.update()
     return manifest
 

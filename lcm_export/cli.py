@@ -8,11 +8,11 @@ import os
 import sys
 
 from .backends import names as backend_names
-from .errors import UserError
+from .errors import EXIT_ENGINE_ERROR, EXIT_USER_ERROR, EngineError, UserError
 
 
 def _resolution(text: str) -> tuple[int, int]:
-    """``HxW`` -> (H, W); validation of multiples of 8 happens in the library (one message)."""
+    """``HxW`` -> (H, W); the library checks sizes (multiples of the UNet's, max side) in one message."""
     try:
         h, w = text.lower().split("x")
         return int(h), int(w)
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export text encoder, UNet and VAE decoder to ONNX and check each against PyTorch in ONNX Runtime.")
     e.add_argument("--model", required=True, help="fused model folder (from `fuse`), a diffusers folder, hub id or demo:NAME")
     e.add_argument("--out", required=True, help="output folder for the ONNX files and export.json")
-    e.add_argument("--resolution", type=_resolution, default=None, metavar="HxW", help="resolution of the parity check inputs (default: the family's, 512x512 for SD 1.5)")
+    e.add_argument("--resolution", type=_resolution, default=None, metavar="HxW", help="resolution of the parity check inputs (default: the family's: 512x512 for SD 1.5, 1024x1024 for SDXL / SSD-1B)")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--base", default=None, help="hub id, local diffusers folder or demo:NAME (default: demo:sd15 with the demo LoRAs)")
     b.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help=_lora_help())
     b.add_argument("--resolution", action="append", type=_resolution, default=[], metavar="HxW",
-                   help="image resolution to build for, multiple of 8 (repeatable; default: the family's)")
+                   help="image resolution to build for (repeatable). Sides must be multiples of 64 for SD 1.5 / SDXL "
+                        "(16 for the tiny demos) and at most 4096. Default: the family's, 512x512 for SD 1.5, 1024x1024 "
+                        "for SDXL / SSD-1B")
     b.add_argument("--dynamic", type=_dynamic, default=None, metavar="HxW-HxW",
                    help="one dynamic-shape engine over this range instead of static ones per resolution")
     b.add_argument("--batch", type=int, default=1, help="images per call, B (UNet runs at B, or 2B with guidance)")
@@ -83,16 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "else fp32. bf16 needs --backend openvino and such a CPU; its 4-step image is checked against "
                         "PyTorch fp32 and refused below 30 dB PSNR")
     b.add_argument("--vae-fp32", action="store_true", help="TensorRT: build the VAE decoder in fp32 (always done if fp16 overflows)")
-    b.add_argument("--refit", action="store_true", help="TensorRT: build refittable engines (weights can be swapped without rebuild)")
+    b.add_argument("--refit", action="store_true", help="TensorRT: build refittable engines (slightly slower). Nothing refits them yet: a new LoRA or λ still rebuilds")
     b.add_argument("--engine-dir", default=None, help="engine-store entry to write (default: engines/<name>)")
     b.add_argument("--name", default=None, help="entry name under engines/ (default: derived from the base)")
     b.add_argument("--threads", type=int, default=None,
                    help="CPU threads recorded as the entry's default (default: all cores; $LCM_EXPORT_THREADS overrides at run time)")
-    b.add_argument("--force", action="store_true", help="replace an entry that holds another model")
+    b.add_argument("--force", action="store_true", help="rebuild even when the entry is up to date; replace an entry that holds another model")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
 
     i = sub.add_parser("inspect", help="show an engine-store entry's manifest", description="Print an engine-store entry's manifest.")
-    i.add_argument("engine_dir", help="engine-store entry (folder with manifest.json)")
+    i.add_argument("engine_dir", help="engine-store entry (folder with manifest.json); its schema and file sizes are checked")
     i.add_argument("--json", action="store_true", help="print the raw manifest JSON")
 
     g = sub.add_parser("generate", help="text → image with the lean runtime (numpy + engines; no torch)",
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None, help="negative prompt (used when --guidance > 1)")
     g.add_argument("--steps", type=int, default=4, help="LCM steps, 1-50 (default 4)")
     g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale; > 1 runs the UNet at 2B (default 1.0)")
-    g.add_argument("--seed", type=int, default=0, help="seed of numpy's Generator for latents and step noise")
+    g.add_argument("--seed", type=int, default=0, help="seed of numpy's Generator for latents and step noise (a whole number >= 0)")
     g.add_argument("--batch", type=int, default=1, help="images per call")
     g.add_argument("--resolution", type=_resolution, default=None, metavar="HxW", help="one the engine was built for (default: its first)")
     g.add_argument("--out", required=True, help="output PNG; batch > 1 writes OUT-0.png, OUT-1.png, …")
@@ -127,15 +129,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 bad input (``UserError``); 1 an engine or the runtime failed
+    (``EngineError``); 130 / 143 interrupted by SIGINT / SIGTERM (nothing half-written is kept).
+    Each failure prints one line, ``error: <message>``, on stderr."""
     args = build_parser().parse_args(argv)
+    from ._util import Terminated, termination_as_interrupt
+
     try:
-        return _dispatch(args)
+        with termination_as_interrupt():
+            return _dispatch(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing half-written was kept", file=sys.stderr)
-        return 130
+        return EXIT_USER_ERROR
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ENGINE_ERROR
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else 2
+        print(f"error: {'terminated' if signum != 2 else 'interrupted'}; nothing half-written was kept", file=sys.stderr)
+        return 128 + signum
+    except BrokenPipeError:
+        # the reader of our stdout went away (`lcm-export inspect DIR | head -1`): nothing left to say
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    """After EPIPE, point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _quiet_libraries() -> None:

@@ -1,4 +1,4 @@
-"""Built-in demo models: SD 1.5-architecture pipelines with seeded random weights, fully offline.
+"""Built-in demo models: SD 1.5, SDXL and SSD-1B architecture pipelines with seeded random weights, fully offline.
 
 Images from these models are noise: the weights are random. They exist so that every stage (fuse,
 export, build, runtime, bench) can run and be tested without downloading anything.

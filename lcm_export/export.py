@@ -269,7 +269,8 @@ def compare(got: np.ndarray, want: np.ndarray) -> dict:
 
 
 def export_pipeline(pipe, out_dir: Path, hw: tuple[int, int], parity_resolutions=None, bar=None) -> dict:
-    """Export all three components into ``out_dir`` and check each; return the components record."""
+    """Export every component (three for SD 1.5; four for SDXL / SSD-1B: two text encoders) into
+    ``out_dir`` and check each; return the components record."""
     from ._util import progress
 
     bar = bar or progress(0, "", enabled=False)
@@ -304,22 +305,34 @@ def export_model(model: str, out: str | Path, resolution=None, force: bool = Fal
     from .fuse import read_fusion
     from .models import DEFAULT_RESOLUTION, base_family, load_pipeline, resolve_base
 
-    src = resolve_base(str(model))
+    from ._util import check_dir_path, disk_error
+    from .errors import UserError
+    from .models import read_unet_config
+    from .shapes import check_memory, plan_shapes, size_multiple
+
+    src = resolve_base(str(model), flag="--model")
     family = base_family(src)
     hw = tuple(resolution) if resolution else DEFAULT_RESOLUTION[family]
-    from .shapes import size_multiple, validate_resolution
+    unet_cfg = read_unet_config(src)  # every check before anything is loaded
+    check_memory(plan_shapes([hw], None, 1, "off", size_multiple(len(unet_cfg["block_out_channels"]))), unet_cfg)
+    check_dir_path(Path(out))
+    if Path(out).exists() and not force:
+        raise UserError(f"output folder {out} already exists; pass --force to replace it")
 
     bar = progress(1 + 2 * len(XL_COMPONENTS if family in ("sdxl", "ssd1b") else COMPONENTS), "export", enabled=show_progress)
     bar.set_description_str(f"load {model}")
     pipe = load_pipeline(src)
-    validate_resolution(*hw, size_multiple(len(pipe.unet.config.block_out_channels)))
     bar.update()
-    with atomic_dir(out, force=force) as tmp:
-        comps = export_pipeline(pipe, tmp, hw, bar=bar)
-        rec = {"model": str(model), "family": family, "components": comps, "versions": tool_versions(),
-               "fusion": read_fusion(src.path) if src.path else {}}
-        write_json(tmp / "export.json", rec)
-    bar.close()
+    try:
+        with atomic_dir(out, force=force) as tmp:
+            comps = export_pipeline(pipe, tmp, hw, bar=bar)
+            rec = {"model": str(model), "family": family, "components": comps, "versions": tool_versions(),
+                   "fusion": read_fusion(src.path) if src.path else {}}
+            write_json(tmp / "export.json", rec)
+    except OSError as exc:
+        raise disk_error(exc, out) from None
+    finally:
+        bar.close()
     for c in comps.values():
         c["parity"] = c["parity"][0]
     return rec

@@ -16,8 +16,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._util import atomic_dir, disk_error, progress, sha256_file, tool_versions, write_json
-from .errors import UserError
+from ._util import atomic_dir, check_dir_path, disk_error, progress, sha256_file, tool_versions, write_json
+from .errors import EngineError, UserError
 from .models import base_family, base_record, load_pipeline, resolve_base
 
 FUSION_SCHEMA = 1
@@ -78,11 +78,15 @@ def inspect_lora(path: Path) -> LoraInfo:
             meta = f.metadata() or {}
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
             alphas = [float(f.get_tensor(k).item()) for k in keys if k.endswith(".alpha")]
+            bad = next((k for k in keys if not _finite(f.get_tensor(k))), None)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"LoRA file {path}: not a valid safetensors file (truncated or corrupt?): {str(exc).splitlines()[0]}") from None
 
     if not keys:
         raise UserError(f"LoRA file {path}: holds no tensors")
+    if bad is not None:
+        raise UserError(f"LoRA file {path}: tensor {bad} holds NaN or inf values (a diverged training run or a corrupt "
+                        "file); it cannot be fused")
     if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         sgm = any(p in k for k in keys for p in ("input_blocks", "middle_block", "output_blocks"))
         fmt = "kohya-sgm" if sgm else "kohya"
@@ -119,6 +123,46 @@ def inspect_lora(path: Path) -> LoraInfo:
 
 
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def _finite(t) -> bool:
+    import torch
+
+    return not (t.is_floating_point() or t.is_complex()) or bool(torch.isfinite(t).all())
+
+
+def _check_fused_finite(pipe, touched: dict[str, list[str]], spec: "LoraSpec", info: "LoraInfo") -> None:
+    """After fusing one LoRA: every weight it changed is finite, and each component it touched still
+    gives finite outputs on a small seeded input (a huge λ leaves finite weights whose products
+    overflow float32, e.g. in attention). Names the file, λ and the layer (the largest weight)."""
+    import torch
+
+    from .export import _wrappers, sample_inputs
+    from .shapes import size_multiple
+
+    largest = (0.0, "")
+    for comp, names in touched.items():
+        module = getattr(pipe, comp)
+        for name in names:
+            layer = module.get_submodule(name)
+            layer = getattr(layer, "base_layer", layer)
+            for pname, param in layer.named_parameters(recurse=False):
+                where = f"{comp}.{name}.{pname}"
+                if not _finite(param.data):
+                    raise UserError(f"LoRA file {info.path} at λ={spec.weight:g}: the fused weight of layer {where} "
+                                    "is not finite (float32 overflow); use a smaller λ")
+                peak = float(param.data.abs().max()) if param.numel() else 0.0
+                largest = max(largest, (peak, where))
+    side = size_multiple(len(pipe.unet.config.block_out_channels))
+    wrappers = _wrappers(pipe)
+    for comp in touched:
+        feeds = sample_inputs(comp, pipe, 1, (side, side), seed=7)
+        with torch.no_grad():
+            out = wrappers[comp](*(torch.from_numpy(v) for v in feeds.values()))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        if not all(bool(torch.isfinite(o).all()) for o in outs):
+            raise UserError(f"LoRA file {info.path} at λ={spec.weight:g}: the fused {comp} gives NaN/inf outputs (float32 "
+                            f"overflow; its largest fused weight is {largest[0]:.1e}, in layer {largest[1]}); use a smaller λ")
 
 
 def _present(pipe) -> list[str]:
@@ -160,6 +204,7 @@ def fuse(base: str, loras: list[LoraSpec], out: str | Path, force: bool = False,
     src = resolve_base(base)
     family = base_family(src)
     infos = [inspect_lora(spec.path) for spec in loras]
+    check_dir_path(out)
     if out.exists() and not force:
         raise UserError(f"output folder {out} already exists; pass --force to replace it")
 
@@ -224,6 +269,7 @@ def fuse_into(pipe, items: list[tuple[LoraSpec, LoraInfo]], bar=None) -> dict:
         bar.set_description_str(f"fuse {info.path.name} (λ={spec.weight:g})")
         pipe.fuse_lora(components=list(touched), lora_scale=spec.weight, adapter_names=[adapter])
         _unload(pipe)
+        _check_fused_finite(pipe, touched, spec, info)
         bar.update()
         records.append({
             "path": str(info.path.resolve()), "sha256": info.sha256, "weight": spec.weight,
@@ -233,7 +279,9 @@ def fuse_into(pipe, items: list[tuple[LoraSpec, LoraInfo]], bar=None) -> dict:
             "modules": touched,
         })
     for c, keys in base_keys.items():  # fused weights are plain: no PEFT wrapper left behind
-        assert list(getattr(pipe, c).state_dict()) == keys, f"{c}: state dict keys changed during fusion"
+        if list(getattr(pipe, c).state_dict()) != keys:
+            raise EngineError(f"{c}: its state dict keys changed during fusion (a PEFT wrapper was left behind); "
+                              "please report it with the diffusers and peft versions")
     return {"loras": records}
 
 

@@ -32,6 +32,8 @@ class BaseSource:
     kind: str
     path: Path | None = None
     demo: str | None = None
+    flag: str = "--base"
+    """The flag it came from, for messages (``--base``, or ``--model`` for ``export``)."""
 
 
 def detect_family(unet_config: dict) -> str:
@@ -57,24 +59,26 @@ def check_supported(family: str, what: str) -> None:
     if family not in SUPPORTED_FAMILIES:
         label = {"sdxl": "SDXL", "ssd1b": "SSD-1B", "sd2": "SD 2.x"}.get(family, family)
         raise UserError(
-            f"{what} is an {label} model ({family}); not supported yet — this release handles SD 1.5 (sd15) models only"
+            f"{what} is an {label} model ({family}); not supported yet — this release handles SD 1.5 (sd15), SDXL (sdxl) and SSD-1B (ssd1b) models"
         )
 
 
-def resolve_base(spec: str) -> BaseSource:
-    """Turn ``--base`` into a local source, downloading hub ids (honours HF_HUB_OFFLINE and the cache)."""
+def resolve_base(spec: str, flag: str = "--base") -> BaseSource:
+    """Turn ``--base`` (or ``flag``) into a local source, downloading hub ids (honours HF_HUB_OFFLINE and the cache)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"{flag} {spec!r}: give a hub id (owner/name), a local diffusers folder or demo:NAME")
     if spec.startswith("demo:"):
         name = spec.split(":", 1)[1]
         if name not in DEMO_NAMES:
             raise UserError(f"unknown demo model {spec!r}; choose one of: " + ", ".join(f"demo:{n}" for n in DEMO_NAMES))
-        return BaseSource(spec, "demo", demo=name)
+        return BaseSource(spec, "demo", demo=name, flag=flag)
     p = Path(spec).expanduser()
     if p.exists():
         if not (p / "model_index.json").is_file() or not (p / "unet").is_dir():
-            raise UserError(f"--base {spec}: not a diffusers pipeline folder (needs model_index.json and unet/)")
-        return BaseSource(spec, "local", path=p.resolve())
+            raise UserError(f"{flag} {spec}: not a diffusers pipeline folder (needs model_index.json and unet/)")
+        return BaseSource(spec, "local", path=p.resolve(), flag=flag)
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise UserError(f"--base {spec!r}: no such folder, and not a hub id (owner/name) or demo:NAME")
+        raise UserError(f"{flag} {spec!r}: no such folder, and not a hub id (owner/name) or demo:NAME")
     try:
         from diffusers import DiffusionPipeline
 
@@ -84,10 +88,10 @@ def resolve_base(spec: str) -> BaseSource:
     except Exception as exc:  # network, auth, offline cache miss — one line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"--base {spec}: could not get it from the Hugging Face Hub or the local cache ({first}); "
+            f"{flag} {spec}: could not get it from the Hugging Face Hub or the local cache ({first}); "
             "check the id, your network / HF_TOKEN, or pass a local diffusers folder"
         ) from None
-    return BaseSource(spec, "hub", path=Path(folder))
+    return BaseSource(spec, "hub", path=Path(folder), flag=flag)
 
 
 def read_unet_config(src: BaseSource) -> dict:
@@ -97,14 +101,39 @@ def read_unet_config(src: BaseSource) -> dict:
         return dict(_configs(src.demo, vocab_size=0)["unet"])
     cfg = src.path / "unet" / "config.json"
     try:
-        return json.loads(cfg.read_text())
+        data = json.loads(cfg.read_text())
     except (OSError, ValueError) as exc:
-        raise UserError(f"--base {src.spec}: cannot read {cfg}: {exc}") from None
+        raise UserError(f"{src.flag} {src.spec}: cannot read {cfg}: {str(exc).splitlines()[0]}") from None
+    problem = unet_config_problem(data)
+    if problem:
+        raise UserError(f"{src.flag} {src.spec}: {cfg} {problem}; is it a Stable Diffusion UNet config?")
+    return data
+
+
+def unet_config_problem(cfg) -> str:
+    """'' when a UNet config has what lcm-export reads, else what is missing or malformed."""
+    if not isinstance(cfg, dict):
+        return "is not a JSON object"
+    boc = cfg.get("block_out_channels")
+    if not (isinstance(boc, list) and boc and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in boc)):
+        return "lacks 'block_out_channels' (a list of positive integers)"
+    for key in ("down_block_types", "up_block_types"):
+        v = cfg.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) == len(boc) and all(isinstance(t, str) for t in v)):
+            return f"has a malformed {key!r} (one block type name per entry of block_out_channels)"
+    for key in ("in_channels", "out_channels", "sample_size", "layers_per_block"):
+        v = cfg.get(key)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return f"has a malformed {key!r} (a positive integer)"
+    cad = cfg.get("cross_attention_dim")
+    if cad is not None and not (isinstance(cad, (int, list)) and not isinstance(cad, bool)):
+        return "has a malformed 'cross_attention_dim'"
+    return ""
 
 
 def base_family(src: BaseSource) -> str:
     family = detect_family(read_unet_config(src))
-    check_supported(family, f"--base {src.spec}")
+    check_supported(family, f"{src.flag} {src.spec}")
     return family
 
 
@@ -127,7 +156,7 @@ def load_pipeline(src: BaseSource):
                 str(src.path), safety_checker=None, feature_extractor=None, requires_safety_checker=False
             )
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"--base {src.spec}: cannot load it as a {family} pipeline ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise UserError(f"{src.flag} {src.spec}: cannot load it as a {family} pipeline ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     for c in ("unet", "vae") + TEXT_ENCODERS[family]:
         getattr(pipe, c).eval()
     return pipe

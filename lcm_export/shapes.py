@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from .errors import UserError
 
 LATENT_FACTOR = 8
+MAX_SIDE = 4096
+"""Largest image side accepted (SD 1.5 is trained at 512, SDXL at 1024; 4096 is 4x the largest)."""
 TEXT_LEN = 77
 GUIDANCE_MODES = ("auto", "on", "off")
 
@@ -44,8 +46,13 @@ def size_multiple(n_down_blocks: int) -> int:
 
 
 def validate_resolution(h: int, w: int, multiple: int = LATENT_FACTOR) -> None:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (h, w)):
+        raise UserError(f"resolution {h!r}x{w!r}: height and width must be whole numbers (int)")
     if h <= 0 or w <= 0:
         raise UserError(f"resolution {h}x{w}: height and width must be positive")
+    if h > MAX_SIDE or w > MAX_SIDE:
+        raise UserError(f"resolution {h}x{w}: sides above {MAX_SIDE} are not supported (memory grows with the square "
+                        f"of the pixel count); choose a smaller --resolution")
     if h % LATENT_FACTOR or w % LATENT_FACTOR:
         raise UserError(f"resolution {h}x{w}: height and width must be multiples of 8 (latent = image/8)")
     if h % multiple or w % multiple:
@@ -53,6 +60,44 @@ def validate_resolution(h: int, w: int, multiple: int = LATENT_FACTOR) -> None:
             f"resolution {h}x{w}: this UNet needs multiples of {multiple} (latent = image/8, halved at each down block); "
             f"try {round(h / multiple) * multiple or multiple}x{round(w / multiple) * multiple or multiple}"
         )
+
+
+def attention_bytes(hw: tuple[int, int], unet_batch: int, unet_config: dict) -> int:
+    """A lower bound on the memory one UNet call needs at ``hw``: the fp32 score matrix of the
+    largest self-attention (batch × heads × S² with S latent positions at that level), which ONNX
+    Runtime on CPU materializes in full. Weights and feature maps come on top."""
+    types = list(unet_config.get("down_block_types") or ["CrossAttnDownBlock2D"])
+    level = next((i for i, t in enumerate(types) if "Attn" in str(t)), None)
+    if level is None:
+        return 0
+    heads = unet_config.get("num_attention_heads") or unet_config.get("attention_head_dim") or 8
+    heads = heads[level] if isinstance(heads, (list, tuple)) else heads
+    seq = (hw[0] // LATENT_FACTOR >> level) * (hw[1] // LATENT_FACTOR >> level)
+    return int(unet_batch) * int(heads) * seq * seq * 4
+
+
+def machine_memory() -> int | None:
+    """Physical memory in bytes (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(plans: list["ShapePlan"], unet_config: dict, available: int | None = None) -> None:
+    """Refuse, before anything is loaded, a plan whose largest size cannot fit this machine's memory."""
+    available = machine_memory() if available is None else available
+    if not available:
+        return
+    for p in plans:
+        need = attention_bytes(p.max_hw, p.unet_batch[2], unet_config)
+        if need > available:
+            h, w = p.max_hw
+            raise UserError(f"resolution {h}x{w}: building and checking it needs at least {need / 2**30:.0f} GiB "
+                            f"(attention over {(h // 8) * (w // 8)} latent positions), more than this machine's "
+                            f"{available / 2**30:.0f} GiB; choose a smaller --resolution")
 
 
 def unet_batch_range(batch: int, guidance: str) -> tuple[int, int, int]:

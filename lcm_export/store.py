@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: ``file_sizes`` (every file of the entry, in bytes) and ``size_multiple`` are recorded and checked."""
 MANIFEST = "manifest.json"
 DEFAULT_ROOT = Path("engines")
 
@@ -26,59 +27,191 @@ def cache_key(inputs: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def read_manifest(engine_dir: str | Path) -> dict:
-    """Load and check an entry's manifest; one-line errors for the usual ways it can be wrong."""
+def _rebuild(d) -> str:
+    return f"rebuild it with `lcm-export build-engine --engine-dir {d} --force` (and the flags that built it)"
+
+
+def read_manifest(engine_dir: str | Path, check_files: bool = True) -> dict:
+    """Load and check an entry's manifest: JSON, schema (:func:`manifest_problems`) and, unless
+    ``check_files`` is False, every recorded file's presence and size. One-line UserError otherwise."""
     d = Path(engine_dir)
     if not d.exists():
         raise UserError(f"engine dir {d} does not exist; build one with `lcm-export build-engine --engine-dir {d}`")
+    if not d.is_dir():
+        raise UserError(f"engine dir {d} is a file, not an engine-store folder; pass the folder build-engine wrote")
     p = d / MANIFEST
     if not p.is_file():
         raise UserError(f"engine dir {d} has no {MANIFEST}: not an engine-store entry (or an interrupted build); rebuild it with `lcm-export build-engine`")
     try:
         m = json.loads(p.read_text())
-    except ValueError as exc:
-        raise UserError(f"{p}: not valid JSON ({exc}); rebuild the entry with `lcm-export build-engine --force`") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{p}: not valid JSON ({str(exc).splitlines()[0]}); {_rebuild(d)}") from None
+    except OSError as exc:
+        raise UserError(f"{p}: cannot read it ({exc.strerror or exc})") from None
     version = m.get("schema_version") if isinstance(m, dict) else None
     if version != SCHEMA_VERSION:
         raise UserError(
             f"{p}: manifest schema version {version!r} is not supported by this lcm-export (expects {SCHEMA_VERSION}); "
             "rebuild the entry with this version's `lcm-export build-engine --force`"
         )
+    problems = manifest_problems(m)
+    if problems:
+        raise UserError(f"{p}: {problems[0]}; {_rebuild(d)}")
+    if check_files:
+        problems = file_problems(m, d)
+        if problems:
+            raise UserError(f"engine dir {d}: {problems[0]}; {_rebuild(d)}")
     return m
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest's schema: every field the runtime, the backends and the store read, with its type.
+# Hand-written (the lean runtime has no jsonschema); one message per problem, naming the field.
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_hw(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)
+
+
+def _is_res(v) -> bool:
+    if not isinstance(v, str) or v.count("x") != 1:
+        return False
+    h, w = v.split("x")
+    return h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0
+
+
+def _is_relpath(v) -> bool:
+    return isinstance(v, str) and bool(v) and not Path(v).is_absolute() and ".." not in Path(v).parts
+
+
+_TOP = {
+    "schema_version": _is_int, "name": lambda v: isinstance(v, str), "family": lambda v: isinstance(v, str),
+    "backend": lambda v: isinstance(v, str) and bool(v), "precision": lambda v: isinstance(v, str),
+    "cache_key": lambda v: isinstance(v, str), "base_source": lambda v: isinstance(v, str),
+    "resolutions": lambda v: isinstance(v, list) and bool(v) and all(_is_res(r) for r in v),
+    "shape_plans": lambda v: isinstance(v, list) and bool(v),
+    "batch": lambda v: _is_int(v) and v >= 1,
+    "size_multiple": lambda v: _is_int(v) and v >= 8 and v % 8 == 0,
+    "latent_channels": lambda v: _is_int(v) and v >= 1,
+    "text_encoders": lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v),
+    "vae": lambda v: isinstance(v, dict) and isinstance(v.get("scaling_factor"), (int, float)) and not isinstance(v.get("scaling_factor"), bool),
+    "scheduler": lambda v: isinstance(v, dict) and _is_relpath(v.get("file")),
+    "tokenizer": lambda v: isinstance(v, dict) and _is_relpath(v.get("file")) and _is_int(v.get("max_length")) and _is_int(v.get("pad_id")),
+    "components": lambda v: isinstance(v, dict) and bool(v),
+    "file_sizes": lambda v: isinstance(v, dict) and all(_is_relpath(k) and _is_int(n) and n >= 0 for k, n in v.items()),
+}
+_PLAN = {"name": lambda v: isinstance(v, str), "min_hw": _is_hw, "opt_hw": _is_hw, "max_hw": _is_hw,
+         "static": lambda v: isinstance(v, bool),
+         "unet_batch": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(x) and x >= 1 for x in v)}
+
+
+def manifest_problems(m) -> list[str]:
+    """What is wrong with a manifest's structure ([] when nothing): missing fields, wrong types,
+    components without files or engines, paths leaving the entry."""
+    if not isinstance(m, dict):
+        return ["the manifest is not a JSON object"]
+    out = []
+    if m.get("schema_version") != SCHEMA_VERSION:
+        out.append(f"manifest schema version {m.get('schema_version')!r} (expects {SCHEMA_VERSION})")
+    for k, ok in _TOP.items():
+        if k not in m:
+            out.append(f"the manifest has no {k!r}")
+        elif not ok(m[k]):
+            out.append(f"the manifest's {k!r} is malformed: {json.dumps(m[k])[:80]}")
+    if out:
+        return out
+    if "tokenizer_2" in m and not _TOP["tokenizer"](m["tokenizer_2"]):
+        out.append("the manifest's 'tokenizer_2' is malformed")
+    for i, p in enumerate(m["shape_plans"]):
+        bad = [k for k, ok in _PLAN.items() if not isinstance(p, dict) or not ok(p.get(k))]
+        if bad:
+            out.append(f"the manifest's shape_plans[{i}] has a missing or malformed {', '.join(bad)}")
+    for comp, c in m["components"].items():
+        if not isinstance(c, dict):
+            out.append(f"the manifest's component {comp!r} is not an object")
+            continue
+        files, engines = c.get("files"), c.get("engines")
+        if not (isinstance(files, list) and files and all(_is_relpath(f) for f in files)):
+            out.append(f"component {comp!r} has a missing or malformed 'files' list")
+        if not (isinstance(engines, dict) and engines and all(_is_relpath(f) for f in engines.values())):
+            out.append(f"component {comp!r} has a missing or malformed 'engines' map")
+    for f in manifest_files(m) if not out else []:
+        if f not in m["file_sizes"]:
+            out.append(f"the manifest records no size for {f}")
+    return out
+
+
+def manifest_files(m: dict) -> list[str]:
+    """Each component's files (tolerates a malformed manifest: what cannot be read is skipped)."""
+    files = []
+    comps = m.get("components") if isinstance(m, dict) else None
+    for c in (comps.values() if isinstance(comps, dict) else []):
+        f = c.get("files") if isinstance(c, dict) else None
+        files += [x for x in f if isinstance(x, str)] if isinstance(f, list) else []
+    return files
+
+
+def entry_files(m: dict) -> list[str]:
+    """Every file an entry needs: each component's files, the tokenizer(s), the scheduler config."""
+    files = manifest_files(m)
+    for k in ("tokenizer", "tokenizer_2", "scheduler"):
+        if isinstance(m.get(k), dict) and "file" in m[k]:
+            files.append(m[k]["file"])
+    return list(dict.fromkeys(files))
+
+
+def record_file_sizes(m: dict, engine_dir: Path) -> dict:
+    """``m`` with ``file_sizes``: the size in bytes of every file in :func:`entry_files` (at build time)."""
+    return {**m, "file_sizes": {f: (Path(engine_dir) / f).stat().st_size for f in entry_files(m)}}
+
+
+def file_problems(m: dict, engine_dir: Path) -> list[str]:
+    """Recorded files that are missing or whose size differs from the build's (truncated, replaced)."""
+    out = []
+    for f, size in m.get("file_sizes", {}).items():
+        p = Path(engine_dir) / f
+        if not p.is_file():
+            out.append(f"{f} is missing")
+        elif p.stat().st_size != size:
+            out.append(f"{f} is {p.stat().st_size} bytes but the build wrote {size} (corrupt or truncated)")
+    return out
 
 
 def existing_entry(engine_dir: Path, base_source: str, key: str, force: bool) -> dict | None:
     """Decide what to do with what is already at ``engine_dir``.
 
-    Returns the manifest when it is up to date (same cache key); None when the folder is free or
-    holds an older build of the same base (rebuild). Refuses (unless ``force``) a folder that holds
-    another model's entry or something that is not an entry at all.
+    Returns the manifest only when it is up to date: valid schema, same cache key, every file
+    present with the size the build recorded, and no ``force``. Returns None (rebuild) when the
+    folder is free, ``force`` is given, or it holds a stale or damaged entry of the same base.
+    Refuses (unless ``force``) a folder holding another model's entry, a manifest too damaged to
+    tell whose it is, or something that is not an entry at all.
     """
+    from ._util import check_dir_path
+
+    check_dir_path(engine_dir, "engine dir")
     if not engine_dir.exists():
         return None
+    if force:  # --force always rebuilds
+        return None
     if not (engine_dir / MANIFEST).is_file():
-        if force or not any(engine_dir.iterdir()):
+        if not any(engine_dir.iterdir()):
             return None
         raise UserError(f"engine dir {engine_dir} exists and is not an engine-store entry; choose another --engine-dir or pass --force to replace it")
     try:
         m = json.loads((engine_dir / MANIFEST).read_text())
-    except ValueError:
-        if force:
-            return None
+    except (ValueError, UnicodeDecodeError, OSError):
         raise UserError(f"engine dir {engine_dir} has an unreadable manifest; pass --force to rebuild it") from None
-    if m.get("cache_key") == key and all((engine_dir / f).exists() for f in manifest_files(m)):
-        return m
-    other = m.get("base_source")
-    if other != base_source and not force:
-        raise UserError(f"engine dir {engine_dir} holds an entry for another model ({other}); choose another --engine-dir or pass --force to replace it")
-    return None
-
-
-def manifest_files(m: dict) -> list[str]:
-    files = []
-    for c in m.get("components", {}).values():
-        files += c.get("files", [])
-    return files
+    other = m.get("base_source") if isinstance(m, dict) else None
+    if other != base_source:
+        if isinstance(other, str):
+            raise UserError(f"engine dir {engine_dir} holds an entry for another model ({other}); choose another --engine-dir or pass --force to replace it")
+        raise UserError(f"engine dir {engine_dir} has a damaged manifest (no base_source); pass --force to rebuild it")
+    if manifest_problems(m) or file_problems(m, engine_dir) or m.get("cache_key") != key:
+        return None  # the same base's entry, stale or damaged: rebuild it
+    return m
 
 
 def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:

@@ -51,7 +51,11 @@ def test_graphs_match_fused_pytorch(demo_engine, fused_pipe, hw):
 
 def test_manifest(demo_engine, demo_loras):
     m = json.loads((demo_engine / "manifest.json").read_text())
-    assert m["schema_version"] == 1 and m["family"] == "sd15"
+    assert m["schema_version"] == 2 and m["family"] == "sd15" and m["size_multiple"] == 16
+    from lcm_export.store import entry_files, manifest_problems
+
+    assert manifest_problems(m) == []
+    assert m["file_sizes"] == {f: (demo_engine / f).stat().st_size for f in entry_files(m)}
     assert m["backend"] == "onnxruntime" and m["precision"] == "fp32" and m["device"] == "cpu"
     assert m["resolutions"] == ["64x64", "64x96"]
     assert [p["name"] for p in m["shape_plans"]] == ["64x64", "64x96"]
@@ -86,9 +90,16 @@ def _opts(base_dir, demo_loras, engine_dir, weights=(1.0, 0.8), **kw):
 def test_reuse_then_rebuild_on_changed_weight(tmp_path, base_dir, demo_loras, demo_engine):
     d = tmp_path / "entry"
     shutil.copytree(demo_engine, d)
-    t = time.perf_counter()
-    r = build_engine(_opts(base_dir, demo_loras, d))
-    assert r.reused and time.perf_counter() - t < 10
+    before = {f: (d / f).stat().st_mtime_ns for f in ("manifest.json", "unet/model.onnx")}
+    import lcm_export.build_engine as be
+
+    real_build = be._build_into
+    be._build_into = lambda *a, **k: pytest.fail("an up-to-date entry was rebuilt")
+    try:
+        r = build_engine(_opts(base_dir, demo_loras, d))
+    finally:
+        be._build_into = real_build
+    assert r.reused and {f: (d / f).stat().st_mtime_ns for f in before} == before
     assert "up to date" in r.summary()
     key = r.manifest["cache_key"]
     r2 = build_engine(_opts(base_dir, demo_loras, d, weights=(1.0, 0.5)))

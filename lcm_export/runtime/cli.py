@@ -14,16 +14,28 @@ def output_paths(out: str, batch: int) -> list[Path]:
     p = Path(out)
     if p.suffix.lower() != ".png":
         raise UserError(f"--out {out}: must be a .png path")
+    if p.is_dir():
+        raise UserError(f"--out {out} is a folder; give a .png file path")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out}: {parent} is a file, not a folder")
+            break
     if batch == 1:
         return [p]
     return [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(batch)]
 
 
 def save_png_atomic(img, path: Path) -> None:
+    """Write ``img`` as PNG at ``path`` in one rename, readable like any file the user makes
+    (mode 0666 & ~umask; mkstemp alone would leave 0600)."""
+    from .._util import _umask
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         img.save(tmp, format="PNG")
         os.replace(tmp, path)
     except BaseException:

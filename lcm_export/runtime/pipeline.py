@@ -19,17 +19,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import EngineError, UserError
 from ..store import read_manifest
 from .engines import load_engines
 from .scheduler import LCMScheduler
 from .tokenizer import ClipTokenizer
+from .validate import check_latents, check_scalars
 
 MAX_STEPS = 50
 
 
-class NonFiniteOutput(UserError):
-    """An engine produced NaN/inf (typically fp16 overflow)."""
+class NonFiniteOutput(EngineError):
+    """An engine produced NaN/inf from finite inputs (typically fp16 overflow): an engine failure, not
+    bad input (the inputs are checked finite first). The CLI exits with code 1."""
 
 
 @dataclass
@@ -126,9 +128,12 @@ class LCMPipeline:
     def _check_resolution(self, h: int, w: int) -> None:
         if (h, w) in self.resolutions:
             return
+        multiple = int(self.manifest.get("size_multiple", 64))
         for p in self.manifest["shape_plans"]:
-            if not p["static"] and p["min_hw"][0] <= h <= p["max_hw"][0] and p["min_hw"][1] <= w <= p["max_hw"][1] \
-                    and h % 8 == 0 and w % 8 == 0:
+            if not p["static"] and p["min_hw"][0] <= h <= p["max_hw"][0] and p["min_hw"][1] <= w <= p["max_hw"][1]:
+                if h % multiple or w % multiple:  # the UNet's skip connections need this, not just latent = image/8
+                    raise UserError(f"resolution {h}x{w}: this UNet needs sides that are multiples of {multiple}; "
+                                    f"try {max(multiple, h // multiple * multiple)}x{max(multiple, w // multiple * multiple)}")
                 return
         raise self._resolution_error(h, w)
 
@@ -216,28 +221,18 @@ class LCMPipeline:
                  seed: int = 0, batch: int = 1, height: int | None = None, width: int | None = None,
                  latents: np.ndarray | None = None, step_noise: list[np.ndarray] | None = None, output_type: str = "pil"):
         """Generate ``batch`` images. guidance > 1 runs classifier-free guidance (UNet at batch 2B)."""
-        if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-            raise UserError(f"steps {steps}: must be an integer from 1 to {MAX_STEPS}")
-        if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-            raise UserError(f"guidance {guidance}: must be a finite number >= 0 (1.0 = no classifier-free guidance)")
-        if not isinstance(batch, int) or batch < 1:
-            raise UserError(f"batch {batch}: must be at least 1")
-        if not isinstance(prompt, str):
-            raise UserError("prompt must be a string (it may be empty)")
-        if (height is None) != (width is None):
-            raise UserError("give both height and width, or neither")
+        # 0. Every argument checked before any engine runs (one UserError naming the argument)
+        steps, guidance, seed, batch, height, width = check_scalars(
+            prompt, negative_prompt, steps, guidance, seed, batch, height, width, output_type, MAX_STEPS)
         h, w = (height, width) if height is not None else self._default_hw()
         self._check_resolution(h, w)
         cfg = guidance > 1.0
         lh, lw = h // 8, w // 8
         shape = (batch, self.latent_channels, lh, lw)
+        check_latents(latents, step_noise, steps, shape)
         rng = np.random.default_rng(seed)
         if latents is None:
             latents = rng.standard_normal(shape, dtype=np.float32)
-        elif tuple(latents.shape) != shape:
-            raise UserError(f"latents shape {tuple(latents.shape)}: expected {shape}")
-        if step_noise is not None and len(step_noise) < steps - 1:
-            raise UserError(f"step_noise: {steps - 1} arrays needed (one per step but the last), got {len(step_noise)}")
 
         t = Timings()
         t_start = time.perf_counter()
