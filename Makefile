@@ -29,7 +29,7 @@ test: setup
 	$(VPY) -m pytest -q tests
 
 # The runtime with the base install only (no extras: no torch, diffusers, transformers), in its own venv,
-# on the demo entry (`auto`: OpenVINO bf16 on CPUs with native bf16, else ONNX Runtime fp32) and on
+# on the demo entry (`auto`: OpenVINO bf16 on CPUs with native bf16, else OpenVINO fp32) and on
 # one entry of each CPU backend, whatever this CPU is.
 lean-check: demo
 	$(VENV)/bin/lcm-export build-engine --engine-dir $(DEMO_OV) --backend openvino --precision fp32 --quiet

@@ -96,13 +96,23 @@ def main() -> None:
             if name.startswith("openvino"):
                 engines[(comp, name.split()[1])] = eng
             del eng
+            import gc
+
+            gc.collect()
             print(f"{comp:15s} {name:17s} {med * 1e3:9.1f} ms", flush=True)
         for name in row:
             row[name]["rel_l2_vs_openvino_fp32"] = _rel(outs[name], outs["openvino fp32"])
         rows[comp] = row
 
-    # image-level: all bf16, and each component kept in fp32 in turn, against all fp32
-    pipe = LCMPipeline.from_engine_dir(ov_dir, threads=a.threads)
+    # image-level: all bf16, and each component kept in fp32 in turn, against all fp32 (the pipeline
+    # runs the engines measured above: loading the entry's own would hold every UNet twice in memory)
+    import json as _json
+
+    from lcm_export.runtime.tokenizer import ClipTokenizer
+
+    toks = {k: ClipTokenizer(ov_dir / m[k]["file"], m[k]["max_length"], m[k]["pad_id"]) for k in ("tokenizer", "tokenizer_2") if k in m}
+    sched = _json.loads((ov_dir / m["scheduler"]["file"]).read_text())
+    pipe = LCMPipeline(m, ov_dir, {c: {} for c in m["components"]}, toks, sched)
     latents, noise = seeded_inputs(pipe.latent_channels, hw, 4, seed=42)
 
     def image(precisions: dict) -> tuple[np.ndarray, float]:

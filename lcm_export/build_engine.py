@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from ._cpu import cpu_name, recorded_flags
 from ._util import atomic_dir, disk_error, progress, tool_versions, write_json
 from .errors import UserError
 from .shapes import check_memory, plan_shapes, size_multiple
-from .store import DEFAULT_ROOT, MANIFEST, SCHEMA_VERSION, cache_key, existing_entry, record_file_sizes
+from .store import DEFAULT_ROOT, MANIFEST, SCHEMA_VERSION, cache_key, existing_entry, record_file_sizes, reusable_entry
 
 # Bump when a change to lcm-export alters what a build writes for the same inputs, so existing
 # entries rebuild instead of being reported up to date. 2: CPU graphs stored at ORT_ENABLE_ALL.
@@ -44,7 +43,7 @@ class BuildOptions:
     """off: UNet batch B only; on: 2B only (classifier-free guidance); auto: both."""
     backend: str = "auto"
     """auto | onnxruntime | openvino | tensorrt. auto: TensorRT on NVIDIA GPUs; on CPUs the backend that
-    measured fastest for the precision (OpenVINO for bf16)."""
+    measured fastest for the precision (OpenVINO, for bf16 and fp32)."""
     precision: str = "auto"
     """auto | fp32 | fp16 | bf16. auto: fp16 on TensorRT (2x+ faster, small quality cost); on CPUs bf16 where
     the CPU has native bf16 (AMX / AVX512_BF16: ~2.5x faster UNet, image PSNR ~50 dB against fp32,
@@ -52,8 +51,10 @@ class BuildOptions:
     vae_fp32: bool = False
     """TensorRT: VAE decoder in fp32 (slower; avoids fp16 overflow, which is detected anyway)."""
     refit: bool = False
-    """TensorRT: build refittable engines (slightly slower). Nothing swaps weights into them yet: a
-    change of LoRA or λ still rebuilds."""
+    """TensorRT: build refittable engines (slightly slower), so that a change of LoRAs or λ is refit
+    into them instead of rebuilt. CPU entries are always refittable (they keep the exported ONNX)."""
+    no_refit: bool = False
+    """Never refit: a change of LoRAs or λ takes the full fuse -> export -> build path."""
     engine_dir: str | None = None
     """Entry folder; default engines/<name>."""
     name: str | None = None
@@ -65,6 +66,10 @@ class BuildOptions:
     show_progress: bool = True
 
 
+class RefitImpossible(Exception):
+    """A weights-only update cannot take this change (the build falls back to the full path, saying why)."""
+
+
 @dataclass
 class BuildResult:
     engine_dir: Path
@@ -72,10 +77,11 @@ class BuildResult:
     reused: bool
     seconds: float
     messages: list[str] = field(default_factory=list)
+    refit: bool = False
 
     def summary(self) -> str:
         m = self.manifest
-        head = "up to date" if self.reused else f"built in {self.seconds:.1f} s"
+        head = "up to date" if self.reused else (f"refit in {self.seconds:.1f} s" if self.refit else f"built in {self.seconds:.1f} s")
         lines = [f"{self.engine_dir}: {head} — {m['family']} {m['backend']} {m['precision']}, "
                  f"resolutions {', '.join(m['resolutions'])}, batch {m['batch']} (guidance {m['guidance']})"]
         if m.get("demo"):
@@ -103,7 +109,8 @@ def _resolve_loras(opts: BuildOptions, src, demo_default: bool):
 
 def build_engine(opts: BuildOptions) -> BuildResult:
     """Fuse, export and build one engine-store entry; reuse it when nothing changed."""
-    from .models import DEFAULT_RESOLUTION, base_family, base_identity, default_entry_name, read_unet_config, resolve_base
+    from .models import (DEFAULT_RESOLUTION, base_architecture, base_family, base_identity, default_entry_name,
+                         read_unet_config, resolve_base)
 
     t0 = time.perf_counter()
     base = opts.base or "demo:sd15"
@@ -124,17 +131,34 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     name = opts.name or default_entry_name(src)
     engine_dir = Path(opts.engine_dir) if opts.engine_dir else DEFAULT_ROOT / name
     versions = tool_versions("tensorrt", "polygraphy", "openvino")
-    key_inputs = {
-        "schema": SCHEMA_VERSION, "recipe": BUILD_RECIPE, "base": base_identity(src), "family": family,
-        "loras": [{"sha256": i.sha256, "weight": s.weight} for s, i in items],
+    graph_inputs = {
+        "schema": SCHEMA_VERSION, "recipe": BUILD_RECIPE, "architecture": base_architecture(src), "family": family,
         "plans": [asdict(p) for p in plans], "batch": opts.batch, "guidance": opts.guidance,
         "backend": backend, "device": device, "precision": precision, "vae_fp32": opts.vae_fp32, "refit": opts.refit,
         "versions": versions,
     }
-    key = cache_key(key_inputs)
+    weights_inputs = {"base": base_identity(src), "loras": [{"sha256": i.sha256, "weight": s.weight} for s, i in items]}
+    keys = {"graph_key": cache_key(graph_inputs), "weights_key": cache_key(weights_inputs)}
+    key = cache_key(keys)
     found = existing_entry(engine_dir, base, key, opts.force)
     if found is not None:
         return BuildResult(engine_dir, found, True, time.perf_counter() - t0)
+    messages = []
+    if not opts.force:
+        from .refit_build import refit_blocker, refit_entry
+
+        old = reusable_entry(engine_dir, base)
+        if old is not None:
+            why = refit_blocker(old, keys, graph_inputs, weights_inputs, opts)
+            if why is None:
+                try:
+                    manifest, seconds = refit_entry(engine_dir, old, opts, src, plans, items, keys, weights_inputs, key)
+                    return BuildResult(engine_dir, manifest, False, time.perf_counter() - t0,
+                                       [f"refit: weights updated in place in {seconds:.1f} s (LoRAs / λ changed; graph unchanged)"],
+                                       refit=True)
+                except RefitImpossible as exc:
+                    why = str(exc)
+            messages.append(f"full build, not a refit: {why}")
 
     n_comps = 4 if family in ("sdxl", "ssd1b") else 3
     n_steps = 2 + 2 * len(items) + 3 * n_comps + 1 + (precision == "bf16")
@@ -142,16 +166,17 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     try:
         with atomic_dir(engine_dir, force=True, what="engine dir") as tmp:
             manifest = _build_into(tmp, opts, src, family, backend, device, precision, plans, items, key, versions,
-                                   engine_dir, bar)
+                                   engine_dir, bar, {**keys, "graph_inputs": graph_inputs, "weights_inputs": weights_inputs})
     except OSError as exc:
         raise disk_error(exc, engine_dir) from None
     finally:
         bar.close()
-    return BuildResult(engine_dir, manifest, False, time.perf_counter() - t0)
+    return BuildResult(engine_dir, manifest, False, time.perf_counter() - t0, messages)
 
 
-def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans, items, key, versions, engine_dir, bar) -> dict:
-    from .export import component_io, components_for, export_pipeline, model_dims, parity, sample_inputs
+def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans, items, key, versions, engine_dir, bar,
+                key_record: dict) -> dict:
+    from .export import component_io, components_for, export_pipeline, model_dims, sample_inputs
     from .fuse import fuse_into
     from .models import DEFAULT_RESOLUTION, base_record, load_pipeline
 
@@ -161,9 +186,8 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     fusion = fuse_into(pipe, items, bar)
     fusion = {"base": base_record(src, pipe), **fusion}
 
-    work = tmp / "_onnx"
-    parity_res = [p.opt_hw for p in plans] + [r for p in plans for r in (p.min_hw, p.max_hw) if not p.static]
-    parity_res = list(dict.fromkeys(parity_res))
+    work = tmp / ONNX_DIR  # kept in the entry: what a weights-only update (refit) patches
+    parity_res = parity_resolutions(plans)
     exported = export_pipeline(pipe, work, plans[0].opt_hw, parity_resolutions=parity_res, bar=bar)
     dims = model_dims(pipe)
     comps = components_for(pipe)
@@ -185,22 +209,12 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
         rec = mod.build_component(job)
         rec.update(component_io(comp, dims))
         rec["export_parity"] = exported[comp]["parity"]
-        if mod.VERIFY_IN_BUILD:  # the built engine itself against the fused PyTorch module, at every size
-            res = parity_res if not comp.startswith("text_encoder") else parity_res[:1]
-            engine = mod.load_engine({backend: section, "components": {comp: rec}}, tmp, comp,
-                                     tmp / next(iter(rec["engines"].values())), opts.threads)
-            rec["parity"] = [parity(comp, pipe, None, 1, r, engine=engine) for r in res]
-            del engine
-            bad = _parity_failures(rec["parity"], rec["precision"])
-            if bad:
-                raise UserError(f"{comp}: the {backend} engine does not match PyTorch ({bad}); nothing was written. "
-                                f"This is a bug in the export or in {backend}: please report it with the base model and versions")
-        else:
-            rec["parity"] = exported[comp]["parity"]
+        rec["onnx_files"] = [f"{ONNX_DIR}/{f}" for f in exported[comp]["files"]]
+        rec["weight_map"] = f"{ONNX_DIR}/{exported[comp]['weight_map']['file']}"
+        verify_component(mod, section, comp, rec, pipe, plans, tmp, opts.threads, exported[comp]["parity"])
         components[comp] = rec
         bar.update()
     extra = {backend: section} if section else {}
-    shutil.rmtree(work)
 
     bar.set_description_str("tokenizer + scheduler")
     for tok_name in ("tokenizer", "tokenizer_2"):
@@ -219,6 +233,7 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
         "precision": precision,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cache_key": key,
+        **key_record,
         "base_source": src.spec,
         "demo": src.kind == "demo",
         "resolutions": [f"{h}x{w}" for h, w in dict.fromkeys(list(opts.resolutions) or [p.opt_hw for p in plans])],
@@ -260,6 +275,36 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
         write_json(tmp / MANIFEST, record_file_sizes(manifest, tmp))
         bar.update()
     return manifest
+
+
+ONNX_DIR = "onnx"
+"""The entry's folder for the exported graphs and their weight maps (``refit.py``)."""
+
+
+def parity_resolutions(plans) -> list[tuple[int, int]]:
+    """Sizes every engine is checked at: each plan's optimum, and a dynamic plan's corners."""
+    res = [p.opt_hw for p in plans] + [r for p in plans for r in (p.min_hw, p.max_hw) if not p.static]
+    return list(dict.fromkeys(res))
+
+
+def verify_component(mod, section: dict, comp: str, rec: dict, pipe, plans, entry: Path, threads, export_parity) -> None:
+    """Record ``rec["parity"]``: the built engine itself against the fused PyTorch module at every size
+    (backends whose engines run here), else the exported graph's; refuse an engine that disagrees."""
+    from .export import parity
+
+    if not mod.VERIFY_IN_BUILD:
+        rec["parity"] = export_parity
+        return
+    res = parity_resolutions(plans)
+    res = res if not comp.startswith("text_encoder") else res[:1]
+    engine = mod.load_engine({mod.NAME: section, "components": {comp: rec}}, entry, comp,
+                             entry / next(iter(rec["engines"].values())), threads)
+    rec["parity"] = [parity(comp, pipe, None, 1, r, engine=engine) for r in res]
+    del engine
+    bad = _parity_failures(rec["parity"], rec["precision"])
+    if bad:
+        raise UserError(f"{comp}: the {mod.NAME} engine does not match PyTorch ({bad}); nothing was written. "
+                        f"This is a bug in the export or in {mod.NAME}: please report it with the base model and versions")
 
 
 PARITY_LIMIT = 1e-3

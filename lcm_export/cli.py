@@ -79,13 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance shapes: off = UNet batch B, on = 2B, auto = both (default)")
     b.add_argument("--backend", choices=("auto", *backend_names()), default="auto",
                    help="auto (default): TensorRT where it imports and a CUDA GPU exists; else ONNX Runtime on CUDA; "
-                        "on CPUs the backend measured fastest for the precision (OpenVINO for bf16, ONNX Runtime for fp32)")
+                        "on CPUs the backend measured fastest for the precision (OpenVINO, for bf16 and fp32; ONNX Runtime "
+                        "where OpenVINO is missing)")
     b.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="auto (default): fp16 on TensorRT; on CPUs bf16 where the CPU has native bf16 (AMX or AVX512_BF16), "
                         "else fp32. bf16 needs --backend openvino and such a CPU; its 4-step image is checked against "
                         "PyTorch fp32 and refused below 30 dB PSNR")
     b.add_argument("--vae-fp32", action="store_true", help="TensorRT: build the VAE decoder in fp32 (always done if fp16 overflows)")
-    b.add_argument("--refit", action="store_true", help="TensorRT: build refittable engines (slightly slower). Nothing refits them yet: a new LoRA or λ still rebuilds")
+    b.add_argument("--refit", action="store_true",
+                   help="TensorRT: build refittable engines (slightly slower), so a later change of LoRAs or λ is refit "
+                        "into them instead of rebuilt. CPU entries are always refittable")
+    b.add_argument("--no-refit", action="store_true",
+                   help="never refit: when only LoRAs or λ changed, take the full fuse → export → build path anyway. "
+                        "By default such a change patches the entry's exported ONNX weights and re-derives only the "
+                        "changed components (no re-export), checked against PyTorch as a fresh build is")
     b.add_argument("--engine-dir", default=None, help="engine-store entry to write (default: engines/<name>)")
     b.add_argument("--name", default=None, help="entry name under engines/ (default: derived from the base)")
     b.add_argument("--threads", type=int, default=None,
@@ -202,7 +209,7 @@ def _dispatch(a) -> int:
 
         opts = BuildOptions(
             base=a.base, loras=tuple(a.lora), resolutions=tuple(a.resolution), dynamic=a.dynamic, batch=a.batch,
-            guidance=a.guidance, backend=a.backend, precision=a.precision, vae_fp32=a.vae_fp32, refit=a.refit,
+            guidance=a.guidance, backend=a.backend, precision=a.precision, vae_fp32=a.vae_fp32, refit=a.refit, no_refit=a.no_refit,
             engine_dir=a.engine_dir, name=a.name, threads=a.threads, force=a.force, show_progress=not a.quiet,
         )
         result = build_engine(opts)

@@ -133,7 +133,6 @@ def patch_onnx(src: Path, dst: Path, values: dict[str, np.ndarray]) -> list[str]
     missing = [n for n in values if n not in inits]
     if missing:
         raise UserError(f"{src}: no initializer {missing[0]} in the stored graph; rebuild the entry with --no-refit")
-    dst.parent.mkdir(parents=True, exist_ok=True)
     changed = []
     data_files = {}
     for name, arr in values.items():
@@ -151,6 +150,9 @@ def patch_onnx(src: Path, dst: Path, values: dict[str, np.ndarray]) -> list[str]
             data_files.setdefault(info["location"], []).append((int(info.get("offset", 0)), arr))
         else:
             t.CopyFrom(numpy_helper.from_array(arr, name))
+    if not changed:
+        return []
+    dst.parent.mkdir(parents=True, exist_ok=True)
     for loc, writes in data_files.items():
         tmp = dst.parent / (loc + ".tmp")
         shutil.copyfile(src.parent / loc, tmp)

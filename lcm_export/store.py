@@ -155,8 +155,13 @@ def manifest_files(m: dict) -> list[str]:
 
 
 def entry_files(m: dict) -> list[str]:
-    """Every file an entry needs: each component's files, the tokenizer(s), the scheduler config."""
+    """Every file an entry needs: each component's files (its exported graph too), the tokenizer(s),
+    the scheduler config."""
     files = manifest_files(m)
+    comps = m.get("components") if isinstance(m, dict) else None
+    for c in (comps.values() if isinstance(comps, dict) else []):
+        extra = c.get("onnx_files", []) + ([c["weight_map"]] if isinstance(c.get("weight_map"), str) else [])
+        files += [f for f in extra if isinstance(f, str)]
     for k in ("tokenizer", "tokenizer_2", "scheduler"):
         if isinstance(m.get(k), dict) and "file" in m[k]:
             files.append(m[k]["file"])
@@ -214,6 +219,18 @@ def existing_entry(engine_dir: Path, base_source: str, key: str, force: bool) ->
     return m
 
 
+def reusable_entry(engine_dir: Path, base_source: str) -> dict | None:
+    """The manifest at ``engine_dir`` when it is an intact entry of ``base_source`` (valid schema, every
+    file with its recorded size), else None: what a weights-only update (refit) may start from."""
+    try:
+        m = json.loads((Path(engine_dir) / MANIFEST).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(m, dict) or m.get("base_source") != base_source or manifest_problems(m) or file_problems(m, engine_dir):
+        return None
+    return m
+
+
 def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
     """A readable table of a manifest (``lcm-export inspect``)."""
     rows = [
@@ -224,6 +241,12 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
     ]
     if m.get("demo"):
         rows.append(("note", "demo model with random weights: its images are noise"))
+    if m.get("graph_key"):
+        rows.append(("keys", f"graph {m['graph_key'][:12]}…  weights {m.get('weights_key', '')[:12]}…"))
+    r = m.get("refit")
+    if isinstance(r, dict):
+        rows.append(("refit", f"{r.get('at')}: {r.get('weights_changed')} weights in {', '.join(r.get('components', [])) or 'no component'} "
+                              f"({r.get('seconds')} s)"))
     fid = m.get("fidelity")
     if fid:
         rows.append(("image check", f"4-step image vs PyTorch fp32 at {fid['resolution']}: PSNR {fid['image_psnr_db']:.1f} dB "

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+
+
 
 import numpy as np
 import pytest
 import torch
 
 from lcm_export.errors import UserError
-from lcm_export.refit import MAP_FILE, new_initializers, patch_onnx, read_weight_map, targetable, trt_refit_plan
+from lcm_export.refit import new_initializers, patch_onnx, read_weight_map, targetable, trt_refit_plan
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,15 @@ this registry. A backend module defines
                     ``auto`` never picks a backend that measured slower for the same precision
     VERIFY_IN_BUILD whether its engines can run during the build (then each component is checked
                     against PyTorch through the built engine itself)
+    REFIT           whether an entry can take new weights without a re-export (``refit_build.py``)
     status() -> (usable, device, reason)         imports and hardware; reason says how to fix it
     entry_settings(threads) -> dict              its manifest section (thread count, hints, ISA)
     build_component(job) -> dict                 one component from the exported ONNX: files + record
     finish(out_dir, section, jobs) -> None       after every component (optional; e.g. TensorRT info)
     check(manifest, engine_dir) -> list[str]     refuse (UserError) or warn about running here
     load_engine(manifest, engine_dir, component, file, threads) -> Engine
+    refit_component(job, record) -> dict         optional: new weights into existing engines; without
+                                                 it a refit re-derives the component from the patched ONNX
 
 Modules are imported lazily: the lean runtime imports only the backend an entry uses, and no
 backend imports torch at module level.
@@ -165,6 +168,8 @@ class ComponentJob:
     store_root: Path | None = None
     sample_feeds: dict = field(default_factory=dict)
     """Seeded real inputs at the first plan's size (TensorRT's fp16 overflow probe)."""
+    previous: Path | None = None
+    """Refit: the entry being updated (its current engine files are read from there)."""
 
 
 def load_engines(manifest: dict, engine_dir: Path, threads: int | None = None) -> tuple[dict, list[str]]:

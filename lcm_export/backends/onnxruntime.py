@@ -23,9 +23,12 @@ from . import rebuild_hint, thread_count
 
 NAME = "onnxruntime"
 PRECISIONS = ("fp32",)
-SPEED_RANK = {"fp32": 1}
-"""fp32 on CPU, SD 1.5 configs, one UNet step (benchmarks/reports/backends-cpu): see README, Benchmarks."""
+SPEED_RANK = {"fp32": 2}
+"""Measured slower than OpenVINO fp32 for every SD 1.5 component at 256² and 512² (by 4-9 %;
+benchmarks/reports/cpu-backends-{256,512}), so ``auto`` prefers OpenVINO for fp32 too."""
 VERIFY_IN_BUILD = True
+REFIT = True
+"""Refit: the stored graph is re-optimized from the patched exported graph (weights are pre-packed)."""
 
 LEVELS = {  # device -> (stored graph level, level applied at load)
     "cpu": ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"),

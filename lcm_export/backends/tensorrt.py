@@ -32,6 +32,9 @@ NAME = "tensorrt"
 PRECISIONS = ("fp16", "fp32")
 SPEED_RANK = {"fp16": 0, "fp32": 0}
 VERIFY_IN_BUILD = False  # parity is ONNX vs PyTorch; benchmarks/gpu_check.py checks the engines on a GPU
+REFIT = True
+"""Refit: engines built with --refit take new weights through TensorRT's refitter, fed the patched ONNX
+(weights are named after the ONNX initializers); never run here (no TensorRT), the plan is unit-tested."""
 
 INSTALL_HINT = ("install TensorRT on a machine with an NVIDIA GPU: pip install 'lcm-export[tensorrt]' "
                 "--extra-index-url https://pypi.nvidia.com (or use --backend onnxruntime)")
@@ -51,6 +54,34 @@ def default_precision(device: str, cpu_bf16: bool) -> str:
 
 def entry_settings(threads: int | None, device: str) -> dict:
     return {}
+
+
+def refit_component(job, record: dict) -> dict:
+    """New weights into the refittable engines of ``record``: TensorRT's ONNX-parser refitter reads
+    the patched exported graph (``job.onnx``) and sets every weight by its initializer name."""
+    import tensorrt as trt
+
+    ensure_cuda_runtime()
+    logger = trt.Logger(trt.Logger.ERROR)
+    for plan, file in record["engines"].items():
+        with trt.Runtime(logger) as runtime:
+            engine = runtime.deserialize_cuda_engine((job.previous / file).read_bytes())
+        if engine is None:
+            raise UserError(f"{job.previous / file} could not be deserialized for refit; rebuild with --no-refit")
+        refitter = trt.Refitter(engine, logger)
+        parser = trt.OnnxParserRefitter(refitter, logger)
+        if not parser.refit_from_file(str(job.onnx)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise UserError(f"TensorRT could not read the new weights for {file} ({errors or 'no detail'}); rebuild with --no-refit")
+        missing = list(refitter.get_missing_weights())
+        if missing or not refitter.refit_cuda_engine():
+            raise UserError(f"TensorRT could not refit {file}" + (f" (weights missing: {', '.join(missing[:5])})" if missing else "")
+                            + "; rebuild with --no-refit")
+        out = job.out_dir / file
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with engine.serialize() as blob, open(out, "wb") as f:
+            f.write(blob)
+    return {"refitted": True}
 
 
 def build_component(job) -> dict:

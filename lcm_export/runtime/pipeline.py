@@ -11,7 +11,6 @@ no negative prompt is given.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -30,7 +30,7 @@ def test_recorded_flags_and_isa():
 
 
 @pytest.mark.parametrize("flags, want", [(SAPPHIRE_RAPIDS, ("openvino", "bf16")), (ZEN4, ("openvino", "bf16")),
-                                         (ZEN3, ("onnxruntime", "fp32")), (SKYLAKE_X, ("onnxruntime", "fp32"))])
+                                         (ZEN3, ("openvino", "fp32")), (SKYLAKE_X, ("openvino", "fp32"))])
 def test_auto_on_cpus(flags, want):
     c = backends.choose("auto", "auto", cpu_bf16=native_bf16(flags), statuses=CPU_ONLY)
     assert (c.backend, c.precision, c.device) == (*want, "cpu")

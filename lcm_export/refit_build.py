@@ -1,0 +1,175 @@
+"""``build-engine`` when only LoRAs or λ changed: update an entry's weights in place (refit).
+
+Two keys decide (``build_engine``): the graph key (architecture, shapes, backend, precision, build
+flags, tool versions) and the weights key (base weights, each LoRA's sha256 and λ). Same graph, same
+base weights, other LoRAs or λ: the entry is refit instead of rebuilt.
+
+1. The new fused weights come from the same code a fresh build runs (the base loaded, each LoRA
+   fused by diffusers in PyTorch), so they are bit-identical to a fresh build's.
+2. For every weight a LoRA touches, now or before (the union: removing a LoRA restores W0), the
+   weight map recorded at export (``refit.py``) names the ONNX initializer and its layout; the
+   entry's exported graph is patched (no torch export).
+3. Each changed component is re-derived by its backend from the patched graph (ONNX Runtime:
+   re-optimized; OpenVINO: new IR + compiled blob; TensorRT: refit through its refitter) and checked
+   against PyTorch exactly as a fresh build checks it (and the image gate for bf16).
+4. It all happens in a temp folder holding hard links to the old entry's files (changed files are
+   new files, never written through a link) that replaces the entry in one rename: a crash or a
+   failed check leaves the old entry as it was.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from . import backends
+from ._util import atomic_dir, disk_error, progress, write_json
+from .errors import UserError
+from .store import MANIFEST, record_file_sizes
+
+PIPE_ATTR = {"vae_decoder": "vae"}
+"""Pipeline attribute of each component (the rest are named alike)."""
+GRAPH_CHANGES = {"plans": "resolutions or shape plans", "batch": "batch", "guidance": "guidance shapes",
+                 "backend": "backend", "device": "device", "precision": "precision", "vae_fp32": "--vae-fp32",
+                 "refit": "--refit", "versions": "tool versions", "architecture": "base architecture",
+                 "family": "family", "recipe": "lcm-export build recipe", "schema": "manifest schema"}
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def refit_blocker(old: dict, keys: dict, graph_inputs: dict, weights_inputs: dict, opts) -> str | None:
+    """Why the entry ``old`` cannot be refit to the new inputs (None: it can)."""
+    if opts.no_refit:
+        return "--no-refit was given"
+    if not old.get("graph_key") or not isinstance(old.get("graph_inputs"), dict):
+        return "the entry was built before refit support (no graph key); this build makes it refittable"
+    if old["graph_key"] != keys["graph_key"]:
+        was = old["graph_inputs"]
+        now = _jsonable(graph_inputs)
+        changed = [GRAPH_CHANGES.get(k, k) for k in now if was.get(k) != now[k]]
+        return f"the graph changed ({', '.join(changed) or 'graph key'}), so the engines must be rebuilt"
+    if _jsonable(old.get("weights_inputs", {}).get("base")) != _jsonable(weights_inputs["base"]):
+        return "the base model's weights changed (a refit only swaps LoRAs and λ)"
+    mod = backends.get(old["backend"])
+    if not getattr(mod, "REFIT", False):
+        return f"the {old['backend']} backend cannot refit"
+    if old["backend"] == "tensorrt" and not old["graph_inputs"].get("refit"):
+        return "its TensorRT engines were built without --refit (not refittable); add --refit to build refittable ones"
+    for comp, c in old["components"].items():
+        if not c.get("onnx_files") or not c.get("weight_map"):
+            return f"the entry keeps no exported graph for {comp}"
+    return None
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file of ``src`` into ``dst`` (copy where links are impossible)."""
+    for root, dirs, files in os.walk(src):
+        rel = Path(root).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            try:
+                os.link(Path(root) / f, dst / rel / f)
+            except OSError:
+                shutil.copy2(Path(root) / f, dst / rel / f)
+
+
+def _modules(fusion: dict) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for lora in fusion.get("loras", []):
+        for comp, mods in lora.get("modules", {}).items():
+            out.setdefault(comp, set()).update(mods)
+    return out
+
+
+def refit_entry(engine_dir: Path, old: dict, opts, src, plans, items, keys: dict, weights_inputs: dict, key: str):
+    """Refit ``engine_dir`` (manifest ``old``) to the LoRAs ``items``; return (manifest, seconds)."""
+    from .build_engine import REDUCED, RefitImpossible, _image_gate, verify_component
+
+    t0 = time.perf_counter()
+    bar = progress(2 + 2 * len(items) + len(old["components"]) + 1, "refit", enabled=opts.show_progress)
+    try:
+        with atomic_dir(engine_dir, force=True, what="engine dir") as tmp:
+            manifest = _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar,
+                                   verify_component, _image_gate, REDUCED, RefitImpossible, t0)
+    except OSError as exc:
+        raise disk_error(exc, engine_dir) from None
+    finally:
+        bar.close()
+    return manifest, time.perf_counter() - t0
+
+
+def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar,
+                verify_component, image_gate, reduced, RefitImpossible, t0) -> dict:
+    from .export import model_dims
+    from .fuse import fuse_into
+    from .models import base_record, load_pipeline
+    from .refit import new_initializers, patch_onnx, read_weight_map, trt_refit_plan
+
+    bar.set_description_str("link the current entry")
+    _link_tree(engine_dir, tmp)
+    bar.set_description_str(f"load {src.spec}")
+    pipe = load_pipeline(src)
+    bar.update()
+    fusion = {"base": base_record(src, pipe), **fuse_into(pipe, items, bar)}
+    touched_old, touched_new = _modules(old.get("fusion", {})), _modules(fusion)
+    mod = backends.get(old["backend"])
+    section = dict(old.get(old["backend"], {}))
+    dims = model_dims(pipe)
+    components = dict(old["components"])
+    changed_comps, n_weights, trt_plan = [], 0, {}
+    for comp, rec in old["components"].items():
+        bar.set_description_str(f"patch {comp}")
+        modules = sorted(touched_old.get(comp, set()) | touched_new.get(comp, set()))
+        if not modules:
+            bar.update()
+            continue
+        wmap = read_weight_map(tmp / Path(rec["weight_map"]).parent)
+        weight_keys = [f"{m}.weight" for m in modules]
+        state = getattr(pipe, PIPE_ATTR.get(comp, comp)).state_dict()
+        try:
+            if old["backend"] == "tensorrt":
+                trt_plan[comp] = len(trt_refit_plan(wmap, modules))
+            values = new_initializers(wmap, {k: state[k].detach().numpy() for k in weight_keys if k in state}, weight_keys)
+        except (UserError, KeyError) as exc:
+            raise RefitImpossible(f"a LoRA touches a layer this entry cannot refit ({exc})") from None
+        graph = rec["onnx_files"][0]
+        changed = patch_onnx(engine_dir / graph, tmp / graph, values)
+        n_weights += len(changed)
+        if not changed:
+            bar.update()
+            continue
+        for f in rec["files"]:  # the engine files are re-derived: drop the links first, never write through them
+            (tmp / f).unlink(missing_ok=True)
+        bar.set_description_str(f"{old['backend']} {comp}")
+        job = backends.ComponentJob(comp, tmp / graph, tmp, plans, old["precision"], dims, section,
+                                    vae_fp32=bool(old["graph_inputs"].get("vae_fp32")), refit=bool(old["graph_inputs"].get("refit")),
+                                    store_root=engine_dir.resolve().parent, previous=engine_dir)
+        refit_fn = getattr(mod, "refit_component", None)
+        new = refit_fn(job, rec) if refit_fn else mod.build_component(job)
+        new_rec = {**rec, **new}
+        verify_component(mod, section, comp, new_rec, pipe, plans, tmp, opts.threads, rec.get("export_parity"))
+        components[comp] = new_rec
+        changed_comps.append(comp)
+        bar.update()
+
+    manifest = {**old, "components": components, "fusion": fusion, "cache_key": key, **keys, "weights_inputs": weights_inputs,
+                **({old["backend"]: section} if section else {})}
+    manifest["refit"] = {"at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                         "components": changed_comps, "weights_changed": n_weights,
+                         "seconds": round(time.perf_counter() - t0, 2), "previous_weights_key": old.get("weights_key"),
+                         **({"tensorrt_weights": trt_plan} if trt_plan else {})}
+    write_json(tmp / MANIFEST, record_file_sizes(manifest, tmp))
+    if old["precision"] in reduced and mod.VERIFY_IN_BUILD and changed_comps:
+        bar.set_description_str("image check against PyTorch fp32")
+        manifest["fidelity"] = image_gate(pipe, tmp, plans, components)
+    manifest["refit"]["seconds"] = round(time.perf_counter() - t0, 2)
+    manifest = record_file_sizes(manifest, tmp)
+    write_json(tmp / MANIFEST, manifest)
+    bar.update()
+    return manifest

@@ -1,0 +1,162 @@
+"""Refit (weights-only update) against a fresh full build, per CPU backend, on the tiny demo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from lcm_export.build_engine import BuildOptions, build_engine
+from lcm_export.fidelity import psnr, seeded_inputs
+from lcm_export.runtime import LCMPipeline
+
+BACKENDS = [("onnxruntime", "fp32"), ("openvino", "fp32")]
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory, demo_loras):
+    """lcm (kohya, UNet), style (PEFT, UNet + text encoder) and style2: the style LoRA's layers with other values."""
+    from safetensors.numpy import load_file, save_file
+
+    (lcm, _), (style, _) = demo_loras
+    d = tmp_path_factory.mktemp("loras2")
+    sd = load_file(str(style))
+    rng = np.random.default_rng(7)
+    style2 = d / "style2.safetensors"
+    save_file({k: (v * rng.uniform(0.5, 1.5)).astype(v.dtype) for k, v in sd.items()}, str(style2),
+              metadata=dict(__import__("safetensors").safe_open(str(style), "np").metadata() or {}))
+    return {"lcm": Path(lcm), "style": Path(style), "style2": style2}
+
+
+def _build(base_dir, d, loras, backend, precision, **kw):
+    return build_engine(BuildOptions(base=str(base_dir), loras=tuple(loras), resolutions=((64, 64),), engine_dir=str(d),
+                                     backend=backend, precision=precision, show_progress=False, **kw))
+
+
+def _image(d):
+    pipe = LCMPipeline.from_engine_dir(d)
+    lat, noise = seeded_inputs(4, (64, 64), 4, seed=3)
+    return pipe("a fox", steps=4, guidance=1.0, latents=lat, step_noise=noise, output_type="np"), pipe
+
+
+def _unet_out(pipe):
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32), "timestep": np.array([499.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((1, 77, pipe.manifest["text_dim"]), dtype=np.float32)}
+    return pipe.engines["unet"]["*"].run(feeds)
+
+
+CHANGES = {
+    "lambda": (["lcm:1.0", "style:0.8"], ["lcm:1.0", "style:0.3"]),
+    "swapped": (["lcm:1.0", "style:0.8"], ["lcm:1.0", "style2:0.8"]),
+    "added": (["lcm:1.0"], ["lcm:1.0", "style:0.8"]),
+    "removed": (["lcm:1.0", "style:0.8"], ["lcm:1.0"]),
+}
+
+
+def _specs(loras, items):
+    return [f"{loras[i.split(':')[0]]}:{i.split(':')[1]}" for i in items]
+
+
+@pytest.mark.parametrize("backend, precision", BACKENDS)
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_refit_equals_fresh_build(base_dir, loras, tmp_path, backend, precision, change):
+    before, after = (_specs(loras, x) for x in CHANGES[change])
+    entry = tmp_path / "entry"
+    _build(base_dir, entry, before, backend, precision)
+    old_manifest = json.loads((entry / "manifest.json").read_text())
+    old_img, _ = _image(entry)
+    res = _build(base_dir, entry, after, backend, precision)
+    assert res.refit and not res.reused and "refit in" in res.summary() and "refit: weights updated in place" in res.summary()
+    fresh = _build(base_dir, tmp_path / "fresh", after, backend, precision, no_refit=True)
+    assert not fresh.refit
+    m, f = res.manifest, fresh.manifest
+    assert m["cache_key"] == f["cache_key"] and m["weights_key"] == f["weights_key"] and m["graph_key"] == old_manifest["graph_key"]
+    assert [(l["sha256"], l["weight"]) for l in m["fusion"]["loras"]] == [(l["sha256"], l["weight"]) for l in f["fusion"]["loras"]]
+    changed = set(m["refit"]["components"])
+    te_touched = any("text_encoder" in l["modules"] for l in old_manifest["fusion"]["loras"] + m["fusion"]["loras"] if "style" in l["path"])
+    assert "unet" in changed and ("text_encoder" in changed) == te_touched and "vae_decoder" not in changed
+    assert all(p["rel_l2"] <= 1e-4 for c in m["components"].values() for p in c["parity"])  # checked as a fresh build is
+    ours, pipe_r = _image(entry)
+    ref, pipe_f = _image(tmp_path / "fresh")
+    a, b = _unet_out(pipe_r), _unet_out(pipe_f)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-6
+    assert psnr(ours, ref) >= 60
+    assert psnr(old_img, ours) < 60  # and the refit really changed the model
+    # the entry is as readable and intact as a fresh one: up to date on the same inputs
+    assert _build(base_dir, entry, after, backend, precision).reused
+
+
+def test_failed_refit_leaves_the_entry_intact(base_dir, loras, tmp_path, monkeypatch):
+    from lcm_export import build_engine as be
+
+    entry = tmp_path / "e"
+    _build(base_dir, entry, _specs(loras, ["lcm:1.0", "style:0.8"]), "onnxruntime", "fp32")
+    snapshot = {p.relative_to(entry): p.read_bytes() for p in entry.rglob("*") if p.is_file()}
+
+    def boom(*a, **k):
+        raise be.UserError("unet: the onnxruntime engine does not match PyTorch (rel-L2 5.0e-01 at 64x64 (limit 0.001)); nothing was written")
+
+    monkeypatch.setattr(be, "verify_component", boom)
+    with pytest.raises(be.UserError, match="does not match PyTorch"):
+        _build(base_dir, entry, _specs(loras, ["lcm:1.0", "style:0.2"]), "onnxruntime", "fp32")
+    after = {p.relative_to(entry): p.read_bytes() for p in entry.rglob("*") if p.is_file()}
+    assert after == snapshot
+    assert not list(tmp_path.glob(".e.*"))
+    assert LCMPipeline.from_engine_dir(entry)("x", steps=1, output_type="np").shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("flags, why", [
+    (["--resolution", "64x96"], "the graph changed (resolutions or shape plans)"),
+    (["--resolution", "64x64", "--no-refit"], "--no-refit was given"),
+    (["--resolution", "64x64", "--batch", "2"], "the graph changed (resolutions or shape plans, batch)"),
+])
+def test_graph_changes_fall_back_to_a_full_build_saying_why(base_dir, loras, tmp_path, capsys, flags, why):
+    entry = tmp_path / "e"
+    _build(base_dir, entry, _specs(loras, ["lcm:1.0"]), "onnxruntime", "fp32")
+    code, out, err = run_cli(["build-engine", "--base", base_dir, "--lora", f"{loras['lcm']}:0.5", "--backend", "onnxruntime",
+                              "--engine-dir", entry, "--quiet", *flags], capsys)
+    assert code == 0 and f"full build, not a refit: {why}" in out and "built in" in out and "refit in" not in out
+
+
+def test_changed_base_is_a_full_build(base_dir, loras, tmp_path, capsys):
+    base2 = tmp_path / "base2"
+    shutil.copytree(base_dir, base2)
+    entry = tmp_path / "e"
+    code, out, _ = run_cli(["build-engine", "--base", base2, "--lora", f"{loras['lcm']}:1.0", "--backend", "onnxruntime",
+                            "--resolution", "64x64", "--engine-dir", entry, "--quiet"], capsys)
+    assert code == 0
+    from safetensors.numpy import load_file, save_file
+
+    f = next((base2 / "unet").glob("*.safetensors"))
+    sd = load_file(str(f))
+    k = next(k for k in sd if k.endswith("conv_in.weight"))
+    sd[k] = sd[k] * 1.01
+    save_file(sd, str(f))
+    code, out, _ = run_cli(["build-engine", "--base", base2, "--lora", f"{loras['lcm']}:0.7", "--backend", "onnxruntime",
+                            "--resolution", "64x64", "--engine-dir", entry, "--quiet"], capsys)
+    assert code == 0 and "full build, not a refit: the base model's weights changed" in out
+
+
+@pytest.mark.parametrize("bad, msg", [("truncated", "truncated"), ("lambda", "λ=1e+38")])
+def test_bad_lora_in_a_refit_gets_the_fresh_build_error(base_dir, loras, tmp_path, capsys, bad, msg):
+    entry = tmp_path / "e"
+    _build(base_dir, entry, _specs(loras, ["lcm:1.0"]), "onnxruntime", "fp32")
+    snapshot = (entry / "manifest.json").read_bytes()
+    if bad == "truncated":
+        lora = tmp_path / "t.safetensors"
+        lora.write_bytes(loras["style"].read_bytes()[:300])
+        spec = f"{lora}:0.8"
+    else:
+        spec = f"{loras['style']}:1e38"
+    args = ["build-engine", "--base", base_dir, "--lora", f"{loras['lcm']}:1.0", "--lora", spec, "--backend", "onnxruntime",
+            "--resolution", "64x64", "--quiet"]
+    code, _, err_refit = run_cli(args + ["--engine-dir", entry], capsys)
+    code2, _, err_fresh = run_cli(args + ["--engine-dir", tmp_path / "fresh"], capsys)
+    assert code == code2 == 2 and err_refit.count("\n") == 1 and msg in err_refit
+    assert err_refit.replace(str(entry), "X") == err_fresh.replace(str(tmp_path / "fresh"), "X")
+    assert (entry / "manifest.json").read_bytes() == snapshot and not (tmp_path / "fresh").exists()
