@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build-engine", help="fuse → export → build an engine-store entry (the common case)",
                        description="Chain fuse, export and build. With no --base: the demo model and its two demo LoRAs. "
                                    "Every CPU engine is checked against the fused PyTorch model at each resolution; an fp32 "
-                                   "one that differs by more than rel-L2 1e-3, or a bf16 entry whose 4-step image is below "
+                                   "one that differs by more than rel-L2 1e-4, or a bf16 entry whose 4-step image is below "
                                    "30 dB PSNR against PyTorch fp32, fails the build and nothing is written.")
     b.add_argument("--base", default=None, help="hub id, local diffusers folder or demo:NAME (default: demo:sd15 with the demo LoRAs)")
     b.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help=_lora_help())

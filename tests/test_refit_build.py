@@ -99,7 +99,7 @@ def test_failed_refit_leaves_the_entry_intact(base_dir, loras, tmp_path, monkeyp
     snapshot = {p.relative_to(entry): p.read_bytes() for p in entry.rglob("*") if p.is_file()}
 
     def boom(*a, **k):
-        raise be.UserError("unet: the onnxruntime engine does not match PyTorch (rel-L2 5.0e-01 at 64x64 (limit 0.001)); nothing was written")
+        raise be.UserError("unet: the onnxruntime engine does not match PyTorch (rel-L2 5.0e-01 at 64x64 (limit 0.0001)); nothing was written")
 
     monkeypatch.setattr(be, "verify_component", boom)
     with pytest.raises(be.UserError, match="does not match PyTorch"):

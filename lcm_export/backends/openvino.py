@@ -3,7 +3,8 @@
 Built from the exported ONNX (ONNX stays the interchange format). Each component stores
   - ``model.xml`` / ``model.bin``: OpenVINO IR with fp32 weights (the portable form);
   - ``model.blob``: the compiled model (``CompiledModel.export_model``) for this OpenVINO version, CPU
-    and precision. Importing it skips compilation at load, which is what makes a cold start fast.
+    and precision, imported memory-mapped at load (SD 1.5 UNet: 0.8 s, against 1.8-4.6 s to compile
+    the IR and 17 s to import the same blob from bytes).
 The runtime imports the blob when the manifest's OpenVINO version and CPU flags match this machine,
 and otherwise compiles the IR (slower start, same results) with a one-line warning.
 
@@ -140,8 +141,11 @@ class OvEngine:
         cfg = compile_config(precision, threads)
         try:
             if blob is not None and blob.is_file():
-                with open(blob, "rb") as f:
-                    self.compiled = core.import_model(f.read(), "CPU", cfg)
+                # memory-mapped, not read: importing the SD 1.5 UNet's 3.4 GB blob from bytes took 17.2 s, from
+                # a mapped tensor 0.8 s (compiling the IR: 2-4.6 s). Copy-on-write so OpenVINO may take it as
+                # writable; it is never written. Kept alive with the engine (the import may reference it).
+                self._blob = np.memmap(blob, dtype=np.uint8, mode="c")
+                self.compiled = core.import_model(ov.Tensor(self._blob, shared_memory=True), "CPU", cfg)
                 self.source = "blob"
             else:
                 self.compiled = core.compile_model(str(xml), "CPU", cfg)
