@@ -69,7 +69,9 @@ def test_refit_equals_fresh_build(base_dir, loras, tmp_path, backend, precision,
     entry = tmp_path / "entry"
     _build(base_dir, entry, before, backend, precision)
     old_manifest = json.loads((entry / "manifest.json").read_text())
-    old_img, _ = _image(entry)
+    old_img, old_pipe = _image(entry)
+    old_out = _unet_out(old_pipe)
+    del old_pipe
     res = _build(base_dir, entry, after, backend, precision)
     assert res.refit and not res.reused and "refit in" in res.summary() and "refit: weights updated in place" in res.summary()
     fresh = _build(base_dir, tmp_path / "fresh", after, backend, precision, no_refit=True)
@@ -86,7 +88,8 @@ def test_refit_equals_fresh_build(base_dir, loras, tmp_path, backend, precision,
     a, b = _unet_out(pipe_r), _unet_out(pipe_f)
     assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-6
     assert psnr(ours, ref) >= 60
-    assert psnr(old_img, ours) < 60  # and the refit really changed the model
+    # and the refit really changed the model (by far more than it differs from the fresh build)
+    assert np.linalg.norm(old_out - a) / np.linalg.norm(a) > 1e-4 and not np.array_equal(old_img, ours)
     # the entry is as readable and intact as a fresh one: up to date on the same inputs
     assert _build(base_dir, entry, after, backend, precision).reused
 
