@@ -70,6 +70,9 @@ def remove_stale_partials(final: Path) -> list[Path]:
         for p in parent.glob(f".{glob.escape(final.name)}.{kind}-*"):
             pid = p.name[len(f".{final.name}.{kind}-"):].split("-", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                if kind == "old" and not final.exists():  # died between its two renames: the old entry comes back
+                    os.replace(p, final)
+                    continue
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed

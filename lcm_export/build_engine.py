@@ -66,8 +66,7 @@ class BuildOptions:
     show_progress: bool = True
 
 
-class RefitImpossible(Exception):
-    """A weights-only update cannot take this change (the build falls back to the full path, saying why)."""
+RefitImpossible = backends.RefitImpossible
 
 
 @dataclass
@@ -134,7 +133,8 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     graph_inputs = {
         "schema": SCHEMA_VERSION, "recipe": BUILD_RECIPE, "architecture": base_architecture(src), "family": family,
         "plans": [asdict(p) for p in plans], "batch": opts.batch, "guidance": opts.guidance,
-        "backend": backend, "device": device, "precision": precision, "vae_fp32": opts.vae_fp32, "refit": opts.refit,
+        "backend": backend, "device": device, "precision": precision, "vae_fp32": opts.vae_fp32,
+        "refit": opts.refit and backend == "tensorrt",  # CPU entries are always refittable: the flag changes nothing there
         "versions": versions,
     }
     weights_inputs = {"base": base_identity(src), "loras": [{"sha256": i.sha256, "weight": s.weight} for s, i in items]}

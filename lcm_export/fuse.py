@@ -62,6 +62,14 @@ class LoraInfo:
     prefixed: bool = True  # diffusers/PEFT keys start with unet. / text_encoder.
 
 
+def lora_has_bias(path: Path) -> bool:
+    """Whether a LoRA file trains biases too (PEFT ``lora_B.bias``): diffusers then fuses into the bias."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return any(k.endswith(("lora_B.bias", "lora_up.bias")) for k in f.keys())
+
+
 def inspect_lora(path: Path) -> LoraInfo:
     """Validate a LoRA file and detect its format; raises UserError naming the file and the problem."""
     from safetensors import SafetensorError, safe_open
@@ -275,6 +283,7 @@ def fuse_into(pipe, items: list[tuple[LoraSpec, LoraInfo]], bar=None) -> dict:
             "path": str(info.path.resolve()), "sha256": info.sha256, "weight": spec.weight,
             "format": info.format, "ranks": info.ranks, "alphas": info.alphas,
             "adapter_metadata": info.has_metadata,
+            "lora_bias": lora_has_bias(info.path),
             "layers": {c: len(v) for c, v in touched.items()},
             "modules": touched,
         })

@@ -64,7 +64,26 @@ def refit_blocker(old: dict, keys: dict, graph_inputs: dict, weights_inputs: dic
     for comp, c in old["components"].items():
         if not c.get("onnx_files") or not c.get("weight_map"):
             return f"the entry keeps no exported graph for {comp}"
+    here = mod.entry_settings(None, old.get("device", "cpu"))
+    section = old.get(old["backend"], {})
+    for k in ("cpu_isa", "cpu_flags"):
+        if k in section and section[k] != here.get(k):
+            return f"the entry was built on another CPU ({k} {section[k]} here {here.get(k)}), so its engines are re-derived in full"
     return None
+
+
+def _graph_parity(comp: str, pipe, graph: Path, plans) -> list[dict]:
+    """The patched exported graph in ONNX Runtime against the fused PyTorch module, at every built size."""
+    from .build_engine import _parity_failures, parity_resolutions
+    from .export import parity
+
+    res = parity_resolutions(plans)
+    checks = [parity(comp, pipe, graph, 1, r) for r in (res[:1] if comp.startswith("text_encoder") else res)]
+    bad = _parity_failures(checks)
+    if bad:
+        raise UserError(f"{comp}: the patched graph does not match PyTorch ({bad}); nothing was written. This is a bug in "
+                        "the refit: please report it, and rebuild with --no-refit")
+    return checks
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -107,7 +126,7 @@ def refit_entry(engine_dir: Path, old: dict, opts, src, plans, items, keys: dict
 def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar,
                 verify_component, image_gate, reduced, RefitImpossible, t0) -> dict:
     from .export import model_dims
-    from .fuse import fuse_into
+    from .fuse import fuse_into, lora_has_bias
     from .models import base_record, load_pipeline
     from .refit import new_initializers, patch_onnx, read_weight_map, trt_refit_plan
 
@@ -116,6 +135,9 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
     bar.set_description_str(f"load {src.spec}")
     pipe = load_pipeline(src)
     bar.update()
+    old_loras = old.get("fusion", {}).get("loras", [])
+    if any(lora_has_bias(info.path) for _, info in items) or any(l.get("lora_bias", True) for l in old_loras):
+        raise RefitImpossible("a LoRA with bias terms (lora_B.bias) changes biases, and a refit patches weights only")
     fusion = {"base": base_record(src, pipe), **fuse_into(pipe, items, bar)}
     touched_old, touched_new = _modules(old.get("fusion", {})), _modules(fusion)
     mod = backends.get(old["backend"])
@@ -153,7 +175,11 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
         refit_fn = getattr(mod, "refit_component", None)
         new = refit_fn(job, rec) if refit_fn else mod.build_component(job)
         new_rec = {**rec, **new}
-        verify_component(mod, section, comp, new_rec, pipe, plans, tmp, opts.threads, rec.get("export_parity"))
+        export_parity = rec.get("export_parity")
+        if not mod.VERIFY_IN_BUILD:  # its engines can't run here: check the patched graph itself, as a fresh export is
+            export_parity = _graph_parity(comp, pipe, tmp / graph, plans)
+            new_rec["export_parity"] = export_parity
+        verify_component(mod, section, comp, new_rec, pipe, plans, tmp, opts.threads, export_parity)
         components[comp] = new_rec
         changed_comps.append(comp)
         bar.update()

@@ -160,7 +160,10 @@ def entry_files(m: dict) -> list[str]:
     files = manifest_files(m)
     comps = m.get("components") if isinstance(m, dict) else None
     for c in (comps.values() if isinstance(comps, dict) else []):
-        extra = c.get("onnx_files", []) + ([c["weight_map"]] if isinstance(c.get("weight_map"), str) else [])
+        if not isinstance(c, dict):
+            continue
+        extra = (c["onnx_files"] if isinstance(c.get("onnx_files"), list) else []) + \
+            ([c["weight_map"]] if isinstance(c.get("weight_map"), str) else [])
         files += [f for f in extra if isinstance(f, str)]
     for k in ("tokenizer", "tokenizer_2", "scheduler"):
         if isinstance(m.get(k), dict) and "file" in m[k]:
@@ -248,9 +251,9 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
         rows.append(("refit", f"{r.get('at')}: {r.get('weights_changed')} weights in {', '.join(r.get('components', [])) or 'no component'} "
                               f"({r.get('seconds')} s)"))
     fid = m.get("fidelity")
-    if fid:
-        rows.append(("image check", f"4-step image vs PyTorch fp32 at {fid['resolution']}: PSNR {fid['image_psnr_db']:.1f} dB "
-                                    f"(gate {fid['gate_db']:g} dB)"))
+    if isinstance(fid, dict) and isinstance(fid.get("image_psnr_db"), (int, float)):
+        rows.append(("image check", f"4-step image vs PyTorch fp32 at {fid.get('resolution')}: PSNR {fid['image_psnr_db']:.1f} dB "
+                                    f"(gate {fid.get('gate_db')} dB)"))
     for l in m.get("fusion", {}).get("loras", []):
         rows.append(("lora", f"{Path(l['path']).name}  λ={l['weight']:g}  {l['format']}  rank {','.join(map(str, l['ranks']))}  "
                               f"layers {sum(l['layers'].values())}  sha256 {l['sha256'][:12]}…"))

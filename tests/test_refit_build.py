@@ -88,6 +88,11 @@ def test_refit_equals_fresh_build(base_dir, loras, tmp_path, backend, precision,
     a, b = _unet_out(pipe_r), _unet_out(pipe_f)
     assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-6
     assert psnr(ours, ref) >= 60
+    import onnx  # the patched exported graph holds exactly the fresh export's weights, bit for bit
+    for comp in ("unet", "text_encoder"):
+        g1, g2 = (onnx.load(str(d / "onnx" / comp / "model.onnx")) for d in (entry, tmp_path / "fresh"))
+        assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in g1.graph.initializer} == \
+            {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in g2.graph.initializer}
     # and the refit really changed the model (by far more than it differs from the fresh build)
     assert np.linalg.norm(old_out - a) / np.linalg.norm(a) > 1e-4 and not np.array_equal(old_img, ours)
     # the entry is as readable and intact as a fresh one: up to date on the same inputs
@@ -124,6 +129,19 @@ def test_graph_changes_fall_back_to_a_full_build_saying_why(base_dir, loras, tmp
     code, out, err = run_cli(["build-engine", "--base", base_dir, "--lora", f"{loras['lcm']}:0.5", "--backend", "onnxruntime",
                               "--engine-dir", entry, "--quiet", *flags], capsys)
     assert code == 0 and f"full build, not a refit: {why}" in out and "built in" in out and "refit in" not in out
+
+
+def test_lora_with_bias_terms_is_a_full_build(base_dir, loras, tmp_path, capsys, monkeypatch):
+    from lcm_export import fuse
+
+    entry = tmp_path / "e"
+    _build(base_dir, entry, _specs(loras, ["lcm:1.0"]), "onnxruntime", "fp32")
+    monkeypatch.setattr(fuse, "lora_has_bias", lambda path: "style" in str(path))
+    code, out, _ = run_cli(["build-engine", "--base", base_dir, "--lora", f"{loras['lcm']}:1.0", "--lora", f"{loras['style']}:0.8",
+                            "--backend", "onnxruntime", "--resolution", "64x64", "--engine-dir", entry, "--quiet"], capsys)
+    assert code == 0 and "full build, not a refit: a LoRA with bias terms" in out and "built in" in out
+    m = json.loads((entry / "manifest.json").read_text())
+    assert [l["lora_bias"] for l in m["fusion"]["loras"]] == [False, True]
 
 
 def test_changed_base_is_a_full_build(base_dir, loras, tmp_path, capsys):

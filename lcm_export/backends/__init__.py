@@ -39,6 +39,12 @@ REGISTRY = {
     "tensorrt": "lcm_export.backends.tensorrt",
 }
 PRECISIONS = ("fp32", "fp16", "bf16")
+GPU_ORDER = ("tensorrt", "onnxruntime")
+"""On a GPU, TensorRT first (the fast path), then ONNX Runtime's CUDA provider."""
+
+
+class RefitImpossible(Exception):
+    """A weights-only update cannot take this change: the build falls back to the full path, saying why."""
 THREADS_ENV = "LCM_EXPORT_THREADS"
 
 
@@ -98,7 +104,7 @@ def choose(backend: str = "auto", precision: str = "auto", cpu_bf16: bool | None
         return Choice(backend, device, precision)
 
     usable = {n: s for n, s in statuses.items() if s[0]}
-    gpu = [n for n in REGISTRY if n in usable and usable[n][1] == "cuda"]
+    gpu = [n for n in GPU_ORDER if n in usable and usable[n][1] == "cuda"]
     if gpu and precision in ("auto", "fp16", "fp32"):
         for n in gpu:
             p = mods[n].default_precision("cuda", cpu_bf16) if precision == "auto" else precision

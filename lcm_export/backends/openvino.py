@@ -11,8 +11,9 @@ and otherwise compiles the IR (slower start, same results) with a one-line warni
 Precision: OpenVINO's CPU plugin picks bf16 by itself on bf16 CPUs, so fp32 is always asked for
 explicitly (``INFERENCE_PRECISION_HINT=f32``). In a bf16 entry, every component in
 ``BF16_COMPONENTS`` runs in bf16; the others stay fp32 (see that constant for the measurements).
-A bf16 entry loaded on a CPU without native bf16 runs, in fp32 (OpenVINO ignores the hint there),
-with a warning: the weights are fp32 in the IR, so the images are as good or better, only not faster.
+A bf16 entry loaded on a CPU without native bf16 runs in fp32 (the runtime asks for f32 there rather
+than let OpenVINO emulate bf16 on AVX-512 CPUs), with a warning: the IR's weights are fp32, so the
+images are as good or better, only not faster.
 """
 
 from __future__ import annotations
@@ -88,10 +89,10 @@ def build_component(job) -> dict:
     ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
     del model
     compiled = core.compile_model(str(folder / "model.xml"), "CPU", compile_config(precision, job.section["inference_num_threads"]))
-    stream = compiled.export_model()  # a BytesIO (this API writes to nothing else)
+    stream = compiled.export_model()  # a BytesIO in current releases (bytes in some older ones)
     del compiled
     with open(folder / "model.blob", "wb") as f:
-        f.write(stream.getbuffer())
+        f.write(stream.getbuffer() if hasattr(stream, "getbuffer") else stream)
     del stream
     files = [f"{comp}/model.xml", f"{comp}/model.bin", f"{comp}/model.blob"]
     return {"engines": {"*": f"{comp}/model.xml"}, "files": files, "precision": precision,
@@ -121,11 +122,16 @@ def _blob_usable(manifest: dict) -> bool:
 
 
 def load_engine(manifest: dict, engine_dir: Path, component: str, path: Path, threads: int | None = None):
+    from .._cpu import native_bf16
+
     section = manifest.get("openvino", {})
     rec = manifest["components"][component]
     n = thread_count(threads, section.get("inference_num_threads"))
-    blob = engine_dir / rec["compiled_blob"] if rec.get("compiled_blob") and _blob_usable(manifest) else None
-    return OvEngine(path, rec.get("precision", "fp32"), n, engine_dir, blob)
+    precision = rec.get("precision", "fp32")
+    if precision == "bf16" and not native_bf16():  # OpenVINO would emulate bf16 on AVX-512 CPUs without it: run fp32
+        precision = "fp32"
+    usable = rec.get("compiled_blob") and _blob_usable(manifest) and precision == rec.get("precision", "fp32")
+    return OvEngine(path, precision, n, engine_dir, engine_dir / rec["compiled_blob"] if usable else None)
 
 
 class OvEngine:
@@ -139,15 +145,20 @@ class OvEngine:
                 raise UserError(f"engine file {p} is missing; {rebuild_hint(engine_dir)}")
         core = ov.Core()
         cfg = compile_config(precision, threads)
-        try:
-            if blob is not None and blob.is_file():
-                # memory-mapped, not read: importing the SD 1.5 UNet's 3.4 GB blob from bytes took 17.2 s, from
-                # a mapped tensor 0.8 s (compiling the IR: 2-4.6 s). Copy-on-write so OpenVINO may take it as
-                # writable; it is never written. Kept alive with the engine (the import may reference it).
+        self.compiled = None
+        if blob is not None and blob.is_file():
+            # memory-mapped, not read: importing the SD 1.5 UNet's 3.4 GB blob from bytes took 17.2 s, from
+            # a mapped tensor 0.8 s (compiling the IR: 2-4.6 s). Copy-on-write so OpenVINO may take it as
+            # writable; it is never written. Kept alive with the engine (the import may reference it).
+            # An OpenVINO that cannot import it (older Python API, damaged blob) falls back to the IR.
+            try:
                 self._blob = np.memmap(blob, dtype=np.uint8, mode="c")
                 self.compiled = core.import_model(ov.Tensor(self._blob, shared_memory=True), "CPU", cfg)
                 self.source = "blob"
-            else:
+            except Exception:  # noqa: BLE001 - any failure here has the IR as its remedy
+                self._blob = self.compiled = None
+        try:
+            if self.compiled is None:
                 self.compiled = core.compile_model(str(xml), "CPU", cfg)
                 self.source = "ir"
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line C++ traces

@@ -58,25 +58,34 @@ def entry_settings(threads: int | None, device: str) -> dict:
 
 def refit_component(job, record: dict) -> dict:
     """New weights into the refittable engines of ``record``: TensorRT's ONNX-parser refitter reads
-    the patched exported graph (``job.onnx``) and sets every weight by its initializer name."""
+    the patched exported graph (``job.onnx``) and sets every weight by its initializer name. Anything
+    it cannot do raises RefitImpossible (the build then takes the full path, saying why)."""
     import tensorrt as trt
 
+    from . import RefitImpossible
+
     ensure_cuda_runtime()
+    builds = {i["file"]: i for i in job.section.get("builds", [])}
     logger = trt.Logger(trt.Logger.ERROR)
     for plan, file in record["engines"].items():
+        item = builds.get(file)
+        if item is None or not item.get("refittable"):
+            raise RefitImpossible(f"{file} was not built refittable (build with --refit)")
+        if build_config(item, trt.__version__)["onnx"] == "fp16":
+            raise RefitImpossible(f"TensorRT {trt.__version__} builds fp16 engines from a converted fp16 graph, whose "
+                                  "weights the refitter cannot take from the fp32 export; refitting them is not supported yet")
         with trt.Runtime(logger) as runtime:
             engine = runtime.deserialize_cuda_engine((job.previous / file).read_bytes())
         if engine is None:
-            raise UserError(f"{job.previous / file} could not be deserialized for refit; rebuild with --no-refit")
+            raise RefitImpossible(f"{job.previous / file} could not be deserialized for a refit")
         refitter = trt.Refitter(engine, logger)
         parser = trt.OnnxParserRefitter(refitter, logger)
         if not parser.refit_from_file(str(job.onnx)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise UserError(f"TensorRT could not read the new weights for {file} ({errors or 'no detail'}); rebuild with --no-refit")
+            raise RefitImpossible(f"TensorRT could not read the new weights for {file} ({errors or 'no detail'})")
         missing = list(refitter.get_missing_weights())
         if missing or not refitter.refit_cuda_engine():
-            raise UserError(f"TensorRT could not refit {file}" + (f" (weights missing: {', '.join(missing[:5])})" if missing else "")
-                            + "; rebuild with --no-refit")
+            raise RefitImpossible(f"TensorRT could not refit {file}" + (f" (weights missing: {', '.join(missing[:5])})" if missing else ""))
         out = job.out_dir / file
         out.parent.mkdir(parents=True, exist_ok=True)
         with engine.serialize() as blob, open(out, "wb") as f:

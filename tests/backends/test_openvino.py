@@ -107,14 +107,25 @@ def test_blob_is_used_and_ir_is_the_fallback(ov_fp32, tmp_path):
     assert np.array_equal(a, pipe2("x", output_type="np"))
 
 
-def test_truncated_ir_is_one_line_error(ov_fp32, tmp_path, capsys):
+def _scramble(f, at=0.5):
+    """Overwrite bytes in the middle of ``f`` without changing its size (the store's size check can't see it)."""
+    data = bytearray(f.read_bytes())
+    i = int(len(data) * at)
+    data[i:i + 64] = b"\x07" * 64
+    f.write_bytes(bytes(data))
+
+
+def test_damaged_blob_falls_back_to_the_ir_and_damaged_ir_is_one_line_error(ov_fp32, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(ov_fp32, bad)
-    (bad / "unet" / "model.blob").unlink()
-    f = bad / "unet" / "model.xml"
-    f.write_bytes(f.read_bytes()[:2000])
+    _scramble(bad / "unet" / "model.blob", 0.0)  # its header
+    pipe = LCMPipeline.from_engine_dir(bad)
+    assert pipe.engines["unet"]["*"].source == "ir" and pipe.engines["vae_decoder"]["*"].source == "blob"
+    good = LCMPipeline.from_engine_dir(ov_fp32)
+    assert np.array_equal(pipe("x", output_type="np"), good("x", output_type="np"))
+    _scramble(bad / "unet" / "model.xml", 0.3)
     code, _, err = run_cli(["generate", "--engine-dir", bad, "--prompt", "x", "--out", tmp_path / "o.png"], capsys)
-    assert code == 2 and "corrupt or truncated" in err and err.count("\n") == 1
+    assert code == 2 and "corrupt or truncated" in err and "unet/model.xml" in err and err.count("\n") == 1
     assert not (tmp_path / "o.png").exists()
 
 

@@ -44,6 +44,11 @@ def test_auto_without_openvino_falls_back_to_fp32():
 def test_auto_on_gpu_is_tensorrt_fp16():
     c = backends.choose("auto", "auto", cpu_bf16=True, statuses=GPU)
     assert (c.backend, c.device, c.precision) == ("tensorrt", "cuda", "fp16")
+    both = {**GPU, "onnxruntime": (True, "cuda", "ok")}  # onnxruntime-gpu installed beside TensorRT
+    assert backends.choose("auto", "auto", cpu_bf16=True, statuses=both).backend == "tensorrt"
+    no_trt = {**both, "tensorrt": (False, "cuda", "TensorRT is not installed")}
+    c = backends.choose("auto", "auto", cpu_bf16=True, statuses=no_trt)
+    assert (c.backend, c.device, c.precision) == ("onnxruntime", "cuda", "fp32")
 
 
 def test_auto_never_picks_the_slower_backend(monkeypatch):
@@ -52,8 +57,9 @@ def test_auto_never_picks_the_slower_backend(monkeypatch):
     assert "fp32" in ort.PRECISIONS and "fp32" in ov.PRECISIONS
     faster = min(("onnxruntime", "openvino"), key=lambda n: backends.get(n).SPEED_RANK["fp32"])
     assert backends.choose("auto", "fp32", cpu_bf16=True, statuses=CPU_ONLY).backend == faster
-    monkeypatch.setattr(ort, "SPEED_RANK", {"fp32": 9})
-    assert backends.choose("auto", "fp32", cpu_bf16=True, statuses=CPU_ONLY).backend == "openvino"
+    slower = ({"onnxruntime": ov, "openvino": ort}[faster])
+    monkeypatch.setattr(slower, "SPEED_RANK", {**slower.SPEED_RANK, "fp32": -1})  # now the other one measured faster
+    assert backends.choose("auto", "fp32", cpu_bf16=True, statuses=CPU_ONLY).backend != faster
 
 
 @pytest.mark.parametrize("backend, precision, cpu_bf16, statuses, msg", [
