@@ -130,14 +130,14 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
     from .models import base_record, load_pipeline
     from .refit import new_initializers, patch_onnx, read_weight_map, trt_refit_plan
 
+    old_loras = old.get("fusion", {}).get("loras", [])
+    if any(lora_has_bias(info.path) for _, info in items) or any(l.get("lora_bias", True) for l in old_loras):
+        raise RefitImpossible("a LoRA with bias terms (lora_B.bias) changes biases, and a refit patches weights only")
     bar.set_description_str("link the current entry")
     _link_tree(engine_dir, tmp)
     bar.set_description_str(f"load {src.spec}")
     pipe = load_pipeline(src)
     bar.update()
-    old_loras = old.get("fusion", {}).get("loras", [])
-    if any(lora_has_bias(info.path) for _, info in items) or any(l.get("lora_bias", True) for l in old_loras):
-        raise RefitImpossible("a LoRA with bias terms (lora_B.bias) changes biases, and a refit patches weights only")
     fusion = {"base": base_record(src, pipe), **fuse_into(pipe, items, bar)}
     touched_old, touched_new = _modules(old.get("fusion", {})), _modules(fusion)
     mod = backends.get(old["backend"])
