@@ -38,9 +38,23 @@ def _digest(a: np.ndarray) -> str:
 
 
 def _init_array(t, base: Path) -> np.ndarray:
+    """An initializer's values; external data is read directly (onnx's own loader refuses data files
+    with several hard links, which is what a refit's temp folder holds)."""
+    import onnx
     from onnx import numpy_helper
 
-    return numpy_helper.to_array(t, str(base))
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    count = int(np.prod(t.dims)) if len(t.dims) else 1
+    path = Path(base) / info["location"]
+    if Path(info["location"]).is_absolute() or ".." in Path(info["location"]).parts:
+        raise UserError(f"initializer {t.name}: external data outside its folder ({info['location']}); rebuild with --no-refit")
+    a = np.fromfile(path, dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+    if a.size != count:
+        raise UserError(f"{path} is shorter than initializer {t.name} needs (truncated); rebuild with --no-refit")
+    return a.reshape(tuple(t.dims))
 
 
 def targetable(wrapper, comp: str) -> dict[str, "object"]:

@@ -111,3 +111,49 @@ def test_tensorrt_refit_plan_for_the_demo_loras(exported, demo_loras, demo_pipe)
     broken = {**wmap, "weights": {kk: v for kk, v in wmap["weights"].items() if kk != k}, "unmapped": [k]}
     with pytest.raises(UserError, match="maps to no ONNX initializer"):
         trt_refit_plan(broken, [k[: -len(".weight")]])
+
+
+def test_patch_external_data_through_hard_links(exported, tmp_path):
+    """Graphs over 2 GB keep their weights in external data; in a refit the data file has two hard links
+    (old entry and temp folder). Patching must read it anyway and write a new file, never through the link."""
+    import os
+
+    import onnx
+    import onnxruntime as ort
+
+    d, _ = exported
+    old = tmp_path / "old" / "unet"
+    old.mkdir(parents=True)
+    model = onnx.load(str(d / "unet" / "model.onnx"))
+    with open(old / "model.onnx.data", "wb") as f:  # every float initializer to one external data file, as large graphs are
+        for t in model.graph.initializer:
+            if t.data_type != onnx.TensorProto.FLOAT:
+                continue
+            raw = onnx.numpy_helper.to_array(t).tobytes()
+            offset = f.tell()
+            f.write(raw)
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", "model.onnx.data"), ("offset", str(offset)), ("length", str(len(raw)))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+    onnx.save_model(model, str(old / "model.onnx"))
+    model = onnx.load(str(d / "unet" / "model.onnx"))  # the original, for reference values
+    linked = tmp_path / "new" / "unet"
+    linked.mkdir(parents=True)
+    for f in ("model.onnx", "model.onnx.data"):
+        os.link(old / f, linked / f)
+    before = (old / "model.onnx.data").read_bytes()
+    wmap = read_weight_map(d / "unet")
+    key = sorted(wmap["weights"])[0]
+    e = wmap["weights"][key]
+    cur = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == e["initializer"]))
+    changed = patch_onnx(old / "model.onnx", linked / "model.onnx", {e["initializer"]: cur * np.float32(2)})
+    assert changed == [e["initializer"]]
+    assert (old / "model.onnx.data").read_bytes() == before  # the old entry's file is untouched
+    assert os.stat(linked / "model.onnx.data").st_nlink == 1 and os.stat(linked / "model.onnx").st_nlink == 1
+    patched = onnx.load(str(linked / "model.onnx"))
+    got = onnx.numpy_helper.to_array(next(t for t in patched.graph.initializer if t.name == e["initializer"]))
+    assert np.array_equal(got, cur * np.float32(2))
+    ort.InferenceSession(str(linked / "model.onnx"), providers=["CPUExecutionProvider"])  # loads and runs
