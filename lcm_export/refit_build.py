@@ -133,12 +133,22 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
     old_loras = old.get("fusion", {}).get("loras", [])
     if any(lora_has_bias(info.path) for _, info in items) or any(l.get("lora_bias", True) for l in old_loras):
         raise RefitImpossible("a LoRA with bias terms (lora_B.bias) changes biases, and a refit patches weights only")
+    phases: dict[str, float] = {}
+    mark = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(phases.get(name, 0.0) + now - mark[0], 2)
+        mark[0] = now
+
     bar.set_description_str("link the current entry")
     _link_tree(engine_dir, tmp)
     bar.set_description_str(f"load {src.spec}")
     pipe = load_pipeline(src)
     bar.update()
+    lap("link + load base")
     fusion = {"base": base_record(src, pipe), **fuse_into(pipe, items, bar)}
+    lap("fuse LoRAs (PyTorch)")
     touched_old, touched_new = _modules(old.get("fusion", {})), _modules(fusion)
     mod = backends.get(old["backend"])
     section = dict(old.get(old["backend"], {}))
@@ -163,6 +173,7 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
         graph = rec["onnx_files"][0]
         changed = patch_onnx(engine_dir / graph, tmp / graph, values)
         n_weights += len(changed)
+        lap("patch exported graphs")
         if not changed:
             bar.update()
             continue
@@ -175,11 +186,13 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
         refit_fn = getattr(mod, "refit_component", None)
         new = refit_fn(job, rec) if refit_fn else mod.build_component(job)
         new_rec = {**rec, **new}
+        lap(f"{old['backend']} re-derive")
         export_parity = rec.get("export_parity")
         if not mod.VERIFY_IN_BUILD:  # its engines can't run here: check the patched graph itself, as a fresh export is
             export_parity = _graph_parity(comp, pipe, tmp / graph, plans)
             new_rec["export_parity"] = export_parity
         verify_component(mod, section, comp, new_rec, pipe, plans, tmp, opts.threads, export_parity)
+        lap("parity vs PyTorch")
         components[comp] = new_rec
         changed_comps.append(comp)
         bar.update()
@@ -194,7 +207,9 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
     if old["precision"] in reduced and mod.VERIFY_IN_BUILD and changed_comps:
         bar.set_description_str("image check against PyTorch fp32")
         manifest["fidelity"] = image_gate(pipe, tmp, plans, components)
+        lap("image gate vs PyTorch fp32")
     manifest["refit"]["seconds"] = round(time.perf_counter() - t0, 2)
+    manifest["refit"]["phases_s"] = phases
     manifest = record_file_sizes(manifest, tmp)
     write_json(tmp / MANIFEST, manifest)
     bar.update()
