@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--work", required=True, help="folder for the LoRAs and the two entries (~25 GB for SD 1.5)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--phases-only", action="store_true",
+                    help="one more λ refit of the existing WORK/entry; add its per-phase times to OUT's report")
     a = ap.parse_args()
 
     from safetensors.numpy import load_file, save_file
@@ -60,6 +62,20 @@ def main() -> None:
         return r, time.perf_counter() - t0
 
     entry, fresh = work / "entry", work / "fresh"
+    if a.phases_only:
+        import json
+
+        r, t = build(entry, [f"{lcm}:1.0", f"{style2}:0.4"])
+        assert r.refit, "the entry was not refit"
+        rep = json.loads((Path(a.out) / "report.json").read_text())
+        rep["phases_run"] = {"seconds": t, "refit": r.manifest["refit"]}
+        write_json(Path(a.out) / "report.json", rep)
+        rows = "\n".join(f"| {k} | {v:.1f} | {v / rep['full_build_s'] * 100:.1f} % |" for k, v in r.manifest["refit"]["phases_s"].items())
+        md = (Path(a.out) / "report.md").read_text()
+        write_text(Path(a.out) / "report.md", md + "\nWhere a refit's time goes (one more refit of the same entry, style2 λ 0.5 → 0.4, "
+                   f"{t:.1f} s in all):\n\n| phase | seconds | share of the full build |\n|---|---|---|\n{rows}\n")
+        print(r.manifest["refit"]["phases_s"])
+        return
     full, t_full = build(entry, [f"{lcm}:1.0", f"{style}:0.8"], force=True)
     lam, t_lam = build(entry, [f"{lcm}:1.0", f"{style}:0.5"])
     swap, t_swap = build(entry, [f"{lcm}:1.0", f"{style2}:0.5"])
