@@ -34,12 +34,34 @@ ERRORS = {400: {"description": "bad input: one-line message"}, 500: {"descriptio
           503: {"description": "overloaded: retry after the Retry-After header's seconds"}}
 
 
+# Helpers first: Ray pickles the deployment class by value, with the globals it uses at that point.
+def entry_precision(manifest: dict) -> str:
+    precs = sorted({str(r.get("precision")) for r in manifest.get("components", {}).values() if r.get("precision")})
+    return manifest.get("precision") or "+".join(precs) or "?"
+
+
+def _replica_id() -> str:
+    try:
+        return str(serve.get_replica_context().replica_id)
+    except Exception:  # outside a replica (tests calling the class directly)
+        return ""
+
+
+def _node_id() -> str:
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return ""
+
+
 @serve.deployment(name="LCMModel")
 @serve.ingress(app)
 class LCMModel:
     def __init__(self, engine_dir: str, threads: Optional[int] = None, max_batch_size: Optional[int] = None,
                  batch_wait_s: float = 0.005):
-        from ..runtime import LCMPipeline
+        from lcm_export.runtime import LCMPipeline  # absolute: Ray may pickle this class by value
 
         self.pipe = LCMPipeline.from_engine_dir(engine_dir, threads)
         built = int(self.pipe.manifest.get("batch", 1))
@@ -74,24 +96,3 @@ class LCMModel:
     async def _run(self, jobs: list) -> list:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._engine, run_jobs, self.pipe, jobs, self.cap)
-
-
-def entry_precision(manifest: dict) -> str:
-    precs = sorted({str(r.get("precision")) for r in manifest.get("components", {}).values() if r.get("precision")})
-    return manifest.get("precision") or "+".join(precs) or "?"
-
-
-def _replica_id() -> str:
-    try:
-        return str(serve.get_replica_context().replica_id)
-    except Exception:  # outside a replica (tests calling the class directly)
-        return ""
-
-
-def _node_id() -> str:
-    import ray
-
-    try:
-        return ray.get_runtime_context().get_node_id()
-    except Exception:
-        return ""

@@ -104,7 +104,7 @@ def replica_cpus(threads: int, cores: int, replicas: int) -> float:
     """Ray CPUs a replica reserves: its threads, but no more than a 1/replicas share of this machine's
     cores, so that every replica of a local cluster can be placed (Ray wants whole numbers above 1)."""
     share = min(float(threads), cores / replicas)
-    return float(int(share)) if share >= 1 else round(share, 2)
+    return float(int(share)) if share >= 1 else int(share * 100) / 100  # rounded down: the shares must fit
 
 
 def start(o: ServeOptions, name: str = APP_NAME, route_prefix: str = "/"):
@@ -130,7 +130,7 @@ def replica_error(trace: str) -> str:
             if kind in line:
                 return line.split(kind, 1)[1].strip()
     lines = [l.strip() for l in trace.splitlines() if l.strip()]
-    return lines[-1][:300] if lines else "unknown error"
+    return (lines[-1][:300] if lines else "unknown error") + " (the replicas' tracebacks are in /tmp/ray/session_latest/logs/serve/)"
 
 
 def serve_forever(o: ServeOptions) -> int:

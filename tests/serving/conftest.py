@@ -10,14 +10,15 @@ import pytest
 def _build(path, *extra):
     from lcm_export.cli import main
 
-    rc = main(["build-engine", "--engine-dir", str(path), "--backend", "onnxruntime", "--quiet", *extra])
+    rc = main(["build-engine", "--engine-dir", str(path), "--backend", "onnxruntime", "--resolution", "64x64", "--quiet", *extra])
     assert rc == 0, f"build-engine exited {rc}"
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_entry(tmp_path_factory, cache_env):
-    """`lcm-export build-engine --engine-dir DIR --backend onnxruntime --quiet`: demo:sd15 + its LoRAs, 64x64, batch 1."""
+    """`lcm-export build-engine --engine-dir DIR --backend onnxruntime --resolution 64x64 --quiet`: demo:sd15 + its
+    LoRAs, batch 1 (64x64 keeps a call at a few tens of ms; the default, 512x512, takes 2.5 s here)."""
     return _build(tmp_path_factory.mktemp("serve-entries") / "tiny")
 
 

@@ -20,6 +20,7 @@ from .conftest import free_port
 
 ray = pytest.importorskip("ray", reason="the [serve] extra (Ray Serve) is not installed")
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
+LOCAL_ROUTING = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,10 @@ def two_node_server(tiny_entry):
 
     from lcm_export.serve import ServeOptions, start, stop
 
+    # One proxy (on the head) would send everything to its own node's replica while that one has room;
+    # spread the load over both nodes, as one proxy per node behind a load balancer would.
+    saved = os.environ.get(LOCAL_ROUTING)
+    os.environ[LOCAL_ROUTING] = "0"  # read by the proxy, which inherits the nodes' environment
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1)
@@ -46,6 +51,10 @@ def two_node_server(tiny_entry):
             stop(shutdown_ray=True)
         finally:
             cluster.shutdown()
+            if saved is None:
+                os.environ.pop(LOCAL_ROUTING, None)
+            else:
+                os.environ[LOCAL_ROUTING] = saved
 
 
 def replicas(url: str, want: int = 2, tries: int = 60) -> dict[int, str]:
