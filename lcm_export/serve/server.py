@@ -112,15 +112,22 @@ def start(o: ServeOptions, name: str = APP_NAME, route_prefix: str = "/"):
     Ray must not be initialised by the caller unless it already runs Serve on the same port."""
     check_options(o)
     ray, serve = _import_ray()
-    if not ray.is_initialized():
-        if not port_free(o.host, o.port):
-            raise UserError(f"--port {o.port}: {o.host}:{o.port} is in use; pick another --port")
-        ray.init(address=o.address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    init_ray(o)
     serve.start(proxy_location=o.proxy_location, http_options={"host": o.host, "port": o.port})
     try:
         return serve.run(application(o), name=name, route_prefix=route_prefix)
     except RuntimeError as exc:  # a replica's constructor failed (its UserError is inside the trace)
         raise UserError(f"the replicas could not load {o.engine_dir}: {replica_error(str(exc))}") from None
+
+
+def init_ray(o: ServeOptions) -> None:
+    """Start a local Ray (or join ``o.address``) unless Ray is initialised already."""
+    ray, _ = _import_ray()
+    if ray.is_initialized():
+        return
+    if o.address is None and not port_free(o.host, o.port):
+        raise UserError(f"--port {o.port}: {o.host}:{o.port} is in use; pick another --port")
+    ray.init(address=o.address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
 
 
 def replica_error(trace: str) -> str:
@@ -139,6 +146,9 @@ def serve_forever(o: ServeOptions) -> int:
     ray, serve = _import_ray()
     started_ray = not ray.is_initialized()
     try:
+        check_options(o)
+        init_ray(o)
+        _stop_on_signals()  # Ray's driver installs a handler that aborts on SIGTERM: put ours back
         start(o)
         url = f"http://{o.host}:{o.port}"
         print(f"serving {o.engine_dir} on {url} ({o.replicas} replica(s)); POST {url}/generate, "
@@ -152,6 +162,22 @@ def serve_forever(o: ServeOptions) -> int:
         stop(started_ray)
     print("stopped", flush=True)
     return 0
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM / SIGHUP / SIGINT raise KeyboardInterrupt in the main thread, so ``serve_forever``
+    shuts Serve and Ray down instead of dying with them running."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    for name in ("SIGTERM", "SIGHUP", "SIGINT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), handler)
 
 
 def stop(shutdown_ray: bool = True) -> None:
