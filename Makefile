@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	@# torch first, pinned: the CPU build on disk (an unpinned torch pulls a multi-GB CUDA build)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e ".[build,dev]"
+	$(VPY) -m pip install -q -e ".[build,dev,serve]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

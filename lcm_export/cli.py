@@ -132,6 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cold-start", action="store_true", help="skip the cold-start (fresh process) measurement")
     s.add_argument("--out", required=True, help="report folder (report.json, report.md, *.png)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    v = sub.add_parser("serve", help="HTTP text → image on Ray Serve: replicas, batching, backpressure (needs [serve])",
+                       description="Serve an engine-store entry over HTTP with Ray Serve: POST /generate, GET /health, "
+                                   "docs at /docs. Starts a local Ray cluster unless --address names one. Ctrl-C stops.")
+    v.add_argument("--engine-dir", required=True, help="engine-store entry built by build-engine")
+    v.add_argument("--replicas", type=int, default=1, help="replicas, each with its own copy of the engines (default 1)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it)")
+    v.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    v.add_argument("--max-ongoing-requests", type=int, default=4,
+                   help="requests one replica holds at once; more wait in the proxy's queue (default 4)")
+    v.add_argument("--max-queued-requests", type=int, default=None,
+                   help="requests the proxy queues when every replica is full; past it: 503 + Retry-After "
+                        "(default: replicas × max ongoing)")
+    v.add_argument("--max-batch-size", type=int, default=None,
+                   help="images merged into one engine call, at most the entry's --batch (default: the entry's --batch)")
+    v.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a replica waits for requests to merge (default 5; only when merging is possible)")
+    v.add_argument("--threads", type=int, default=None, help="engine threads per replica (default: cores / replicas)")
+    v.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto, or HOST:6379) instead of starting one")
     return p
 
 
@@ -237,6 +256,14 @@ def _dispatch(a) -> int:
         print(report["summary_line"])
         print(f"report: {os.path.join(a.out, 'report.md')}")
         return 0
+    if a.cmd == "serve":
+        from .serve import ServeOptions, serve_forever
+
+        return serve_forever(ServeOptions(
+            engine_dir=a.engine_dir, replicas=a.replicas, host=a.host, port=a.port,
+            max_ongoing_requests=a.max_ongoing_requests, max_queued_requests=a.max_queued_requests,
+            max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms, threads=a.threads, address=a.address,
+        ))
     raise AssertionError(a.cmd)
 
 

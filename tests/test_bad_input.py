@@ -366,6 +366,8 @@ API_ROWS = [
     ("height-only", {"height": 64}, "both height and width"),
     ("negative-prompt-int (case 26)", {"negative_prompt": 123}, "negative_prompt must be a string"),
     ("prompt-none", {"prompt": None}, "prompt must be a string"),
+    ("prompt-list-length", {"prompt": ["a", "b"]}, "a list of 2 prompts for batch 1"),
+    ("prompt-list-non-str", {"prompt": ["a", 3], "batch": 2}, "a list of prompts must hold strings only"),
     ("steps-bool", {"steps": True}, "steps True"),
     ("steps-float", {"steps": 4.0}, "steps 4.0"),
     ("guidance-text", {"guidance": "2"}, "guidance '2'"),

@@ -154,7 +154,7 @@ class LCMPipeline:
         """Text embeddings [N,77,D] (N = 2B with guidance: uncond first) and, for SDXL, pooled [N,P]."""
         t0 = time.perf_counter()
         zero_uncond = cfg and self.xl and negative_prompt is None and self.manifest.get("force_zeros_for_empty_prompt")
-        texts = [prompt] * batch
+        texts = list(prompt) if isinstance(prompt, list) else [prompt] * batch
         if cfg and not zero_uncond:
             texts = [negative_prompt or ""] * batch + texts
         ids = {k: tok(texts) for k, tok in self.tokenizers.items()}
@@ -216,15 +216,26 @@ class LCMPipeline:
         return [Image.merge("RGB", [Image.fromarray(c) for c in p]) if p.shape[0] == 3 else Image.fromarray(p[0])
                 for p in planes]
 
-    def __call__(self, prompt: str, negative_prompt: str | None = None, steps: int = 4, guidance: float = 1.0,
-                 seed: int = 0, batch: int = 1, height: int | None = None, width: int | None = None,
-                 latents: np.ndarray | None = None, step_noise: list[np.ndarray] | None = None, output_type: str = "pil"):
-        """Generate ``batch`` images. guidance > 1 runs classifier-free guidance (UNet at batch 2B)."""
-        # 0. Every argument checked before any engine runs (one UserError naming the argument)
+    def check_args(self, prompt: str | list[str], negative_prompt: str | None = None, steps: int = 4, guidance: float = 1.0,
+                   seed: int = 0, batch: int = 1, height: int | None = None, width: int | None = None,
+                   output_type: str = "pil") -> tuple[int, float, int, int, int, int]:
+        """Check ``__call__``'s plain arguments without running anything (a server validates before it
+        queues); return (steps, guidance, seed, batch, height, width) with the default size filled in.
+        Raises one ``UserError`` naming the bad argument."""
         steps, guidance, seed, batch, height, width = check_scalars(
             prompt, negative_prompt, steps, guidance, seed, batch, height, width, output_type, MAX_STEPS)
         h, w = (height, width) if height is not None else self._default_hw()
         self._check_resolution(h, w)
+        return steps, guidance, seed, batch, h, w
+
+    def __call__(self, prompt: str | list[str], negative_prompt: str | None = None, steps: int = 4, guidance: float = 1.0,
+                 seed: int = 0, batch: int = 1, height: int | None = None, width: int | None = None,
+                 latents: np.ndarray | None = None, step_noise: list[np.ndarray] | None = None, output_type: str = "pil"):
+        """Generate ``batch`` images. guidance > 1 runs classifier-free guidance (UNet at batch 2B).
+        ``prompt`` may be a list of ``batch`` prompts, one per image."""
+        # 0. Every argument checked before any engine runs (one UserError naming the argument)
+        steps, guidance, seed, batch, h, w = self.check_args(
+            prompt, negative_prompt, steps, guidance, seed, batch, height, width, output_type)
         cfg = guidance > 1.0
         lh, lw = h // 8, w // 8
         shape = (batch, self.latent_channels, lh, lw)

@@ -23,7 +23,12 @@ def is_whole(v) -> bool:
 
 def check_scalars(prompt, negative_prompt, steps, guidance, seed, batch, height, width, output_type, max_steps: int):
     """Validate the plain arguments; return (steps, guidance, seed, batch, height, width) as Python numbers."""
-    if not isinstance(prompt, str):
+    if isinstance(prompt, list):  # one prompt per image (a server merging requests into one batch)
+        if not all(isinstance(p, str) for p in prompt):
+            raise UserError("prompt: a list of prompts must hold strings only")
+        if is_whole(batch) and len(prompt) != batch:
+            raise UserError(f"prompt: a list of {len(prompt)} prompts for batch {batch}; give one prompt per image")
+    elif not isinstance(prompt, str):
         raise UserError(f"prompt must be a string (it may be empty), not {type(prompt).__name__}")
     if negative_prompt is not None and not isinstance(negative_prompt, str):
         raise UserError(f"negative_prompt must be a string or None, not {type(negative_prompt).__name__}")

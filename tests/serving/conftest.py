@@ -1,0 +1,50 @@
+"""Entries and helpers for the serving tests: the tiny demo built by the CLI, at batch 1 and 4."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+
+def _build(path, *extra):
+    from lcm_export.cli import main
+
+    rc = main(["build-engine", "--engine-dir", str(path), "--backend", "onnxruntime", "--resolution", "64x64", "--quiet", *extra])
+    assert rc == 0, f"build-engine exited {rc}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_entry(tmp_path_factory, cache_env):
+    """`lcm-export build-engine --engine-dir DIR --backend onnxruntime --resolution 64x64 --quiet`: demo:sd15 + its
+    LoRAs, batch 1 (64x64 keeps a call at a few tens of ms; the default, 512x512, takes 2.5 s here)."""
+    return _build(tmp_path_factory.mktemp("serve-entries") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def batch4_entry(tmp_path_factory, cache_env):
+    """The same at `--batch 4` (guidance auto: UNet at 4 and 8), so that requests can merge."""
+    return _build(tmp_path_factory.mktemp("serve-entries") / "tiny-b4", "--batch", "4")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def generate_png(engine_dir, out, prompt, seed, steps=4, guidance=1.0, negative_prompt=None, batch=1, resolution=None):
+    """What `lcm-export generate` writes for these arguments (run in-process): the PNG files' bytes."""
+    from lcm_export.cli import main
+
+    args = ["generate", "--engine-dir", str(engine_dir), "--prompt", prompt, "--seed", str(seed), "--steps", str(steps),
+            "--guidance", str(guidance), "--batch", str(batch), "--out", str(out)]
+    if negative_prompt is not None:
+        args += ["--negative-prompt", negative_prompt]
+    if resolution:
+        args += ["--resolution", resolution]
+    assert main(args) == 0
+    if batch == 1:
+        return [out.read_bytes()]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}").read_bytes() for i in range(batch)]

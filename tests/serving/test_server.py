@@ -1,0 +1,150 @@
+"""`lcm-export serve` end to end on a local Ray cluster (started and stopped here; localhost only).
+
+One Ray + Serve for the module, three applications on one port:
+- ``/``  the tiny demo (batch-1 entry), 2 replicas: load and bad-input tests;
+- ``/b`` the batch-4 entry, merging up to 4 images per engine call;
+- ``/o`` 1 replica × 1 ongoing request and a queue of 1: overload.
+About a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from lcm_export.serve.client import Client, wait_ready
+from lcm_export.serve.load import drive
+
+from .conftest import free_port, generate_png
+
+ray = pytest.importorskip("ray", reason="the [serve] extra (Ray Serve) is not installed")
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+PROMPTS = ["a photo of an astronaut riding a horse", "a red cube", "", "a bowl of fruit, oil painting"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_entry, batch4_entry):
+    from lcm_export.serve import ServeOptions, start, stop
+
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        common = dict(port=port, threads=1, replica_cpus=0)
+        start(ServeOptions(str(tiny_entry), replicas=2, max_ongoing_requests=4, **common), name="main", route_prefix="/")
+        start(ServeOptions(str(batch4_entry), replicas=1, max_ongoing_requests=8, max_batch_size=4, batch_wait_ms=30,
+                           **common), name="batched", route_prefix="/b")
+        start(ServeOptions(str(tiny_entry), replicas=1, max_ongoing_requests=1, max_queued_requests=1, **common),
+              name="overload", route_prefix="/o")
+        url = f"http://127.0.0.1:{port}"
+        for prefix in ("", "/b", "/o"):
+            wait_ready(url + prefix, 120)
+        yield url
+    finally:
+        stop(shutdown_ray=True)
+
+
+def test_health_reports_the_loaded_entry(server, tiny_entry):
+    h = Client(server).health()
+    assert h.status == 200
+    info = h.json()
+    assert info["status"] == "ready" and info["engine_dir"] == str(tiny_entry.resolve())
+    assert (info["family"], info["backend"], info["precision"]) == ("sd15", "onnxruntime", "fp32")
+    assert info["resolutions"] == ["64x64"] and info["batch"] == 1 and info["max_batch_size"] == 1
+    assert info["replica"]["pid"] > 0 and info["replica"]["node_id"]
+
+
+def test_openapi_docs_are_served(server):
+    c = Client(server)
+    docs = c.request("GET", "/docs")
+    assert docs.status == 200 and b"swagger" in docs.body.lower()
+    spec = c.request("GET", "/openapi.json").json()
+    assert {"/generate", "/health"} <= set(spec["paths"])
+
+
+def test_32_requests_over_4_clients_are_byte_equal_to_generate(server, tiny_entry, tmp_path):
+    def fields(i):
+        return {"prompt": PROMPTS[i % 4], "seed": 1000 + i, "steps": 4 if i % 3 else 2,
+                "guidance": 1.0 if i % 2 else 2.5, **({"negative_prompt": "blurry"} if i % 5 == 0 else {})}
+
+    res = drive(server, clients=4, requests=32, fields=fields, time_limit_s=120, timeout_s=60)
+    assert res.unfinished_clients == 0
+    assert res.status_counts() == {200: 32}, [r.body[:200] for _, r in res.replies if r.status != 200]
+    for i, r in res.replies:
+        f = fields(i)
+        assert r.headers["content-type"] == "image/png"
+        want = generate_png(tiny_entry, tmp_path / f"g{i}.png", f["prompt"], f["seed"], f["steps"], f["guidance"],
+                            f.get("negative_prompt"))
+        assert r.body == want[0], f"request {i} ({f}) differs from lcm-export generate"
+
+
+def test_json_response_with_base64_pngs_for_a_batch(server, tiny_entry, tmp_path):
+    c = Client(server)
+    r = c.generate(prompt="a red cube", seed=5, batch=2, response_format="json")
+    assert r.status == 200, r.body
+    out = r.json()
+    assert (out["width"], out["height"], out["seed"]) == (64, 64, 5) and out["runtime_ms"] > 0
+    want = generate_png(tiny_entry, tmp_path / "b.png", "a red cube", 5, batch=2)
+    assert [base64.b64decode(s) for s in out["images"]] == want
+    # Accept: application/json also selects JSON
+    r = c.request("POST", "/generate", json.dumps({"prompt": "a red cube", "seed": 5}).encode(),
+                  {"Content-Type": "application/json", "Accept": "application/json"})
+    one = generate_png(tiny_entry, tmp_path / "one.png", "a red cube", 5)[0]  # batch 1 draws other step noise
+    assert r.status == 200 and base64.b64decode(r.json()["images"][0]) == one
+
+
+BAD = [
+    ("missing prompt", json.dumps({"steps": 4}).encode(), "prompt is required"),
+    ("steps 0", json.dumps({"prompt": "x", "steps": 0}).encode(), "steps 0: must be an integer from 1 to 50"),
+    ("unbuilt size", json.dumps({"prompt": "x", "width": 128, "height": 128}).encode(), "128x128 was not built"),
+    ("non-JSON body", b"prompt=a cat&steps=4", "not valid JSON"),
+    ("oversized body", json.dumps({"prompt": "x" * 200_000}).encode(), "bytes"),
+    ("negative seed", json.dumps({"prompt": "x", "seed": -1}).encode(), "seed -1"),
+    ("unknown field", json.dumps({"prompt": "x", "size": "64x64"}).encode(), "size: unknown field"),
+    ("batch 2 as PNG", json.dumps({"prompt": "x", "batch": 2}).encode(), "response_format"),
+]
+
+
+@pytest.mark.parametrize("name, body, words", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_400_and_leave_the_server_healthy(server, name, body, words):
+    c = Client(server)
+    r = c.request("POST", "/generate", body, {"Content-Type": "application/json"})
+    assert r.status == 400, (name, r.status, r.body[:300])
+    msg = r.json()["error"]
+    assert words in msg and "\n" not in msg and "Traceback" not in msg
+    assert c.health().status == 200
+    ok = c.generate(prompt="after a bad request", seed=1)
+    assert ok.status == 200 and ok.body[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_overload_gets_503_with_retry_after_and_accepted_requests_complete(server, tiny_entry, tmp_path):
+    """1 replica × 1 ongoing + 1 queued: 12 simultaneous slow requests (50 steps) overflow it."""
+    url = server + "/o"
+    res = drive(url, clients=12, requests=12, fields=lambda i: {"prompt": "busy", "seed": i, "steps": 50},
+                time_limit_s=60, timeout_s=120)
+    counts = res.status_counts()
+    assert res.unfinished_clients == 0 and set(counts) <= {200, 503}, counts
+    assert counts.get(503, 0) >= 1 and counts.get(200, 0) >= 1, counts
+    for i, r in res.replies:
+        if r.status == 503:
+            assert int(r.headers["retry-after"]) >= 1
+    i, r = res.ok()[0]
+    assert r.body == generate_png(tiny_entry, tmp_path / "o.png", "busy", i, steps=50)[0]
+    # once the burst is over, the same deployment answers again
+    assert Client(url).generate(prompt="after", seed=1).status == 200
+
+
+def test_concurrent_requests_merge_into_one_engine_call_with_solo_bytes(server, batch4_entry, tmp_path):
+    url = server + "/b"
+    assert Client(url).health().json()["max_batch_size"] == 4
+    fields = lambda i: {"prompt": PROMPTS[i % 4], "seed": 200 + i}  # noqa: E731
+    res = drive(url, clients=8, requests=16, fields=fields, time_limit_s=60, timeout_s=60)
+    assert res.status_counts() == {200: 16}
+    merged = [int(r.headers["x-call-batch"]) for _, r in res.replies]
+    assert max(merged) > 1, f"no request was merged: call batches {merged}"
+    for i, r in res.replies:
+        f = fields(i)
+        assert r.body == generate_png(batch4_entry, tmp_path / f"m{i}.png", f["prompt"], f["seed"])[0], \
+            f"request {i} (merged into a call of {r.headers['x-call-batch']}) differs from its solo image"
