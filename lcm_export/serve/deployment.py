@@ -65,7 +65,9 @@ class LCMModel:
 
         self.pipe = LCMPipeline.from_engine_dir(engine_dir, threads)
         built = int(self.pipe.manifest.get("batch", 1))
-        self.cap = max(1, min(max_batch_size or built, built))
+        # merging is exact (each request's solo image) where measured: ONNX Runtime. Elsewhere only when asked.
+        default = built if self.pipe.manifest.get("backend") == "onnxruntime" else 1
+        self.cap = max(1, min(max_batch_size or default, built))
         self._engine = ThreadPoolExecutor(1, thread_name_prefix="lcm-engine")
         self._run.set_max_batch_size(self.cap)
         self._run.set_batch_wait_timeout_s(batch_wait_s if self.cap > 1 else 0.0)
