@@ -90,7 +90,7 @@ def main() -> None:
             t0 = time.perf_counter()
             eng = make()
             load = time.perf_counter() - t0
-            med, ts = _median(lambda: eng.run_all(feeds), a.runs)
+            med, ts = _median(lambda e=eng: e.run_all(feeds), a.runs)
             outs[name] = eng.run_all(feeds)[0]
             row[name] = {"median_s": med, "runs_s": ts, "load_s": load}
             if name.startswith("openvino"):
@@ -106,12 +106,10 @@ def main() -> None:
 
     # image-level: all bf16, and each component kept in fp32 in turn, against all fp32 (the pipeline
     # runs the engines measured above: loading the entry's own would hold every UNet twice in memory)
-    import json as _json
-
     from lcm_export.runtime.tokenizer import ClipTokenizer
 
     toks = {k: ClipTokenizer(ov_dir / m[k]["file"], m[k]["max_length"], m[k]["pad_id"]) for k in ("tokenizer", "tokenizer_2") if k in m}
-    sched = _json.loads((ov_dir / m["scheduler"]["file"]).read_text())
+    sched = json.loads((ov_dir / m["scheduler"]["file"]).read_text())
     pipe = LCMPipeline(m, ov_dir, {c: {} for c in m["components"]}, toks, sched)
     latents, noise = seeded_inputs(pipe.latent_channels, hw, 4, seed=42)
 

@@ -109,15 +109,21 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "outpu
         raise
 
 
+def file_parent(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file (``path`` cannot be created), else None."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def check_dir_path(path: Path, what: str = "output folder") -> None:
     """Refuse, as one line, a folder path that names a file or lies under a file."""
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} is a file, not a folder; choose a folder path")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{what} {path}: {parent} is a file, not a folder; choose another path")
-            break
+    parent = file_parent(path)
+    if parent is not None:
+        raise UserError(f"{what} {path}: {parent} is a file, not a folder; choose another path")
 
 
 class Terminated(KeyboardInterrupt):

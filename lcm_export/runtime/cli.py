@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from .._util import file_parent
 from ..errors import UserError
 
 
@@ -16,11 +17,9 @@ def output_paths(out: str, batch: int) -> list[Path]:
         raise UserError(f"--out {out}: must be a .png path")
     if p.is_dir():
         raise UserError(f"--out {out} is a folder; give a .png file path")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"--out {out}: {parent} is a file, not a folder")
-            break
+    parent = file_parent(p)
+    if parent is not None:
+        raise UserError(f"--out {out}: {parent} is a file, not a folder")
     if batch == 1:
         return [p]
     return [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(batch)]
