@@ -347,9 +347,9 @@ def run_bench(o: BenchOptions) -> dict:
         "settings": {"runs": o.runs, "warmup": o.warmup, "solver_runs": solver_runs, "solver_warmup": 0,
                      "threads": threads, "statistic": "median and p90 over timed runs (UNet: over every step of every run)"},
         "machine": machine_info(threads),
-        "versions": tool_versions("tensorrt"),
+        "versions": tool_versions("tensorrt", "openvino"),
         "engine": {"backend": manifest["backend"], "precision": manifest["precision"],
-                   "onnxruntime": manifest.get("onnxruntime"), "tensorrt": manifest.get("tensorrt", {}).get("tensorrt")},
+                   "settings": manifest.get(manifest["backend"])},  # the backend's own manifest section
         "paths": paths, "ratios": ratios, "solvers": table2, "cold_start": cold, "flops": flop,
         "runtime_overhead_stub": overhead_stub,
     }

@@ -11,9 +11,9 @@ this registry. A backend module defines
                     against PyTorch through the built engine itself)
     REFIT           whether an entry can take new weights without a re-export (``refit_build.py``)
     status() -> (usable, device, reason)         imports and hardware; reason says how to fix it
-    entry_settings(threads) -> dict              its manifest section (thread count, hints, ISA)
+    default_precision(device, cpu_bf16) -> str   what ``--precision auto`` means for it
+    entry_settings(threads, device) -> dict      its manifest section (thread count, hints, ISA)
     build_component(job) -> dict                 one component from the exported ONNX: files + record
-    finish(out_dir, section, jobs) -> None       after every component (optional; e.g. TensorRT info)
     check(manifest, engine_dir) -> list[str]     refuse (UserError) or warn about running here
     load_engine(manifest, engine_dir, component, file, threads) -> Engine
     refit_component(job, record) -> dict         optional: new weights into existing engines; without
