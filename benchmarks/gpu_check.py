@@ -9,7 +9,8 @@ For each model it
   1. builds a TensorRT fp16 entry (engines/gpu-<model>) through `build_engine` (Polygraphy API);
   2. compares each TensorRT engine with the PyTorch fp16 module on CUDA on seeded inputs (rel-L2,
      max-abs), and a 4-step image against diffusers fp16 with the same latents and step noise (PSNR,
-     through `lcm_export.fidelity`, which restores what it patches);
+     through `lcm_export.fidelity`, which restores what it patches), once with the latents kept on
+     the GPU between steps (the device loop) and once with the host loop;
   3. runs `lcm-export bench` with the eager, torch.compile, CUDA-graph (reduce-overhead) and bf16
      baselines and writes benchmarks/reports/gpu-<model>-<res>/ in the standard report format.
 Without TensorRT (or without a GPU), steps 1-2 are skipped and say why; step 3 then times an ONNX
@@ -68,16 +69,23 @@ def component_parity(engine_dir: Path, hw, ref) -> dict:
     return out
 
 
-def image_parity(engine_dir: Path, hw, ref, sched_cfg: dict) -> float:
-    """PSNR of the entry's 4-step image against diffusers (same latents and step noise); diffusers' noise
-    function and the pipeline's scheduler are restored by ``diffusers_images``."""
+def image_parity(engine_dir: Path, hw, ref, sched_cfg: dict) -> dict:
+    """PSNR of the entry's 4-step image against diffusers (same latents and step noise), with the
+    latents kept on the GPU between steps (the device loop, where the entry has LCM step engines) and
+    with the host loop; diffusers' noise function and scheduler are restored by ``diffusers_images``."""
     from lcm_export.fidelity import PROMPT, diffusers_images, psnr, seeded_inputs
     from lcm_export.runtime import LCMPipeline
+    from lcm_export.runtime.device_loop import device_loop_for
 
     runtime = LCMPipeline.from_engine_dir(engine_dir)
     latents, noise = seeded_inputs(runtime.latent_channels, hw, 4, seed=0)
-    ours = runtime(PROMPT, steps=4, latents=latents, step_noise=noise, height=hw[0], width=hw[1], output_type="np")
-    return psnr(ours, diffusers_images(ref, PROMPT, 4, 1.0, latents, noise, sched_cfg))
+    want = diffusers_images(ref, PROMPT, 4, 1.0, latents, noise, sched_cfg)
+    out = {"device_loop": any(device_loop_for(u, False) is not None for u in runtime.engines["unet"].values())}
+    for loop in ("device", "host"):
+        runtime.device_loop = loop == "device"
+        ours = runtime(PROMPT, steps=4, latents=latents, step_noise=noise, height=hw[0], width=hw[1], output_type="np")
+        out[f"psnr_db_{loop}_loop"] = psnr(ours, want)
+    return out
 
 
 def check_model(model: str, hw, runs: int, parts: dict) -> bool:
@@ -96,12 +104,16 @@ def check_model(model: str, hw, runs: int, parts: dict) -> bool:
         print(build_engine(BuildOptions(base=model, resolutions=(hw,), backend="tensorrt", precision="fp16", engine_dir=str(d))).summary())
         parts["tensorrt build"] = {"ran": True}
         ref, sched = reference(d, device)
-        par = {"components": component_parity(d, hw, ref), "image_psnr_db_vs_diffusers": image_parity(d, hw, ref, sched)}
+        image = image_parity(d, hw, ref, sched)
+        par = {"components": component_parity(d, hw, ref), "image_vs_diffusers": image}
         del ref
         parts["tensorrt parity"] = {"ran": True}
-        ok = all(c["rel_l2"] <= 5e-2 and c["finite"] for c in par["components"].values()) and par["image_psnr_db_vs_diffusers"] >= 30
+        parts["device loop (latents on the GPU)"] = {"ran": image["device_loop"], **({} if image["device_loop"] else
+                                                     {"why": "the entry has no LCM step engines"})}
+        ok = all(c["rel_l2"] <= 5e-2 and c["finite"] for c in par["components"].values()) and \
+            min(image["psnr_db_device_loop"], image["psnr_db_host_loop"]) >= 30
     else:
-        for p in ("tensorrt build", "tensorrt parity"):
+        for p in ("tensorrt build", "tensorrt parity", "device loop (latents on the GPU)"):
             parts[p] = {"ran": False, "why": why}
         d = Path("engines") / f"gpu-{tag}-onnxruntime"
         print(build_engine(BuildOptions(base=model, resolutions=(hw,), backend="onnxruntime", precision="fp32", engine_dir=str(d))).summary())

@@ -18,15 +18,17 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
 from ..shapes import ShapePlan, component_profiles
+from ..step_graph import COEF, write_lcm_step_onnx
 from . import rebuild_hint
+from .tensorrt_runtime import (  # noqa: F401 (the runtime half, re-exported for callers of this module)
+    CUDA_GRAPHS_ENV, DevArray, TrtDevice, TrtEngine, check_feeds, cuda_graphs_enabled, cuda_runtime_dirs,
+    ensure_cuda_runtime, shape_of, tensorrt_cuda_major)
 
 NAME = "tensorrt"
 PRECISIONS = ("fp16", "fp32")
@@ -40,7 +42,6 @@ INSTALL_HINT = ("install TensorRT on a machine with an NVIDIA GPU: pip install '
                 "--extra-index-url https://pypi.nvidia.com (or use --backend onnxruntime)")
 BUILDER_OPTIMIZATION_LEVEL = 3  # TensorRT's default: good engines without hour-long builds
 TESTED_MAJORS = (10, 11)  # pyproject's tensorrt extra pins <12 to match
-CUDA_GRAPHS_ENV = "LCM_EXPORT_CUDA_GRAPHS"  # "1" turns CUDA graphs on (off until a GPU run validates them)
 
 
 def status() -> tuple[bool, str, str]:
@@ -122,9 +123,13 @@ def build_component(job) -> dict:
                 cfg = build_config(item, trt.__version__)
                 build_engine_file(graph_for(cfg), job.out_dir / item["file"], item, cache, cfg)
         item["typing"] = "strong" if cfg["strongly_typed"] else "weak"
-    job.section["builds"] += items
+    steps = lcm_step_plan(items) if job.component == "unet" else []
+    for item in steps:  # the LCM step as its own small fp32 engine: latents stay on the GPU (runtime/device_loop.py)
+        graph = write_lcm_step_onnx(job.out_dir / "unet" / f"lcm_step{'_cfg' if item['cfg'] else ''}.onnx", item["cfg"])
+        build_engine_file(graph, job.out_dir / item["file"], item, cache, build_config(item, trt.__version__))
+    job.section["builds"] += items + steps
     fp16 = [i["fp16"] for i in items]
-    return {"engines": {i["plan"]: i["file"] for i in items}, "files": [i["file"] for i in items],
+    return {"engines": {i["plan"]: i["file"] for i in items}, "files": [i["file"] for i in items + steps],
             "precision": "fp16" if all(fp16) else ("fp32" if not any(fp16) else "mixed"),
             "parity_note": "ONNX vs PyTorch fp32; run benchmarks/gpu_check.py for TensorRT fp16 parity"}
 
@@ -135,25 +140,36 @@ def check(manifest: dict, engine_dir: Path) -> list[str]:
 
 
 def load_engine(manifest: dict, engine_dir: Path, component: str, path: Path, threads: int | None = None):
-    return TrtEngine(path, engine_dir, profile=entry_profile(manifest, engine_dir, path),
-                     use_cuda_graph=cuda_graphs_enabled(os.environ))
+    """The engine for ``path``; a UNet engine also gets the entry's LCM step engines (``lcm_step``),
+    with which the runtime keeps the latents on the GPU between steps."""
+    graphs = cuda_graphs_enabled(os.environ)
+    engine = TrtEngine(path, engine_dir, profile=entry_profile(manifest, engine_dir, path), use_cuda_graph=graphs)
+    for item in step_items_for(manifest, engine_dir, path):
+        engine.lcm_step[bool(item["cfg"])] = TrtEngine(engine_dir / item["file"], engine_dir, profile=item.get("profile"),
+                                                       use_cuda_graph=graphs)
+    return engine
+
+
+def _rel(engine_dir: Path, path: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path(engine_dir).resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
 
 
 def entry_profile(manifest: dict, engine_dir: Path, path: Path) -> dict | None:
     """The optimisation profile an engine file was built with, from the manifest's build records."""
-    try:
-        rel = Path(path).resolve().relative_to(Path(engine_dir).resolve()).as_posix()
-    except ValueError:
-        rel = Path(path).as_posix()
+    rel = _rel(engine_dir, path)
     for item in manifest.get(NAME, {}).get("builds", []):
         if item.get("file") == rel:
             return item.get("profile")
     return None
 
 
-def cuda_graphs_enabled(env) -> bool:
-    """CUDA graphs are off unless $LCM_EXPORT_CUDA_GRAPHS is 1/true/on: no GPU run has validated them yet."""
-    return str(env.get(CUDA_GRAPHS_ENV, "")).strip().lower() in ("1", "true", "on", "yes")
+def step_items_for(manifest: dict, engine_dir: Path, path: Path) -> list[dict]:
+    """The LCM step engines built beside the UNet engine ``path`` (none for entries built before them)."""
+    rel = _rel(engine_dir, path)
+    return [i for i in manifest.get(NAME, {}).get("builds", []) if i.get("role") == "lcm_step" and i.get("for") == rel]
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -200,6 +216,36 @@ def build_plan(components: list[str], plans: list[ShapePlan], text_dim: int, pre
                 "profile": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in prof.items()},
                 "builder_optimization_level": BUILDER_OPTIMIZATION_LEVEL,
             })
+    return out
+
+
+def lcm_step_plan(unet_items: list[dict]) -> list[dict]:
+    """The LCM step engines to build beside each UNet engine (``step_graph.py``). Pure.
+
+    ``lcm_step`` runs without guidance (the UNet batch N is the image batch B); ``lcm_step_cfg``
+    with guidance (N = 2B), built only where the UNet's profile admits an even batch of 2 or more.
+    Both are fp32: elementwise work on a few latents, where precision matters more than speed."""
+    out = []
+    for item in unet_items:
+        s = item["profile"]["sample"]
+        lo, opt, hi = s["min"][0], s["opt"][0], s["max"][0]
+        chw = {k: s[k][1:] for k in ("min", "opt", "max")}
+        b_lo, b_hi = -(-lo // 2), hi // 2
+        b_opt = min(max(opt // 2, b_lo), b_hi)
+        for cfg in (False, True):
+            if cfg and b_hi < max(b_lo, 1):
+                continue
+            n = (b_lo * 2, b_opt * 2, b_hi * 2) if cfg else (lo, opt, hi)
+            b = (b_lo, b_opt, b_hi) if cfg else n
+            lat = lambda batch: {k: [v, *chw[k]] for k, v in zip(("min", "opt", "max"), batch)}  # noqa: E731
+            c = chw["min"][0]  # latent channels
+            profile = {"sample": lat(b), "model_output": lat(n), "noise": lat(b),
+                       "coef": {k: [len(COEF)] for k in ("min", "opt", "max")},
+                       "vae_affine": {k: [3, c, 1, 1] for k in ("min", "opt", "max")}}
+            name = "lcm_step_cfg" if cfg else "lcm_step"
+            out.append({"component": "unet", "role": "lcm_step", "cfg": cfg, "for": item["file"], "plan": item["plan"],
+                        "file": f"unet/{item['plan']}.{name}.plan", "fp16": False, "refittable": False,
+                        "profile": profile, "builder_optimization_level": item["builder_optimization_level"]})
     return out
 
 
@@ -306,267 +352,6 @@ def engine_outputs_finite(engine_path: Path, feeds: dict) -> bool:
     with TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path)))) as runner:
         outputs = runner.infer(feeds)
     return all(np.isfinite(np.asarray(v)).all() for v in outputs.values())
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA runtime library: CUDA 12 wheels put libcudart in nvidia/cuda_runtime/lib, CUDA 13 wheels in
-# nvidia/cu13/lib. Polygraphy's loader (0.53) searches LD_LIBRARY_PATH, system folders and the CUDA 12
-# layout only, so we add whichever wheel folder exists to LD_LIBRARY_PATH before its first use.
-
-WHEEL_LAYOUTS = {13: ("nvidia", "cu13", "lib"), 12: ("nvidia", "cuda_runtime", "lib")}
-
-
-def cuda_runtime_dirs(site_dirs, prefer: int | None = None) -> list[Path]:
-    """Folders holding ``libcudart.so*`` in pip's CUDA 12 or 13 wheel layouts under ``site_dirs``,
-    the ``prefer``-ed CUDA major first (the one TensorRT was built for). Pure but for listing folders."""
-    majors = sorted(WHEEL_LAYOUTS, key=lambda m: (m != prefer, -m))
-    out = []
-    for major in majors:
-        for site in site_dirs:
-            d = Path(site).joinpath(*WHEEL_LAYOUTS[major])
-            if d.is_dir() and any(d.glob("libcudart.so*")) and d not in out:
-                out.append(d)
-    return out
-
-
-def tensorrt_cuda_major(dist_names) -> int | None:
-    """The CUDA major TensorRT's wheels were built for, from installed distribution names
-    ('tensorrt-cu13-libs' -> 13); None when they do not say."""
-    for name in dist_names:
-        m = re.match(r"tensorrt[-_]cu(\d+)", str(name).lower())
-        if m:
-            return int(m.group(1))
-    return None
-
-
-_CUDART_READY = False
-
-
-def ensure_cuda_runtime() -> None:
-    """Make Polygraphy's CUDA wrapper find libcudart in either wheel layout (once per process)."""
-    global _CUDART_READY
-    if _CUDART_READY:
-        return
-    from importlib import metadata
-
-    try:
-        names = [d.metadata["Name"] or "" for d in metadata.distributions()]
-    except Exception:  # a broken distribution must not stop us
-        names = []
-    dirs = cuda_runtime_dirs([p for p in sys.path if p and os.path.isdir(p)], tensorrt_cuda_major(names))
-    if dirs:
-        current = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
-        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(list(dict.fromkeys([str(d) for d in dirs] + current)))
-    _CUDART_READY = True
-
-
-# ----------------------------------------------------------------------------------------------
-# Runtime
-
-def check_feeds(profile: dict | None, feeds: dict, label: str) -> None:
-    """Every input inside the engine's optimisation profile, else a one-line UserError. Pure.
-
-    Axis 0 is the batch: the UNet runs at 2 x batch with guidance > 1, so an entry built with
-    ``--guidance off`` refuses guidance there; the other axes are the image size."""
-    if not profile:
-        return
-    for name, p in profile.items():
-        if name not in feeds:
-            raise UserError(f"{label}: input {name!r} is missing")
-        shape = tuple(int(v) for v in np.shape(feeds[name]))
-        lo, hi = tuple(p["min"]), tuple(p["max"])
-        if len(shape) != len(lo):
-            raise UserError(f"{label}: input {name!r} has shape {shape}, the engine takes rank {len(lo)}")
-        if not lo[0] <= shape[0] <= hi[0]:
-            raise UserError(f"{label}: batch {shape[0]} is outside the built range {lo[0]}..{hi[0]} (guidance > 1 doubles "
-                            f"the UNet batch); rebuild with a larger --batch, or --guidance on")
-        bad = [i for i in range(1, len(shape)) if not lo[i] <= shape[i] <= hi[i]]
-        if bad:
-            built = "x".join(f"{a}" if a == b else f"{a}..{b}" for a, b in zip(lo[1:], hi[1:]))
-            raise UserError(f"{label}: input {name!r} shape {'x'.join(map(str, shape[1:]))} (after the batch) is outside "
-                            f"the built {built}; rebuild with this --resolution")
-
-
-def _ok(result, what: str, label: str) -> None:
-    """TensorRT's setters and execute_async_v3 return False instead of raising."""
-    if not result:
-        raise UserError(f"{label}: TensorRT {what} failed (see TensorRT's log above)")
-
-
-CAPTURE_MODE_THREAD_LOCAL = 1  # cudaStreamCaptureModeThreadLocal
-
-
-class TrtEngine:
-    """A TensorRT plan run through TensorRT's API with Polygraphy's CUDA helpers.
-
-    - Inputs are checked against the entry's optimisation profile before anything reaches the GPU,
-      and every TensorRT call's bool result is checked.
-    - Device buffers are allocated once per input shape and reused; numpy dtypes are cached at load
-      (Polygraphy 0.53's ``DeviceArray.dtype`` getter warns on every call and changes type in 0.55).
-    - CUDA graphs (``use_cuda_graph``, off by default): per shape, the first call is a plain enqueue
-      and sync (warm-up: TensorRT's lazy initialisation must not be captured); the second captures
-      in thread-local mode, and a failed capture or enqueue discards the graph and turns graphs off
-      for this engine. Graphs are destroyed by ``close``.
-    - Thread safety: one lock per engine serialises calls. The alternative, one execution context
-      (and stream, buffers, graphs) per thread, would duplicate the activation memory per thread for
-      little gain: one UNet call already fills the GPU. Concurrent callers queue instead.
-    """
-
-    def __init__(self, path: Path, engine_dir: Path, profile: dict | None = None, use_cuda_graph: bool = False):
-        import tensorrt as trt
-
-        ensure_cuda_runtime()
-        from polygraphy import cuda
-
-        if not path.is_file():
-            raise UserError(f"engine file {path} is missing; {rebuild_hint(engine_dir)}")
-        logger = trt.Logger(trt.Logger.ERROR)
-        with open(path, "rb") as f, trt.Runtime(logger) as runtime:
-            engine = runtime.deserialize_cuda_engine(f.read())
-        if engine is None:
-            raise UserError(f"engine file {path} could not be deserialized (corrupt, or built by another TensorRT); {rebuild_hint(engine_dir)}")
-        label = f"{path.parent.name} engine {path.parent.name}/{path.name}"
-        self._setup(engine, trt, cuda, profile, label, use_cuda_graph)
-
-    @classmethod
-    def from_engine(cls, engine, trt, cuda, profile: dict | None = None, label: str = "engine",
-                    use_cuda_graph: bool = False, cudart=None) -> "TrtEngine":
-        """An engine around an already deserialized ICudaEngine (and the modules to use with it)."""
-        self = cls.__new__(cls)
-        self._setup(engine, trt, cuda, profile, label, use_cuda_graph, cudart)
-        return self
-
-    def _setup(self, engine, trt, cuda, profile, label, use_cuda_graph, cudart=None) -> None:
-        self.trt, self.cuda, self.engine, self.profile, self.label = trt, cuda, engine, profile, label
-        self.context = engine.create_execution_context()
-        if self.context is None:
-            raise UserError(f"{label}: TensorRT could not create an execution context (out of GPU memory?)")
-        self.stream = cuda.Stream()
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
-        self.buffers: dict[tuple, dict[str, object]] = {}
-        self.graphs: dict[tuple, ctypes.c_void_p] = {}
-        self.warm: set[tuple] = set()
-        self.use_cuda_graph = bool(use_cuda_graph)
-        self._cudart = cudart
-        self._lock = threading.Lock()
-
-    def _buffers_for(self, shapes: tuple) -> dict:
-        if shapes not in self.buffers:
-            for name, shape in zip(self.inputs, shapes):
-                _ok(self.context.set_input_shape(name, shape), f"set_input_shape({name}, {shape})", self.label)
-            bufs = {}
-            for name in self.inputs + self.outputs:
-                shape = tuple(self.context.get_tensor_shape(name))
-                if any(d < 0 for d in shape):
-                    raise UserError(f"{self.label}: TensorRT left {name!r} with an unresolved shape {shape}")
-                bufs[name] = self.cuda.DeviceArray(shape=shape, dtype=self.dtypes[name])
-            self.buffers[shapes] = bufs
-        return self.buffers[shapes]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.run_all(feeds)[0]
-
-    def run_all(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        check_feeds(self.profile, feeds, self.label)
-        shapes = tuple(tuple(int(v) for v in np.shape(feeds[n])) for n in self.inputs)
-        with self._lock:
-            bufs = self._buffers_for(shapes)
-            for name, shape in zip(self.inputs, shapes):
-                _ok(self.context.set_input_shape(name, shape), f"set_input_shape({name}, {shape})", self.label)
-                bufs[name].copy_from(np.ascontiguousarray(feeds[name], dtype=self.dtypes[name]), stream=self.stream)
-            for name, buf in bufs.items():
-                _ok(self.context.set_tensor_address(name, buf.ptr), f"set_tensor_address({name})", self.label)
-            self._enqueue(shapes)
-            hosts = []
-            for name in self.outputs:
-                host = np.empty(bufs[name].shape, dtype=self.dtypes[name])
-                bufs[name].copy_to(host, stream=self.stream)
-                hosts.append(host)
-            self.stream.synchronize()
-        return hosts
-
-    def _execute(self) -> None:
-        _ok(self.context.execute_async_v3(self.stream.ptr), "execute_async_v3", self.label)
-
-    def _enqueue(self, shapes: tuple) -> None:
-        """Plain enqueue, or a CUDA graph: warm-up first, capture on the second call, replay after."""
-        if not self.use_cuda_graph:
-            return self._execute()
-        if shapes in self.graphs:
-            if self._lib().cudaGraphLaunch(self.graphs[shapes], ctypes.c_void_p(self.stream.ptr)) == 0:
-                return None
-            self._drop_graphs()  # a launch failure: back to plain enqueues
-            return self._execute()
-        if shapes not in self.warm:
-            self._execute()
-            self.stream.synchronize()
-            self.warm.add(shapes)
-            return None
-        exe = self._capture()
-        if exe is None:
-            return self._execute()
-        self.graphs[shapes] = exe
-        if self._lib().cudaGraphLaunch(exe, ctypes.c_void_p(self.stream.ptr)) != 0:
-            self._drop_graphs()
-            return self._execute()
-        return None
-
-    def _lib(self):
-        if self._cudart is None:
-            self._cudart = self.cuda.wrapper().handle
-        return self._cudart
-
-    def _capture(self):
-        """One enqueue captured into an instantiated graph (CUDA 12/13 signature), or None."""
-        lib, stream = self._lib(), ctypes.c_void_p(self.stream.ptr)
-        graph, exe = ctypes.c_void_p(), ctypes.c_void_p()
-        if lib.cudaStreamBeginCapture(stream, CAPTURE_MODE_THREAD_LOCAL) != 0:
-            self.use_cuda_graph = False
-            return None
-        enqueued = self.context.execute_async_v3(self.stream.ptr)
-        ended = lib.cudaStreamEndCapture(stream, ctypes.byref(graph)) == 0  # always end the capture
-        ok = bool(enqueued) and ended and graph.value is not None
-        if ok:  # cudaGraphInstantiate(cudaGraphExec_t*, cudaGraph_t, unsigned long long flags)
-            ok = lib.cudaGraphInstantiate(ctypes.byref(exe), graph, ctypes.c_ulonglong(0)) == 0
-        if graph.value is not None:
-            lib.cudaGraphDestroy(graph)  # the executable graph keeps what it needs
-        if not ok:
-            if exe.value is not None:
-                lib.cudaGraphExecDestroy(exe)
-            lib.cudaGetLastError()  # clear the capture error so the plain enqueue runs
-            self.use_cuda_graph = False
-            return None
-        return exe
-
-    def _drop_graphs(self) -> None:
-        lib = self._lib() if self.graphs else None
-        for exe in self.graphs.values():
-            lib.cudaGraphExecDestroy(exe)
-        self.graphs.clear()
-        self.use_cuda_graph = False
-
-    def close(self) -> None:
-        """Destroy CUDA graphs, free device buffers and the stream (idempotent)."""
-        with self._lock:
-            if self.graphs:
-                self._drop_graphs()
-            for bufs in self.buffers.values():
-                for buf in bufs.values():
-                    buf.free()
-            self.buffers.clear()
-            if getattr(self, "stream", None) is not None:
-                self.stream.free()
-                self.stream = None
-            self.context = None
-
-    def __enter__(self) -> "TrtEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def check_tensorrt_compat(manifest: dict, engine_dir: Path) -> None:

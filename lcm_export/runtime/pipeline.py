@@ -1,5 +1,7 @@
 """Text -> image around the engines: tokenizer(s) -> text engine(s) -> steps × (UNet engine + numpy
 LCM step) -> VAE engine -> PIL images. numpy, tokenizers, Pillow and the engine backend only.
+Engines that keep tensors on the GPU (TensorRT entries with LCM step engines) run the steps and the
+decoder's input in ``device_loop.py`` instead, with the same noise draws and the same arithmetic.
 
 SD 1.5 conditions the UNet on the text encoder's last hidden state. SDXL / SSD-1B concatenate the
 penultimate hidden states of both encoders, and add the second encoder's pooled projection and six
@@ -20,6 +22,7 @@ from PIL import Image
 
 from ..errors import EngineError, UserError
 from ..store import read_manifest
+from .device_loop import decoder_affine, device_loop_for
 from .engines import load_engines
 from .scheduler import LCMScheduler
 from .tokenizer import ClipTokenizer
@@ -84,14 +87,14 @@ class LCMPipeline:
         self.latent_channels = int(manifest.get("latent_channels", 4))
         self.resolutions = [tuple(int(v) for v in r.split("x")) for r in manifest["resolutions"]]
         self.last_timings = Timings()
-        # decoder input z = x * vae_mul + vae_add (diffusers: x / scaling_factor [* std + mean] [+ shift])
-        self._vae_mul = self._vae_add = None
-        if self.vae_mean is not None and self.vae_std is not None:
-            self._vae_mul = (np.asarray(self.vae_std, np.float32) / np.float32(self.vae_scaling)).reshape(-1, 1, 1)
-            self._vae_add = np.asarray(self.vae_mean, np.float32).reshape(-1, 1, 1)
-        if self.vae_shift:
-            self._vae_add = np.float32(self.vae_shift) + (0 if self._vae_add is None else self._vae_add)
+        # decoder input z = x / div * mul + add (diffusers: x / scaling_factor [* std + mean] [+ shift])
+        self._affine = decoder_affine(manifest["vae"], self.latent_channels)
+        self._vae_div, self._vae_mul, self._vae_add = self._affine
         self._post_buffers: dict[tuple, np.ndarray] = {}
+        self._device_loops: dict[tuple, object] = {}
+        self.device_loop = True
+        """Keep the latents on the GPU between steps where the engines can (TensorRT entries with LCM
+        step engines); False forces the host loop (to compare the two)."""
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path, threads: int | None = None) -> "LCMPipeline":
@@ -189,13 +192,23 @@ class LCMPipeline:
                             f"`lcm-export build-engine --engine-dir {self.engine_dir} --force`")
         return out
 
+    def _device_loop(self, unet, cfg: bool):
+        """The device loop for this UNet engine and guidance mode (cached), or None: host loop."""
+        if not self.device_loop:
+            return None
+        key = (id(unet), cfg)
+        if key not in self._device_loops:
+            self._device_loops[key] = device_loop_for(unet, cfg)
+        return self._device_loops[key]
+
     def _decoder_input(self, x: np.ndarray) -> np.ndarray:
-        """Latents -> VAE decoder input, in place on ``x`` (the scheduler's fresh output)."""
-        if self._vae_mul is None:
-            x /= np.float32(self.vae_scaling)  # as diffusers: latents / scaling_factor
-        else:
+        """Latents -> VAE decoder input, in place on ``x`` (the scheduler's fresh output); the same
+        float32 operations as the step graph's ``latent`` output (identity factors skipped)."""
+        if (self._vae_div != 1).any():
+            x /= self._vae_div  # as diffusers: latents / scaling_factor
+        if (self._vae_mul != 1).any():
             x *= self._vae_mul
-        if self._vae_add is not None:
+        if self._vae_add.any():
             x += self._vae_add
         return x
 
@@ -261,29 +274,44 @@ class LCMPipeline:
         unet = self._plan_for("unet", h, w)
         x = np.ascontiguousarray(latents, dtype=np.float32) * np.float32(sched.init_noise_sigma)
         t.scheduler += time.perf_counter() - t0
-        for i, ts in enumerate(timesteps):
-            t0 = time.perf_counter()
-            x_in = np.concatenate([x, x]) if cfg else x
-            tt = np.full((x_in.shape[0],), ts, dtype=np.float32)
-            out = unet.run({"sample": x_in, "timestep": tt, "encoder_hidden_states": emb, **extra})
-            t.unet.append(time.perf_counter() - t0)
-            self._check_finite(out, "unet", i)
-            t0 = time.perf_counter()
-            if cfg:
-                uncond, cond = out[:batch], out[batch:]
-                out = uncond + np.float32(guidance) * (cond - uncond)
-            noise = None
-            if i < steps - 1:
-                noise = step_noise[i] if step_noise is not None else rng.standard_normal(shape, dtype=np.float32)
-            x, _ = sched.step(out, int(ts), x, noise=noise)
-            t.scheduler += time.perf_counter() - t0
 
-        # 4. VAE decode
-        t0 = time.perf_counter()
-        z = self._decoder_input(np.ascontiguousarray(x, dtype=np.float32))
-        t1 = time.perf_counter()
-        img = self._plan_for("vae_decoder", h, w).run({"latent": z})
-        t.vae_input, t.vae_decoder = t1 - t0, time.perf_counter() - t1
+        def noise(i: int) -> np.ndarray | None:  # the same draws, in the same order, on both loops
+            if i == steps - 1:
+                return None
+            return step_noise[i] if step_noise is not None else rng.standard_normal(shape, dtype=np.float32)
+
+        loop = self._device_loop(unet, cfg)
+        if loop is not None:  # 3.-4. on the device: latents stay there until the decoder's output
+            t0 = time.perf_counter()
+            coefs = [sched.step_coefficients(int(ts), guidance) for ts in timesteps]
+            t.scheduler += time.perf_counter() - t0
+            zeros = np.zeros(shape, np.float32)
+            img, latent = loop.run(x, {"encoder_hidden_states": emb, **extra}, timesteps, coefs,
+                                   lambda i: zeros if i == steps - 1 else noise(i), self._plan_for("vae_decoder", h, w),
+                                   self._affine, t)
+            if latent is not None:
+                self._check_finite(latent, "unet")
+        else:
+            for i, ts in enumerate(timesteps):
+                t0 = time.perf_counter()
+                x_in = np.concatenate([x, x]) if cfg else x
+                tt = np.full((x_in.shape[0],), ts, dtype=np.float32)
+                out = unet.run({"sample": x_in, "timestep": tt, "encoder_hidden_states": emb, **extra})
+                t.unet.append(time.perf_counter() - t0)
+                self._check_finite(out, "unet", i)
+                t0 = time.perf_counter()
+                if cfg:
+                    uncond, cond = out[:batch], out[batch:]
+                    out = uncond + np.float32(guidance) * (cond - uncond)
+                x, _ = sched.step(out, int(ts), x, noise=noise(i))
+                t.scheduler += time.perf_counter() - t0
+
+            # 4. VAE decode
+            t0 = time.perf_counter()
+            z = self._decoder_input(np.ascontiguousarray(x, dtype=np.float32))
+            t1 = time.perf_counter()
+            img = self._plan_for("vae_decoder", h, w).run({"latent": z})
+            t.vae_input, t.vae_decoder = t1 - t0, time.perf_counter() - t1
         self._check_finite(img, "vae_decoder")
 
         # 5. Post-process as diffusers does: [-1, 1] -> [0, 1] -> uint8 -> PIL (NHWC)

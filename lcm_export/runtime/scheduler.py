@@ -144,6 +144,32 @@ class LCMScheduler:
         return prev.astype(np.float32), denoised
 
 
+    def step_coefficients(self, timestep: int, guidance: float = 1.0) -> np.ndarray:
+        """Every number ``step`` uses at ``timestep``, as the float32 vector the step graph takes
+        (``lcm_export/step_graph.py``, layout ``COEF``): x̂_0 = (k_sample·x − k_eps·ε) / k_div clipped
+        to [clip_lo, clip_hi], the boundary scalings, the re-noising factors (1 and 0 at the last
+        step, where ``step`` returns the denoised sample) and the guidance scale."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps() before step_coefficients()")
+        matches = np.nonzero(self.timesteps == timestep)[0]
+        if len(matches) == 0:
+            raise ValueError(f"timestep {timestep} is not in the schedule {self.timesteps.tolist()}")
+        index = int(matches[0])
+        last = index == len(self.timesteps) - 1
+        prev_t = timestep if last else int(self.timesteps[index + 1])
+        a_t = self.alphas_cumprod[timestep]
+        a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        b_t, b_prev = np.float32(1) - a_t, np.float32(1) - a_prev
+        c_skip, c_out = self.scalings(timestep)
+        one, zero = np.float32(1), np.float32(0)
+        k = {"epsilon": (one, np.sqrt(b_t), np.sqrt(a_t)),
+             "v_prediction": (np.sqrt(a_t), np.sqrt(b_t), one),
+             "sample": (zero, -one, one)}[self.prediction_type]
+        lo, hi = (-self.clip_sample_range, self.clip_sample_range) if self.clip_sample else (-np.inf, np.inf)
+        renoise = (one, zero) if last else (np.sqrt(a_prev), np.sqrt(b_prev))
+        return np.array([*k, lo, hi, c_out, c_skip, *renoise, guidance], dtype=np.float32)
+
+
 def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     """Rescale betas to zero terminal SNR (Lin et al., 2023, Algorithm 1)."""
     alphas_bar_sqrt = np.sqrt(np.cumprod(1.0 - betas, dtype=np.float32))

@@ -79,6 +79,18 @@ def test_exported_ops_are_in_tensorrt_parser_list(demo_engine):
             assert data["opset_range"][0] <= opset <= data["opset_range"][1]
 
 
+@pytest.mark.parametrize("cfg", [False, True])
+def test_step_graph_ops_are_in_tensorrt_parser_list(cfg):
+    from lcm_export.step_graph import lcm_step_onnx
+
+    data = json.loads((Path(__file__).parents[2] / "lcm_export" / "data" / "trt_onnx_ops.json").read_text())
+    m = lcm_step_onnx(cfg)
+    ops = {n.op_type for n in m.graph.node}
+    assert {"Gather", "Div", "Max", "Min"} <= ops and ("Split" in ops) == cfg
+    assert ops <= set(data["supported"]) and not ops & set(data["restrictions_relevant_here"])
+    assert data["opset_range"][0] <= m.opset_import[0].version <= data["opset_range"][1]
+
+
 @needs_trt[0]
 @needs_trt[1]
 def test_tensorrt_fp16_build_and_parity(tmp_path, base_dir):
@@ -92,10 +104,20 @@ def test_tensorrt_fp16_build_and_parity(tmp_path, base_dir):
     ort_dir = tmp_path / "ort"
     build_engine(BuildOptions(base=str(base_dir), resolutions=((64, 64),), engine_dir=str(trt_dir), backend="tensorrt", show_progress=False))
     build_engine(BuildOptions(base=str(base_dir), resolutions=((64, 64),), engine_dir=str(ort_dir), backend="onnxruntime", show_progress=False))
-    a = LCMPipeline.from_engine_dir(trt_dir)("a photo", output_type="np")
+    trt_pipe = LCMPipeline.from_engine_dir(trt_dir)
+    a = trt_pipe("a photo", output_type="np")
     b = LCMPipeline.from_engine_dir(ort_dir)("a photo", output_type="np")
     mse = float(np.mean((a - b) ** 2))
     assert 10 * np.log10(1 / max(mse, 1e-12)) >= 30
+    # the device loop (latents on the GPU) against the host loop on the same engines
+    for guidance in (1.0, 4.0):
+        (unet,) = trt_pipe.engines["unet"].values()
+        assert set(unet.lcm_step) == {False, True}
+        trt_pipe.device_loop = True
+        on_device = trt_pipe("a photo", guidance=guidance, output_type="np")
+        trt_pipe.device_loop = False
+        on_host = trt_pipe("a photo", guidance=guidance, output_type="np")
+        np.testing.assert_allclose(on_device, on_host, atol=2e-3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,6 +271,7 @@ class _StubCuda:
     def __init__(self):
         self.memory = {}
         self.freed = 0
+        self.to_device = self.to_host = 0
 
     def Stream(self):
         cuda = self
@@ -282,9 +305,11 @@ class _StubCuda:
             def copy_from(self, host, stream=None):
                 assert host.dtype == self._np.dtype and host.shape == self._np.shape
                 self._np[...] = host
+                cuda.to_device += 1
 
             def copy_to(self, host, stream=None):
                 host[...] = self._np
+                cuda.to_host += 1
 
             def free(self):
                 cuda.freed += 1
@@ -357,7 +382,7 @@ def test_trt_engine_runs_with_cached_dtypes():
     assert trt.nptype_calls == 2  # once per tensor at load, never per call
     assert eng.dtypes == {"x": np.dtype(np.float16), "y": np.dtype(np.float32)}
     eng.close()
-    assert cuda.freed == 3  # two buffers and the stream
+    assert cuda.freed == 2  # its two buffers; the stream is the process's, shared by every engine
 
 
 @pytest.mark.parametrize("fail", ["set_input_shape", "set_tensor_address", "execute_async_v3"])
@@ -416,6 +441,21 @@ class _StubCudart:
     def cudaGetLastError(self):
         return 0
 
+    def cudaEventCreate(self, pev):
+        pev._obj.value = 500 + len(self.log)
+        self.log.append("event")
+        return 0
+
+    def cudaEventRecord(self, ev, stream):
+        return 0
+
+    def cudaEventElapsedTime(self, pms, a, b):
+        pms._obj.value = float(b.value - a.value)  # "ms" between the stub's event numbers
+        return 0
+
+    def cudaEventDestroy(self, ev):
+        self.log.append("destroy event")
+
 
 def test_cuda_graph_warmup_then_capture_then_replay_and_destroy():
     import numpy as np
@@ -466,7 +506,8 @@ def test_trt_engine_serialises_threads():
     import numpy as np
 
     eng, *_ = _stub_engine()
-    assert isinstance(eng._lock, type(threading.Lock()))
+    other, *_ = _stub_engine()
+    assert eng._lock is other._lock  # one lock for the one stream every engine enqueues on
     outs = []
     ts = [threading.Thread(target=lambda v=v: outs.append((v, eng.run({"x": np.full((1, 3), v, np.float32)})))) for v in range(8)]
     for t in ts:
@@ -474,3 +515,99 @@ def test_trt_engine_serialises_threads():
     for t in ts:
         t.join()
     assert all((y == 2 * v).all() for v, y in outs) and len(outs) == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Device-resident calls (the device loop's side of TrtEngine), against the same stubs
+
+def test_run_device_binds_device_buffers_and_copies_nothing_back():
+    import numpy as np
+
+    eng, _, cuda, ctx = _stub_engine()
+    dev = eng.device
+    x = dev.upload(np.full((2, 3), 1.5, np.float16), dev.empty((2, 3), np.float16))
+    y = dev.empty((2, 3), np.float32)
+    before = (cuda.to_device, cuda.to_host)
+    got = eng.run_device({"x": x}, out={"y": y})
+    assert got["y"] is y and ctx.addr == {"x": x.ptr, "y": y.ptr}
+    assert (cuda.to_device, cuda.to_host) == before  # bound by pointer: no copy either way
+    assert (cuda.memory[y.ptr] == 3).all()
+    assert (dev.download(y) == 3).all() and cuda.to_host == before[1] + 1
+    (host,) = eng.run_all({"x": x})  # run_all takes a device input too, and returns host arrays
+    assert (host == 3).all() and ctx.addr["x"] == x.ptr
+
+
+def test_run_device_refuses_mismatched_device_buffers():
+    import numpy as np
+
+    from lcm_export.errors import EngineError, UserError
+
+    eng, _, _, ctx = _stub_engine()
+    dev = eng.device
+    with pytest.raises(EngineError, match="device buffer for 'x' is float32 .* needs float16"):
+        eng.run_device({"x": dev.empty((1, 3), np.float32)})
+    x = dev.empty((1, 3), np.float16)
+    with pytest.raises(EngineError, match="device buffer for 'y'"):
+        eng.run_device({"x": x}, out={"y": dev.empty((2, 3), np.float32)})
+    with pytest.raises(UserError, match="batch 3 is outside the built range"):
+        eng.run_device({"x": dev.empty((3, 3), np.float16)})
+    assert ctx.calls == 0
+    with pytest.raises(EngineError, match="does not fit"):
+        dev.view(x, (2, 3))
+    big = dev.empty((2, 3), np.float16)
+    view = dev.view(big, (1, 3))
+    assert (view.ptr, view.shape, view.owner) == (big.ptr, (1, 3), None)
+    with pytest.raises(EngineError, match="download of a device view"):
+        dev.download(view)
+
+
+def test_cuda_graphs_are_per_buffer_addresses():
+    """Ping-pong buffers give two address sets: each is warmed up and captured on its own (a graph
+    replays the addresses it captured)."""
+    import numpy as np
+
+    lib = _StubCudart()
+    eng, _, _, ctx = _stub_engine(graphs=True, lib=lib)
+    dev = eng.device
+    x = dev.upload(np.ones((1, 3), np.float16), dev.empty((1, 3), np.float16))
+    outs = [dev.empty((1, 3), np.float32), dev.empty((1, 3), np.float32)]
+    for i in range(6):
+        eng.run_device({"x": x}, out={"y": outs[i % 2]})
+    assert len(eng.graphs) == 2 and lib.log.count("instantiate") == 2 and ctx.calls == 4  # 2 warm-ups + 2 captures
+
+
+def test_device_events_time_gpu_work_and_are_destroyed():
+    lib = _StubCudart()
+    eng, *_ = _stub_engine(lib=lib)
+    marks = [eng.device.mark() for _ in range(3)]
+    times = eng.device.elapsed(marks)
+    assert len(times) == 2 and all(t > 0 for t in times) and lib.log.count("destroy event") == 3
+
+
+def test_lcm_step_plan_follows_the_unet_profile():
+    from lcm_export.backends.tensorrt import lcm_step_plan
+    from lcm_export.step_graph import COEF
+
+    def unet(lo, opt, hi):
+        return {"file": "unet/512x512.plan", "plan": "512x512", "builder_optimization_level": 3,
+                "profile": {"sample": {"min": [lo, 4, 64, 64], "opt": [opt, 4, 64, 64], "max": [hi, 4, 64, 64]}}}
+
+    auto = lcm_step_plan([unet(1, 1, 2)])  # --guidance auto, batch 1: UNet batch 1..2
+    assert [(i["cfg"], i["file"]) for i in auto] == [(False, "unet/512x512.lcm_step.plan"), (True, "unet/512x512.lcm_step_cfg.plan")]
+    plain, cfg = auto
+    assert plain["profile"]["sample"] == {"min": [1, 4, 64, 64], "opt": [1, 4, 64, 64], "max": [2, 4, 64, 64]}
+    assert cfg["profile"]["sample"]["max"] == [1, 4, 64, 64] and cfg["profile"]["model_output"]["min"] == [2, 4, 64, 64]
+    assert cfg["profile"]["coef"]["opt"] == [len(COEF)] and cfg["profile"]["vae_affine"]["max"] == [3, 4, 1, 1]
+    assert all(i["fp16"] is False and i["role"] == "lcm_step" and i["for"] == "unet/512x512.plan" for i in auto)
+    assert [i["cfg"] for i in lcm_step_plan([unet(1, 1, 1)])] == [False]  # --guidance off: no guided step engine
+    on = lcm_step_plan([unet(2, 4, 8)])  # --guidance on, batch 1..4
+    assert on[1]["profile"]["noise"] == {"min": [1, 4, 64, 64], "opt": [2, 4, 64, 64], "max": [4, 4, 64, 64]}
+
+
+def test_step_items_found_beside_their_unet_engine(tmp_path):
+    from lcm_export.backends.tensorrt import step_items_for
+
+    m = {"tensorrt": {"builds": [{"file": "unet/a.plan"}, {"file": "unet/a.lcm_step.plan", "role": "lcm_step", "for": "unet/a.plan"},
+                                 {"file": "unet/b.lcm_step.plan", "role": "lcm_step", "for": "unet/b.plan"}]}}
+    assert [i["file"] for i in step_items_for(m, tmp_path, tmp_path / "unet" / "a.plan")] == ["unet/a.lcm_step.plan"]
+    assert step_items_for({"tensorrt": {"builds": [{"file": "unet/a.plan"}]}}, tmp_path, tmp_path / "unet" / "a.plan") == []

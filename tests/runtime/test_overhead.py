@@ -55,3 +55,13 @@ def test_overhead_measurement_reports_parts(demo_engine):
     r = measure_overhead(demo_engine, (64, 64), runs=2, warmup=1)
     assert r["resolution"] == "64x64" and r["median_s"] > 0 and r["engines_median_s"] < r["median_s"]
     assert r["postprocess_median_s"] > 0 and "stub engines" in r["method"]
+
+
+@pytest.mark.parametrize("guidance", [1.0, 8.0])
+def test_overhead_of_the_device_loop_is_measured_on_the_device_loop(demo_engine, guidance):
+    from lcm_export.overhead import measure_overhead
+
+    r = measure_overhead(demo_engine, (64, 64), runs=2, warmup=1, guidance=guidance, device_loop=True)
+    assert r["loop"] == "device" and "device loop" in r["method"] and r["median_s"] > 0
+    assert r["vae_input_median_s"] == 0  # the decoder's input is the step engine's output on the device
+    assert measure_overhead(demo_engine, (64, 64), runs=2, warmup=1)["loop"] == "host"
