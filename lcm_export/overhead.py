@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
+from .step_graph import INPUTS as STEP_INPUTS, OUTPUTS as STEP_OUTPUTS
 from .store import read_manifest
 
 
@@ -66,14 +66,17 @@ class NullDevice:
     def elapsed(self, marks):
         return [0.0] * (len(marks) - 1)
 
+    def discard(self, marks):
+        pass
+
 
 class FixedDeviceEngine(FixedEngine):
     """A ``FixedEngine`` that also takes the device loop's calls (outputs left in the given buffers)."""
 
-    def __init__(self, outputs: dict[str, np.ndarray], device: NullDevice):
+    def __init__(self, outputs: dict[str, np.ndarray], device: NullDevice, inputs: tuple[str, ...]):
         super().__init__(outputs)
         self.device, self.lcm_step = device, {}
-        self.dtypes = {"sample": np.dtype(np.float32), **{n: np.dtype(np.float32) for n in self.outputs}}
+        self.dtypes = {n: np.dtype(np.float32) for n in (*inputs, *self.outputs)}
 
     def run_device(self, feeds, out=None):
         return dict(out or {})
@@ -108,12 +111,12 @@ def stub_pipeline(engine_dir: str | Path, hw: tuple[int, int] = (512, 512), max_
         engines[comp] = {"*": FixedEngine(outs)}
     if device_loop:
         dev = NullDevice()
-        unet = engines["unet"]["*"] = FixedDeviceEngine(dict(zip(engines["unet"]["*"].outputs, engines["unet"]["*"]._arrays)), dev)
-        step = FixedDeviceEngine({"next_sample": np.zeros(1, np.float32), "latent": np.zeros(1, np.float32)}, dev)
-        step.dtypes.update(model_output=np.dtype(np.float32))
+        unet = engines["unet"]["*"] = FixedDeviceEngine(dict(zip(engines["unet"]["*"].outputs, engines["unet"]["*"]._arrays)), dev,
+                                                        ("sample",))
+        step = FixedDeviceEngine({n: np.zeros(1, np.float32) for n in STEP_OUTPUTS}, dev, STEP_INPUTS)
         unet.lcm_step = {False: step, True: step}
         vae = engines["vae_decoder"]["*"]
-        engines["vae_decoder"]["*"] = FixedDeviceEngine(dict(zip(vae.outputs, vae._arrays)), dev)
+        engines["vae_decoder"]["*"] = FixedDeviceEngine(dict(zip(vae.outputs, vae._arrays)), dev, ("latent",))
     toks = {k: ClipTokenizer(d / m[k]["file"], m[k]["max_length"], m[k]["pad_id"]) for k in ("tokenizer", "tokenizer_2") if k in m}
     sched = json.loads((d / m["scheduler"]["file"]).read_text())
     return LCMPipeline(m, d, engines, toks, sched)
@@ -139,8 +142,9 @@ def measure_overhead(engine_dir: str | Path, hw: tuple[int, int] = (512, 512), r
               "(tokenize, scheduler, host copies, VAE input scaling, image conversion to PIL)")
     if device_loop:
         method = ("device loop (latents on the GPU) with stub engines on a device whose copies and events cost "
-                  "nothing: the Python host work (tokenize, step coefficients, noise draws, engine-call "
-                  "dispatch, image conversion); CUDA's own copy and enqueue calls are not in it")
+                  "nothing: the loop's Python host work (tokenize, step coefficients, noise draws, image "
+                  "conversion); the engines' own enqueue work (TrtEngine's checks and TensorRT calls) and CUDA's "
+                  "copies are not in it")
     return {"resolution": f"{hw[0]}x{hw[1]}", "guidance": guidance, "steps": 4, "runs": runs,
             "loop": "device" if device_loop else "host", "method": method,
             "median_s": med["overhead_median_s"], **med}

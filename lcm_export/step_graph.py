@@ -10,6 +10,11 @@ classifier-free-guidance combine before it and the VAE decoder's input affine af
     prev     = √ᾱ_prev·denoised + √(1−ᾱ_prev)·noise          (last step: 1·denoised + 0·0)
     next_sample = prev, or [prev, prev] with cfg (the UNet's next input)
     latent   = denoised / div · mul + add                     (the VAE decoder's input)
+    nonfinite = max(nonfinite_in, 1 if model_output holds NaN/inf else 0)
+
+``nonfinite`` carries across steps (the loop feeds each step's flag to the next), so one 4-byte copy
+after the last step says whether the UNet ever produced NaN/inf — which the clipping and the
+boundary scalings could otherwise hide in a finite latent.
 
 Every per-step number arrives in ``coef`` (``LCMScheduler.step_coefficients``) and the VAE affine in
 ``vae_affine`` [3, C, 1, 1] (``runtime/device_loop.py``'s ``decoder_affine``), so one graph serves every model, step count and
@@ -25,8 +30,8 @@ import numpy as np
 COEF = ("k_sample", "k_eps", "k_div", "clip_lo", "clip_hi", "c_out", "c_skip", "sqrt_alpha_prev", "sqrt_beta_prev",
         "guidance")
 """The layout of the ``coef`` input (float32 [len(COEF)])."""
-INPUTS = ("sample", "model_output", "noise", "coef", "vae_affine")
-OUTPUTS = ("next_sample", "latent")
+INPUTS = ("sample", "model_output", "noise", "coef", "vae_affine", "nonfinite_in")
+OUTPUTS = ("next_sample", "latent", "nonfinite")
 OPSET = 17
 
 
@@ -73,15 +78,21 @@ def lcm_step_onnx(cfg: bool):
         nodes.append(helper.make_node("Identity", [prev], ["next_sample"], name="next_sample"))
     scaled = op("Mul", [op("Div", [denoised, vae[0]], "d_div"), vae[1]], "d_mul")
     nodes.append(helper.make_node("Add", [scaled, vae[2]], ["latent"], name="latent"))
+    # NaN/inf anywhere in the UNet's output (both halves with cfg), carried over from earlier steps
+    bad = op("Or", [op("IsNaN", ["model_output"], "is_nan"), op("IsInf", ["model_output"], "is_inf")], "is_bad")
+    worst = op("ReduceMax", [op("Cast", [bad], "bad_f", to=TensorProto.FLOAT)], "bad_any", keepdims=0)
+    nodes.append(helper.make_node("Max", ["nonfinite_in", worst], ["nonfinite"], name="nonfinite"))
 
     f32 = TensorProto.FLOAT
     ins = [helper.make_tensor_value_info("sample", f32, ["B", "C", "H", "W"]),
            helper.make_tensor_value_info("model_output", f32, ["N", "C", "H", "W"]),
            helper.make_tensor_value_info("noise", f32, ["B", "C", "H", "W"]),
            helper.make_tensor_value_info("coef", f32, [len(COEF)]),
-           helper.make_tensor_value_info("vae_affine", f32, [3, "C", 1, 1])]
+           helper.make_tensor_value_info("vae_affine", f32, [3, "C", 1, 1]),
+           helper.make_tensor_value_info("nonfinite_in", f32, [1])]
     outs = [helper.make_tensor_value_info("next_sample", f32, ["N", "C", "H", "W"]),
-            helper.make_tensor_value_info("latent", f32, ["B", "C", "H", "W"])]
+            helper.make_tensor_value_info("latent", f32, ["B", "C", "H", "W"]),
+            helper.make_tensor_value_info("nonfinite", f32, [1])]
     graph = helper.make_graph(nodes, "lcm_step_cfg" if cfg else "lcm_step", ins, outs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lcm-export")
     model.ir_version = 8

@@ -19,6 +19,7 @@ def _session(cfg: bool) -> ort.InferenceSession:
     return ort.InferenceSession(lcm_step_onnx(cfg).SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+ZERO = np.zeros(1, np.float32)
 SD15_VAE = {"scaling_factor": 0.18215}
 SDXL_LIKE_VAE = {"scaling_factor": 0.13025, "shift_factor": 0.1, "latents_mean": [0.1, -0.2, 0.3, 0.0],
                  "latents_std": [1.5, 0.5, 2.0, 1.0]}
@@ -39,8 +40,9 @@ def test_step_graph_is_the_numpy_scheduler_bit_for_bit(prediction_type, clip, gu
     for i, t in enumerate(timesteps):
         out = rng.standard_normal(((2 if guidance > 1 else 1) * b, *shape[1:]), dtype=np.float32)
         noise = rng.standard_normal(shape, dtype=np.float32) if i < 3 else np.zeros(shape, np.float32)
-        nxt, latent = sess.run(None, {"sample": x, "model_output": out, "noise": noise, "vae_affine": affine,
-                                      "coef": sched.step_coefficients(int(t), guidance)})
+        nxt, latent, flag = sess.run(None, {"sample": x, "model_output": out, "noise": noise, "vae_affine": affine,
+                                            "coef": sched.step_coefficients(int(t), guidance), "nonfinite_in": ZERO})
+        assert flag.tolist() == [0.0]
         eps = out if guidance == 1 else out[:b] + np.float32(guidance) * (out[b:] - out[:b])
         want, denoised = sched.step(eps, int(t), x, noise=noise if i < 3 else None)
         np.testing.assert_array_equal(nxt, want if guidance == 1 else np.concatenate([want, want]))
@@ -72,9 +74,9 @@ def test_step_graph_matches_diffusers_lcm_scheduler(prediction_type):
             lcm_mod.randn_tensor = lambda *a, n=noise, **k: torch.from_numpy(n)
             uncond, cond = torch.from_numpy(out).chunk(2)
             x_ref, den_ref = ref.step(uncond + 3.0 * (cond - uncond), t, x_ref, return_dict=False)
-            x, latent = sess.run(None, {"sample": x, "model_output": out, "vae_affine": affine,
-                                        "noise": noise if i < 3 else np.zeros_like(noise),
-                                        "coef": ours.step_coefficients(int(t), 3.0)})
+            x, latent, _ = sess.run(None, {"sample": x, "model_output": out, "vae_affine": affine, "nonfinite_in": ZERO,
+                                           "noise": noise if i < 3 else np.zeros_like(noise),
+                                           "coef": ours.step_coefficients(int(t), 3.0)})
             x = x[:1]
             # torch and the graph round differently (x̂_0 divides by √ᾱ_t ≈ 0.07 at t=999): float32 error, scaled
             np.testing.assert_allclose(x, x_ref.numpy(), rtol=1e-5, atol=2e-6 * np.abs(x_ref.numpy()).max())
@@ -110,9 +112,27 @@ def test_latent_output_is_the_decoder_input_the_host_path_computes(tmp_path):
     x = np.random.default_rng(3).standard_normal((1, 4, 4, 4), dtype=np.float32)
     for vae in (SD15_VAE, SDXL_LIKE_VAE):
         host = LCMPipeline.__new__(LCMPipeline)
-        host.vae_scaling = vae["scaling_factor"]
         host._vae_div, host._vae_mul, host._vae_add = decoder_affine(vae, 4)
-        _, latent = sess.run(None, {"sample": x, "model_output": x, "noise": np.zeros_like(x),
-                                    "vae_affine": decoder_affine(vae, 4), "coef": sched.step_coefficients(t)})
+        _, latent, _ = sess.run(None, {"sample": x, "model_output": x, "noise": np.zeros_like(x), "nonfinite_in": ZERO,
+                                       "vae_affine": decoder_affine(vae, 4), "coef": sched.step_coefficients(t)})
         denoised = sched.step(x, t, x)[1]
         np.testing.assert_array_equal(latent, host._decoder_input(denoised.copy()))
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_nonfinite_flag_sees_nan_and_inf_through_clipping_and_carries_over(cfg):
+    sess = _session(cfg)
+    sched = LCMScheduler.from_config({**SCHEDULER_CONFIG, "clip_sample": True})
+    t = int(sched.set_timesteps(4)[-1])
+    x = np.zeros((1, 4, 4, 4), np.float32)
+    feeds = {"sample": x, "noise": x, "vae_affine": decoder_affine(SD15_VAE, 4), "coef": sched.step_coefficients(t, 2.0)}
+    for bad in (np.nan, np.inf, -np.inf):
+        out = np.zeros((2 if cfg else 1, 4, 4, 4), np.float32)
+        out[-1, 3, 2, 1] = bad  # the conditional half with cfg
+        _, latent, flag = sess.run(None, {**feeds, "model_output": out, "nonfinite_in": ZERO})
+        assert flag.tolist() == [1.0]
+        if bad == np.inf:
+            assert np.isfinite(latent).all()  # what the flag is for: clipping hid it
+    clean = np.zeros((2 if cfg else 1, 4, 4, 4), np.float32)
+    assert sess.run(None, {**feeds, "model_output": clean, "nonfinite_in": np.ones(1, np.float32)})[2].tolist() == [1.0]
+    assert sess.run(None, {**feeds, "model_output": clean, "nonfinite_in": ZERO})[2].tolist() == [0.0]

@@ -7,10 +7,12 @@ Two TensorRT lines are supported (``build_config``):
   graph: the fp32 ONNX is converted to fp16 with fp32 inputs/outputs (``fp16_onnx``).
 fp32 engines allow TF32 on both (Polygraphy clears it unless asked).
 
-Everything that can be decided without TensorRT is a pure function here (``build_plan``,
-``build_config``, ``check_feeds``, ``cuda_runtime_dirs``) and is tested on CPU machines, as is
-``TrtEngine``'s control flow against stub objects; the functions that import TensorRT run only where
-it and a CUDA GPU exist. None of it has run on real TensorRT yet (see the README).
+This file is the build half (and the backend interface); ``tensorrt_runtime.py`` is the runtime half
+(``TrtEngine``, device buffers, CUDA graphs, finding libcudart), re-exported here. Everything that can
+be decided without TensorRT is a pure function (``build_plan``, ``lcm_step_plan``, ``build_config``,
+``check_feeds``, ``cuda_runtime_dirs``) and is tested on CPU machines, as is ``TrtEngine``'s control
+flow against stub objects; the functions that import TensorRT run only where it and a CUDA GPU exist.
+None of it has run on real TensorRT yet (see the README).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +95,24 @@ def refit_component(job, record: dict) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         with engine.serialize() as blob, open(out, "wb") as f:
             f.write(blob)
+    relink_weightless(record, job.previous, job.out_dir)
     return {"refitted": True}
+
+
+def relink_weightless(record: dict, previous: Path, out_dir: Path) -> list[str]:
+    """The component's files that hold no weights (the LCM step engines), linked (or copied) back from
+    the entry being refit: the refit drops every file of a component it re-derives. Returns them."""
+    engines = set(record["engines"].values())
+    kept = [f for f in record.get("files", []) if f not in engines]
+    for f in kept:
+        dst = out_dir / f
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(previous / f, dst)
+        except OSError:
+            shutil.copy2(previous / f, dst)
+    return kept
 
 
 def build_component(job) -> dict:
@@ -124,9 +145,12 @@ def build_component(job) -> dict:
                 build_engine_file(graph_for(cfg), job.out_dir / item["file"], item, cache, cfg)
         item["typing"] = "strong" if cfg["strongly_typed"] else "weak"
     steps = lcm_step_plan(items) if job.component == "unet" else []
-    for item in steps:  # the LCM step as its own small fp32 engine: latents stay on the GPU (runtime/device_loop.py)
-        graph = write_lcm_step_onnx(job.out_dir / "unet" / f"lcm_step{'_cfg' if item['cfg'] else ''}.onnx", item["cfg"])
-        build_engine_file(graph, job.out_dir / item["file"], item, cache, build_config(item, trt.__version__))
+    if steps:  # the LCM step as its own small fp32 engine: latents stay on the GPU (runtime/device_loop.py)
+        with tempfile.TemporaryDirectory() as scratch:
+            step_graphs = {cfg: write_lcm_step_onnx(Path(scratch) / f"lcm_step_{cfg}.onnx", cfg) for cfg in (False, True)}
+            for item in steps:
+                build_engine_file(step_graphs[item["cfg"]], job.out_dir / item["file"], item, cache,
+                                  build_config(item, trt.__version__))
     job.section["builds"] += items + steps
     fp16 = [i["fp16"] for i in items]
     return {"engines": {i["plan"]: i["file"] for i in items}, "files": [i["file"] for i in items + steps],

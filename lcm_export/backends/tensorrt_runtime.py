@@ -160,7 +160,10 @@ class TrtDevice:
     """Device memory, copies and timing on the shared stream, for the device loop.
 
     ``upload`` and ``download`` are the only host<->device copies the loop makes; ``mark``/``elapsed``
-    time GPU work with CUDA events, so the loop never synchronizes to measure a step."""
+    time GPU work with CUDA events, so the loop never synchronizes to measure a step. Everything that
+    touches the stream takes the process's GPU lock, as engine calls do, so none of it can land inside
+    another thread's CUDA-graph capture. Uploads come from ordinary (pageable) host memory: CUDA may
+    stage such a copy synchronously; they are small (a step's noise, 40 bytes of coefficients)."""
 
     def __init__(self, cuda, stream, cudart=None):
         self.cuda, self.stream, self._cudart = cuda, stream, cudart
@@ -185,7 +188,8 @@ class TrtDevice:
     def upload(self, host: np.ndarray, into: DevArray) -> DevArray:
         if into.owner is None or tuple(np.shape(host)) != into.shape:
             raise EngineError(f"upload of shape {np.shape(host)} into a device buffer of shape {into.shape}")
-        into.owner.copy_from(np.ascontiguousarray(host, dtype=into.dtype), stream=self.stream)
+        with _GPU_LOCK:
+            into.owner.copy_from(np.ascontiguousarray(host, dtype=into.dtype), stream=self.stream)
         return into
 
     def download(self, arr: DevArray) -> np.ndarray:
@@ -193,12 +197,14 @@ class TrtDevice:
         if arr.owner is None:
             raise EngineError("download of a device view: download the buffer it views")
         host = np.empty(arr.shape, arr.dtype)
-        arr.owner.copy_to(host, stream=self.stream)
-        self.stream.synchronize()
+        with _GPU_LOCK:
+            arr.owner.copy_to(host, stream=self.stream)
+            self.stream.synchronize()
         return host
 
     def synchronize(self) -> None:
-        self.stream.synchronize()
+        with _GPU_LOCK:
+            self.stream.synchronize()
 
     def free(self, arr: DevArray) -> None:
         if arr.owner is not None:
@@ -207,8 +213,12 @@ class TrtDevice:
     def mark(self):
         """A CUDA event recorded on the stream now."""
         lib, ev = self._lib(), ctypes.c_void_p()
-        if lib.cudaEventCreate(ctypes.byref(ev)) != 0 or lib.cudaEventRecord(ev, ctypes.c_void_p(self.stream.ptr)) != 0:
-            raise EngineError("CUDA could not record an event on the stream")
+        with _GPU_LOCK:
+            if lib.cudaEventCreate(ctypes.byref(ev)) != 0:
+                raise EngineError("CUDA could not create an event")
+            if lib.cudaEventRecord(ev, ctypes.c_void_p(self.stream.ptr)) != 0:
+                lib.cudaEventDestroy(ev)
+                raise EngineError("CUDA could not record an event on the stream")
         return ev
 
     def elapsed(self, marks: list) -> list[float]:
@@ -218,9 +228,14 @@ class TrtDevice:
             ms = ctypes.c_float()
             rc = lib.cudaEventElapsedTime(ctypes.byref(ms), a, b)
             out.append(ms.value / 1e3 if rc == 0 else float("nan"))
+        self.discard(marks)
+        return out
+
+    def discard(self, marks: list) -> None:
+        """Destroy events (CUDA releases a pending one once it completes)."""
+        lib = self._lib()
         for ev in marks:
             lib.cudaEventDestroy(ev)
-        return out
 
 
 class TrtEngine:

@@ -38,7 +38,10 @@ class NonFiniteOutput(EngineError):
 
 @dataclass
 class Timings:
-    """Seconds per stage of the last call; ``overhead`` is everything outside the engine calls."""
+    """Seconds per stage of the last call; ``overhead`` is everything outside the engine calls. With
+    the device loop, ``unet[i]`` is step i's GPU time (UNet and LCM step engine, from CUDA events),
+    ``vae_input`` is 0 (the step engine computes the decoder's input) and ``scheduler`` is the host's
+    coefficient, noise and upload work."""
 
     tokenize: float = 0.0
     text_encoder: float = 0.0
@@ -80,10 +83,6 @@ class LCMPipeline:
         self.tokenizers = tokenizers
         self.xl = "text_encoder_2" in manifest.get("text_encoders", ["text_encoder"])
         self.scheduler_config = scheduler_config
-        self.vae_scaling = float(manifest["vae"]["scaling_factor"])
-        self.vae_shift = manifest["vae"].get("shift_factor")
-        self.vae_mean = manifest["vae"].get("latents_mean")
-        self.vae_std = manifest["vae"].get("latents_std")
         self.latent_channels = int(manifest.get("latent_channels", 4))
         self.resolutions = [tuple(int(v) for v in r.split("x")) for r in manifest["resolutions"]]
         self.last_timings = Timings()
@@ -192,13 +191,13 @@ class LCMPipeline:
                             f"`lcm-export build-engine --engine-dir {self.engine_dir} --force`")
         return out
 
-    def _device_loop(self, unet, cfg: bool):
+    def _device_loop(self, unet, cfg: bool, vae=None):
         """The device loop for this UNet engine and guidance mode (cached), or None: host loop."""
         if not self.device_loop:
             return None
-        key = (id(unet), cfg)
+        key = (id(unet), cfg, id(vae))
         if key not in self._device_loops:
-            self._device_loops[key] = device_loop_for(unet, cfg)
+            self._device_loops[key] = device_loop_for(unet, cfg, vae)
         return self._device_loops[key]
 
     def _decoder_input(self, x: np.ndarray) -> np.ndarray:
@@ -280,17 +279,18 @@ class LCMPipeline:
                 return None
             return step_noise[i] if step_noise is not None else rng.standard_normal(shape, dtype=np.float32)
 
-        loop = self._device_loop(unet, cfg)
+        vae = self._plan_for("vae_decoder", h, w)
+        loop = self._device_loop(unet, cfg, vae)
         if loop is not None:  # 3.-4. on the device: latents stay there until the decoder's output
             t0 = time.perf_counter()
             coefs = [sched.step_coefficients(int(ts), guidance) for ts in timesteps]
             t.scheduler += time.perf_counter() - t0
             zeros = np.zeros(shape, np.float32)
-            img, latent = loop.run(x, {"encoder_hidden_states": emb, **extra}, timesteps, coefs,
-                                   lambda i: zeros if i == steps - 1 else noise(i), self._plan_for("vae_decoder", h, w),
-                                   self._affine, t)
-            if latent is not None:
-                self._check_finite(latent, "unet")
+            img, unet_bad = loop.run(x, {"encoder_hidden_states": emb, **extra}, timesteps, coefs,
+                                     lambda i: zeros if i == steps - 1 else noise(i), vae, self._affine, t)
+            if unet_bad:
+                raise NonFiniteOutput("the unet engine produced NaN/inf (fp16 overflow?); nothing was written — rebuild "
+                                      "with --precision fp32")
         else:
             for i, ts in enumerate(timesteps):
                 t0 = time.perf_counter()
@@ -310,7 +310,7 @@ class LCMPipeline:
             t0 = time.perf_counter()
             z = self._decoder_input(np.ascontiguousarray(x, dtype=np.float32))
             t1 = time.perf_counter()
-            img = self._plan_for("vae_decoder", h, w).run({"latent": z})
+            img = vae.run({"latent": z})
             t.vae_input, t.vae_decoder = t1 - t0, time.perf_counter() - t1
         self._check_finite(img, "vae_decoder")
 

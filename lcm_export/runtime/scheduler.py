@@ -99,23 +99,24 @@ class LCMScheduler:
         c_out = t / (t**2 + self.sigma_data**2) ** 0.5
         return c_skip, c_out
 
-    def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray, noise: np.ndarray | None = None):
-        """One LCM step; returns (prev_sample, denoised). ``noise`` is required unless this is the last step."""
+    def _alphas(self, timestep: int):
+        """(last step?, ᾱ_t, ᾱ_prev, 1 − ᾱ_t, 1 − ᾱ_prev) at ``timestep``, in float32."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps() before step()")
         matches = np.nonzero(self.timesteps == timestep)[0]
         if len(matches) == 0:
             raise ValueError(f"timestep {timestep} is not in the schedule {self.timesteps.tolist()}")
         index = int(matches[0])
-
-        # 1. Previous timestep (the last step maps onto itself)
         last = index == len(self.timesteps) - 1
         prev_t = timestep if last else int(self.timesteps[index + 1])
-
-        # 2. Alphas and betas
         a_t = self.alphas_cumprod[timestep]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-        b_t, b_prev = np.float32(1) - a_t, np.float32(1) - a_prev
+        return last, a_t, a_prev, np.float32(1) - a_t, np.float32(1) - a_prev
+
+    def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray, noise: np.ndarray | None = None):
+        """One LCM step; returns (prev_sample, denoised). ``noise`` is required unless this is the last step."""
+        # 1.-2. Previous timestep (the last step maps onto itself), alphas and betas
+        last, a_t, a_prev, b_t, b_prev = self._alphas(timestep)
 
         # 3. Scalings for the boundary condition
         c_skip, c_out = self.scalings(timestep)
@@ -149,17 +150,7 @@ class LCMScheduler:
         (``lcm_export/step_graph.py``, layout ``COEF``): x̂_0 = (k_sample·x − k_eps·ε) / k_div clipped
         to [clip_lo, clip_hi], the boundary scalings, the re-noising factors (1 and 0 at the last
         step, where ``step`` returns the denoised sample) and the guidance scale."""
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps() before step_coefficients()")
-        matches = np.nonzero(self.timesteps == timestep)[0]
-        if len(matches) == 0:
-            raise ValueError(f"timestep {timestep} is not in the schedule {self.timesteps.tolist()}")
-        index = int(matches[0])
-        last = index == len(self.timesteps) - 1
-        prev_t = timestep if last else int(self.timesteps[index + 1])
-        a_t = self.alphas_cumprod[timestep]
-        a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-        b_t, b_prev = np.float32(1) - a_t, np.float32(1) - a_prev
+        last, a_t, a_prev, b_t, b_prev = self._alphas(timestep)
         c_skip, c_out = self.scalings(timestep)
         one, zero = np.float32(1), np.float32(0)
         k = {"epsilon": (one, np.sqrt(b_t), np.sqrt(a_t)),

@@ -611,3 +611,20 @@ def test_step_items_found_beside_their_unet_engine(tmp_path):
                                  {"file": "unet/b.lcm_step.plan", "role": "lcm_step", "for": "unet/b.plan"}]}}
     assert [i["file"] for i in step_items_for(m, tmp_path, tmp_path / "unet" / "a.plan")] == ["unet/a.lcm_step.plan"]
     assert step_items_for({"tensorrt": {"builds": [{"file": "unet/a.plan"}]}}, tmp_path, tmp_path / "unet" / "a.plan") == []
+
+
+def test_refit_keeps_the_step_engines(tmp_path):
+    """A refit drops every file of a component it re-derives; the TensorRT refit writes the UNet engines
+    anew and links the weightless LCM step engines back from the previous entry."""
+    from lcm_export.backends.tensorrt import relink_weightless
+
+    prev, new = tmp_path / "prev", tmp_path / "new"
+    files = ["unet/a.plan", "unet/a.lcm_step.plan", "unet/a.lcm_step_cfg.plan"]
+    for f in files:
+        (prev / f).parent.mkdir(parents=True, exist_ok=True)
+        (prev / f).write_bytes(f.encode())
+    (new / "unet").mkdir(parents=True)
+    (new / "unet" / "a.plan").write_bytes(b"refitted")
+    record = {"engines": {"a": "unet/a.plan"}, "files": files}
+    assert relink_weightless(record, prev, new) == files[1:]
+    assert [(new / f).read_bytes() for f in files] == [b"refitted", files[1].encode(), files[2].encode()]

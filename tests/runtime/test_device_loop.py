@@ -14,7 +14,7 @@ import pytest
 
 from lcm_export.runtime import LCMPipeline, NonFiniteOutput
 from lcm_export.runtime.device_loop import device_loop_for
-from lcm_export.step_graph import lcm_step_onnx
+from lcm_export.step_graph import INPUTS as STEP_INPUTS, OUTPUTS as STEP_OUTPUTS, lcm_step_onnx
 
 
 class FakeArr:
@@ -55,6 +55,9 @@ class FakeDevice:
     def elapsed(self, marks):
         return [b - a for a, b in zip(marks, marks[1:])]
 
+    def discard(self, marks):
+        self.discarded = len(marks)
+
 
 def _host(feeds: dict) -> dict:
     return {k: (v.data if isinstance(v, FakeArr) else v) for k, v in feeds.items()}
@@ -91,8 +94,8 @@ def _on_fake_device(pipe: LCMPipeline):
     for plan, eng in pipe.engines["unet"].items():
         unet = FakeDeviceEngine(eng.run_all, ["sample", "timestep", "encoder_hidden_states"], ["out_sample"], dev, log["unet"])
         for cfg, sess in steps.items():
-            unet.lcm_step[cfg] = FakeDeviceEngine(lambda f, s=sess: s.run(None, f), ["sample", "model_output", "noise", "coef", "vae_affine"],
-                                                  ["next_sample", "latent"], dev, log["step"])
+            unet.lcm_step[cfg] = FakeDeviceEngine(lambda f, s=sess: s.run(None, f), list(STEP_INPUTS), list(STEP_OUTPUTS),
+                                                  dev, log["step"])
         pipe.engines["unet"][plan] = unet
     for plan, eng in pipe.engines["vae_decoder"].items():
         pipe.engines["vae_decoder"][plan] = FakeDeviceEngine(eng.run_all, ["latent"], ["image"], dev, log["vae"])
@@ -109,9 +112,9 @@ def test_device_loop_gives_the_host_loop_image_with_no_latents_on_the_host(demo_
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
     n = 4 if guidance > 1 else 2
-    assert dev.downloads == 0  # nothing came back to the host but the decoder's output
-    # uploads: the text embeddings once, the first latents once, the VAE affine once, then only each step's noise
-    assert dev.uploads == [(n, 77, 32), (n, 4, 8, 8), (3, 4, 1, 1)] + [(2, 4, 8, 8)] * 4
+    assert dev.downloads == 1  # the 4-byte NaN/inf flag; otherwise nothing but the decoder's output came back
+    # uploads: the text embeddings, the first latents, the VAE affine and the flag once, then only each step's noise
+    assert dev.uploads == [(n, 77, 32), (n, 4, 8, 8), (3, 4, 1, 1), (1,)] + [(2, 4, 8, 8)] * 4
     assert [e["sample"] and e["encoder_hidden_states"] and not e["timestep"] for e in log["unet"]] == [True] * 4
     assert [e["sample"] and e["model_output"] and e["noise"] and not e["coef"] for e in log["step"]] == [True] * 4
     assert log["vae"] == [{"latent": True}]
@@ -141,11 +144,25 @@ def test_device_loop_only_where_a_step_engine_takes_the_guidance_mode(demo_engin
     assert device_loop_for(unet, True) is None
 
 
-def test_device_loop_names_the_unet_when_its_latents_are_not_finite(demo_engine):
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("bad_step", [0, 3])
+def test_device_loop_names_the_unet_when_it_produces_nan_or_inf(demo_engine, clip, bad_step):
+    """Clipping x̂_0 (clip_sample) would turn an inf UNet output into a finite image: the step engine's
+    flag still reports it, at any step, as the host loop does."""
     pipe = LCMPipeline.from_engine_dir(demo_engine)
-    _on_fake_device(pipe)
+    pipe.scheduler_config = {**pipe.scheduler_config, "clip_sample": clip}
+    dev, _ = _on_fake_device(pipe)
     for unet in pipe.engines["unet"].values():
-        inner = unet._run_all
-        unet._run_all = lambda f, inner=inner: [np.full_like(o, np.inf) for o in inner(f)]
+        inner, calls = unet._run_all, []
+
+        def poisoned(f, inner=inner, calls=calls):
+            calls.append(1)
+            out = inner(f)
+            if len(calls) == bad_step + 1:
+                out[0][0, 0, 0, 0] = np.inf if bad_step else np.nan
+            return out
+
+        unet._run_all = poisoned
     with pytest.raises(NonFiniteOutput, match="the unet engine produced NaN/inf"):
-        pipe("a red fox", steps=2, seed=0)
+        pipe("a red fox", steps=4, seed=0)
+    assert dev.downloads == 1

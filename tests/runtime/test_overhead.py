@@ -28,11 +28,12 @@ def test_decoder_input_scaling(demo_engine):
 
     pipe = stub_pipeline(demo_engine, (64, 64))
     x = np.random.default_rng(1).standard_normal((1, 4, 8, 8), dtype=np.float32)
-    assert np.array_equal(pipe._decoder_input(x.copy()), x / np.float32(pipe.vae_scaling))
-    pipe.vae_mean, pipe.vae_std = [0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0]
-    pipe.__init__(pipe.manifest | {"vae": {"scaling_factor": 0.5, "latents_mean": pipe.vae_mean, "latents_std": pipe.vae_std}},
+    scaling = np.float32(pipe.manifest["vae"]["scaling_factor"])
+    assert np.array_equal(pipe._decoder_input(x.copy()), x / scaling)
+    mean, std = [0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0]
+    pipe.__init__(pipe.manifest | {"vae": {"scaling_factor": 0.5, "latents_mean": mean, "latents_std": std}},
                   pipe.engine_dir, pipe.engines, pipe.tokenizers, pipe.scheduler_config)
-    want = x * np.reshape(pipe.vae_std, (1, 4, 1, 1)) / 0.5 + np.reshape(pipe.vae_mean, (1, 4, 1, 1))
+    want = x * np.reshape(std, (1, 4, 1, 1)) / 0.5 + np.reshape(mean, (1, 4, 1, 1))
     assert np.allclose(pipe._decoder_input(x.copy()), want, rtol=1e-6)
 
 
