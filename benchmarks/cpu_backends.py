@@ -21,15 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _median(fn, runs: int) -> tuple[float, list[float]]:
-    fn()  # warm-up (first call of a shape compiles kernels)
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)), ts
+from lcm_export.bench import median_time
 
 
 def _rel(a, b) -> float:
@@ -90,7 +82,7 @@ def main() -> None:
             t0 = time.perf_counter()
             eng = make()
             load = time.perf_counter() - t0
-            med, ts = _median(lambda e=eng: e.run_all(feeds), a.runs)
+            med, ts = median_time(lambda e=eng: e.run_all(feeds), a.runs)
             outs[name] = eng.run_all(feeds)[0]
             row[name] = {"median_s": med, "runs_s": ts, "load_s": load}
             if name.startswith("openvino"):

@@ -18,16 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lcm_export._util import write_json
-
-
-def _median_run(fn, runs):
-    fn()
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)), ts
+from lcm_export.bench import median_time
 
 
 def main():
@@ -84,7 +75,7 @@ def main():
             t0 = time.perf_counter()
             sess = ort.InferenceSession(c.get("path", path), so, providers=["CPUExecutionProvider"])
             loads_by[name].append(time.perf_counter() - t0)
-            _, ts = _median_run(lambda: sess.run(None, feeds), a.runs)
+            _, ts = median_time(lambda: sess.run(None, feeds), a.runs)
             runs_by[name] += ts
             outs[name] = sess.run(None, feeds)[0]
             del sess
@@ -110,7 +101,7 @@ def main():
                                                           "INFERENCE_PRECISION_HINT": prec})
             load = time.perf_counter() - t0
             req = compiled.create_infer_request()
-            med, ts = _median_run(lambda: req.infer(feeds), a.runs)
+            med, ts = median_time(lambda: req.infer(feeds), a.runs)
             out = np.asarray(req.infer(feeds)[compiled.outputs[0]])
             ref_out = ref_out if ref_out is not None else fp32_out
             rel = float(np.linalg.norm(out - ref_out) / np.linalg.norm(ref_out))

@@ -101,6 +101,19 @@ def _validate(o: BenchOptions, manifest: dict) -> tuple[int, int]:
     return hw
 
 
+def median_time(fn, runs: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """(median seconds, every time) of ``runs`` calls of ``fn`` after ``warmup`` untimed ones (the
+    first call of a shape compiles kernels)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)), ts
+
+
 def machine_info(threads: int) -> dict:
     from ._cpu import cpu_isa, cpu_name, usable_cores
 
