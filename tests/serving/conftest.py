@@ -28,6 +28,30 @@ def batch4_entry(tmp_path_factory, cache_env):
     return _build(tmp_path_factory.mktemp("serve-entries") / "tiny-b4", "--batch", "4")
 
 
+@pytest.fixture(scope="session")
+def nan_entry(tmp_path_factory, tiny_entry):
+    """A copy of the tiny entry whose UNet has NaN in its largest weight, rewritten in place (same file
+    size, so the entry still loads): every call fails inside the engine — the server's 500 path."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    d = tmp_path_factory.mktemp("serve-entries") / "nan"
+    shutil.copytree(tiny_entry, d)
+    path = d / "unet" / "model.onnx"
+    model = onnx.load(str(path))
+    init = max((i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.raw_data),
+               key=lambda i: len(i.raw_data))
+    old = init.raw_data
+    blob = path.read_bytes()
+    assert blob.count(old) == 1
+    nan = np.full(numpy_helper.to_array(init).shape, np.nan, np.float32).tobytes()
+    path.write_bytes(blob.replace(old, nan))
+    return d
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

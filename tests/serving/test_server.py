@@ -3,7 +3,8 @@
 One Ray + Serve for the module, three applications on one port:
 - ``/``  the tiny demo (batch-1 entry), 2 replicas: load and bad-input tests;
 - ``/b`` the batch-4 entry, merging up to 4 images per engine call;
-- ``/o`` 1 replica × 1 ongoing request and a queue of 1: overload.
+- ``/o`` 1 replica × 1 ongoing request and a queue of 1: overload;
+- ``/x`` an entry whose UNet has NaN weights: the engine fails on valid input (500).
 About a minute on 2 cores.
 """
 
@@ -26,7 +27,7 @@ PROMPTS = ["a photo of an astronaut riding a horse", "a red cube", "", "a bowl o
 
 
 @pytest.fixture(scope="module")
-def server(tiny_entry, batch4_entry):
+def server(tiny_entry, batch4_entry, nan_entry):
     from lcm_export.serve import ServeOptions, start, stop
 
     port = free_port()
@@ -38,8 +39,9 @@ def server(tiny_entry, batch4_entry):
                            **common), name="batched", route_prefix="/b")
         start(ServeOptions(str(tiny_entry), replicas=1, max_ongoing_requests=1, max_queued_requests=1, **common),
               name="overload", route_prefix="/o")
+        start(ServeOptions(str(nan_entry), replicas=1, max_ongoing_requests=2, **common), name="failing", route_prefix="/x")
         url = f"http://127.0.0.1:{port}"
-        for prefix in ("", "/b", "/o"):
+        for prefix in ("", "/b", "/o", "/x"):
             wait_ready(url + prefix, 120)
         yield url
     finally:
@@ -117,6 +119,20 @@ def test_bad_requests_get_400_and_leave_the_server_healthy(server, name, body, w
     assert c.health().status == 200
     ok = c.generate(prompt="after a bad request", seed=1)
     assert ok.status == 200 and ok.body[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_engine_failure_is_a_500_with_one_line_and_the_replica_keeps_serving(server):
+    """Valid input, engine at fault (NonFiniteOutput, an EngineError): 500, the library's one-line message,
+    no traceback; the replica survives and answers the next request the same way."""
+    c = Client(server + "/x")
+    for seed in (1, 2):
+        r = c.generate(prompt="a red cube", seed=seed)
+        assert r.status == 500, (r.status, r.body[:300])
+        msg = r.json()["error"]
+        assert "the unet engine produced NaN/inf at step 1" in msg and "\n" not in msg and "Traceback" not in msg
+        assert c.health().status == 200
+    bad = c.request("POST", "/generate", json.dumps({"prompt": "x", "steps": 0}).encode(), {"Content-Type": "application/json"})
+    assert bad.status == 400  # bad input is still the caller's fault, checked before any engine runs
 
 
 def test_overload_gets_503_with_retry_after_and_accepted_requests_complete(server, tiny_entry, tmp_path):
