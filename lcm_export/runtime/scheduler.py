@@ -144,7 +144,6 @@ class LCMScheduler:
         prev = np.sqrt(a_prev) * denoised + np.sqrt(b_prev) * noise.astype(np.float32)
         return prev.astype(np.float32), denoised
 
-
     def step_coefficients(self, timestep: int, guidance: float = 1.0) -> np.ndarray:
         """Every number ``step`` uses at ``timestep``, as the float32 vector the step graph takes
         (``lcm_export/step_graph.py``, layout ``COEF``): x̂_0 = (k_sample·x − k_eps·ε) / k_div clipped
