@@ -217,6 +217,24 @@ def test_runtime_matches_diffusers_sdxl(xl_engine, fused, steps, guidance, negat
     assert psnr >= 40, f"PSNR {psnr:.1f} dB"
 
 
+@pytest.mark.parametrize("guidance", [1.0, 8.0])
+def test_device_loop_carries_sdxl_added_conditioning(xl_engine, guidance):
+    """The device loop (latents on the device; here a fake one on CPU, tests/fake_device.py) with SDXL's
+    extra UNet inputs (pooled text embeddings, time ids) gives the host loop's image."""
+    from fake_device import on_fake_device
+    from lcm_export.runtime import LCMPipeline
+
+    kw = dict(steps=4, guidance=guidance, seed=5, height=64, width=96, output_type="np")
+    want = LCMPipeline.from_engine_dir(xl_engine)("an astronaut riding a horse", **kw)
+    pipe = LCMPipeline.from_engine_dir(xl_engine)
+    dev, log = on_fake_device(pipe)
+    got = pipe("an astronaut riding a horse", **kw)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert [set(k for k, on in e.items() if on) for e in log["unet"]] == \
+        [{"sample", "encoder_hidden_states", "text_embeds", "time_ids"}] * 4  # all on the device; timestep from the host
+    assert dev.downloads == 1 and len(dev.uploads) == 3 + 3 + 4  # 3 feeds, latents + affine + flag, then 4 noises
+
+
 def test_default_resolution_is_the_models_when_built(xl_engine):
     from lcm_export.runtime import LCMPipeline
 

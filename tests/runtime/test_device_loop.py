@@ -6,100 +6,12 @@ tests/backends/test_tensorrt.py)."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
-import onnxruntime as ort
 import pytest
 
+from fake_device import on_fake_device
 from lcm_export.runtime import LCMPipeline, NonFiniteOutput
 from lcm_export.runtime.device_loop import device_loop_for
-from lcm_export.step_graph import INPUTS as STEP_INPUTS, OUTPUTS as STEP_OUTPUTS, lcm_step_onnx
-
-
-class FakeArr:
-    def __init__(self, data: np.ndarray):
-        self.data, self.shape, self.dtype, self.ptr = data, data.shape, data.dtype, id(data)
-
-
-class FakeDevice:
-    def __init__(self):
-        self.uploads, self.downloads, self.allocs = [], 0, 0
-
-    def empty(self, shape, dtype):
-        self.allocs += 1
-        return FakeArr(np.full(shape, np.nan, dtype))  # NaN: reading a buffer nobody wrote shows up
-
-    def view(self, arr, shape):
-        return FakeArr(arr.data.reshape(-1)[: int(np.prod(shape))].reshape(shape))
-
-    def upload(self, host, into):
-        assert tuple(np.shape(host)) == into.shape
-        into.data[...] = host
-        self.uploads.append(tuple(np.shape(host)))
-        return into
-
-    def download(self, arr):
-        self.downloads += 1
-        return arr.data.copy()
-
-    def synchronize(self):
-        pass
-
-    def free(self, arr):
-        pass
-
-    def mark(self):
-        return time.perf_counter()
-
-    def elapsed(self, marks):
-        return [b - a for a, b in zip(marks, marks[1:])]
-
-    def discard(self, marks):
-        self.discarded = len(marks)
-
-
-def _host(feeds: dict) -> dict:
-    return {k: (v.data if isinstance(v, FakeArr) else v) for k, v in feeds.items()}
-
-
-class FakeDeviceEngine:
-    """An engine on the fake device: device inputs are read in place, outputs written to ``out``."""
-
-    def __init__(self, run_all, inputs, outputs, device, log):
-        self._run_all, self.inputs, self.outputs, self.device, self.log = run_all, inputs, outputs, device, log
-        self.dtypes = {n: np.dtype(np.float32) for n in inputs + outputs}
-        self.lcm_step = {}
-
-    def run_device(self, feeds, out=None):
-        self.log.append({k: isinstance(v, FakeArr) for k, v in feeds.items()})
-        results = dict(zip(self.outputs, self._run_all(_host(feeds))))
-        for name, value in results.items():
-            if out and name in out:
-                assert out[name].shape == value.shape
-                out[name].data[...] = value
-                results[name] = out[name]
-        return results
-
-    def run(self, feeds):
-        self.log.append({k: isinstance(v, FakeArr) for k, v in feeds.items()})
-        return self._run_all(_host(feeds))[0]
-
-
-def _on_fake_device(pipe: LCMPipeline):
-    """Put the entry's UNet and VAE engines of every plan on one fake device, with step engines."""
-    dev, log = FakeDevice(), {"unet": [], "step": [], "vae": []}
-    steps = {cfg: ort.InferenceSession(lcm_step_onnx(cfg).SerializeToString(), providers=["CPUExecutionProvider"])
-             for cfg in (False, True)}
-    for plan, eng in pipe.engines["unet"].items():
-        unet = FakeDeviceEngine(eng.run_all, ["sample", "timestep", "encoder_hidden_states"], ["out_sample"], dev, log["unet"])
-        for cfg, sess in steps.items():
-            unet.lcm_step[cfg] = FakeDeviceEngine(lambda f, s=sess: s.run(None, f), list(STEP_INPUTS), list(STEP_OUTPUTS),
-                                                  dev, log["step"])
-        pipe.engines["unet"][plan] = unet
-    for plan, eng in pipe.engines["vae_decoder"].items():
-        pipe.engines["vae_decoder"][plan] = FakeDeviceEngine(eng.run_all, ["latent"], ["image"], dev, log["vae"])
-    return dev, log
 
 
 @pytest.mark.parametrize("guidance", [1.0, 6.0])
@@ -107,7 +19,7 @@ def test_device_loop_gives_the_host_loop_image_with_no_latents_on_the_host(demo_
     host = LCMPipeline.from_engine_dir(demo_engine)
     want = host("a red fox", steps=4, guidance=guidance, seed=3, batch=2, output_type="np")
     pipe = LCMPipeline.from_engine_dir(demo_engine)
-    dev, log = _on_fake_device(pipe)
+    dev, log = on_fake_device(pipe)
     got = pipe("a red fox", steps=4, guidance=guidance, seed=3, batch=2, output_type="np")
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
@@ -135,7 +47,7 @@ def test_device_loop_only_where_a_step_engine_takes_the_guidance_mode(demo_engin
     pipe = LCMPipeline.from_engine_dir(demo_engine)
     plan = next(iter(pipe.engines["unet"]))
     assert device_loop_for(pipe.engines["unet"][plan], False) is None  # ONNX Runtime engines: host loop
-    _on_fake_device(pipe)
+    on_fake_device(pipe)
     unet = pipe.engines["unet"][plan]
     del unet.lcm_step[True]
     assert device_loop_for(unet, False) is not None and device_loop_for(unet, True) is None
@@ -151,7 +63,7 @@ def test_device_loop_names_the_unet_when_it_produces_nan_or_inf(demo_engine, cli
     flag still reports it, at any step, as the host loop does."""
     pipe = LCMPipeline.from_engine_dir(demo_engine)
     pipe.scheduler_config = {**pipe.scheduler_config, "clip_sample": clip}
-    dev, _ = _on_fake_device(pipe)
+    dev, _ = on_fake_device(pipe)
     for unet in pipe.engines["unet"].values():
         inner, calls = unet._run_all, []
 
