@@ -80,7 +80,8 @@ def image_parity(engine_dir: Path, hw, ref, sched_cfg: dict) -> dict:
     runtime = LCMPipeline.from_engine_dir(engine_dir)
     latents, noise = seeded_inputs(runtime.latent_channels, hw, 4, seed=0)
     want = diffusers_images(ref, PROMPT, 4, 1.0, latents, noise, sched_cfg)
-    out = {"device_loop": any(device_loop_for(u, False) is not None for u in runtime.engines["unet"].values())}
+    unet, vae = runtime._plan_for("unet", *hw), runtime._plan_for("vae_decoder", *hw)
+    out = {"device_loop": device_loop_for(unet, False, vae) is not None}
     for loop in ("device", "host"):
         runtime.device_loop = loop == "device"
         ours = runtime(PROMPT, steps=4, latents=latents, step_noise=noise, height=hw[0], width=hw[1], output_type="np")

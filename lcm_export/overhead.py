@@ -75,7 +75,7 @@ class FixedDeviceEngine(FixedEngine):
 
     def __init__(self, outputs: dict[str, np.ndarray], device: NullDevice, inputs: tuple[str, ...]):
         super().__init__(outputs)
-        self.device, self.lcm_step = device, {}
+        self.device, self.lcm_step, self.inputs = device, {}, list(inputs)
         self.dtypes = {n: np.dtype(np.float32) for n in (*inputs, *self.outputs)}
 
     def run_device(self, feeds, out=None):
@@ -127,7 +127,7 @@ def measure_overhead(engine_dir: str | Path, hw: tuple[int, int] = (512, 512), r
     """Median overhead per image and its parts (seconds), over ``runs`` 4-step generations; with
     ``device_loop``, the GPU path's loop (``runtime/device_loop.py``) on a ``NullDevice``."""
     pipe = stub_pipeline(engine_dir, hw, device_loop=device_loop)
-    if device_loop and pipe._device_loop(pipe.engines["unet"]["*"], guidance > 1) is None:
+    if device_loop and pipe._device_loop(pipe.engines["unet"]["*"], guidance > 1, pipe.engines["vae_decoder"]["*"]) is None:
         raise RuntimeError("the stub device loop was not taken")
     for _ in range(warmup):
         pipe("a photo of an astronaut riding a horse on mars", steps=4, guidance=guidance)

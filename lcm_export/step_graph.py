@@ -10,11 +10,12 @@ classifier-free-guidance combine before it and the VAE decoder's input affine af
     prev     = √ᾱ_prev·denoised + √(1−ᾱ_prev)·noise          (last step: 1·denoised + 0·0)
     next_sample = prev, or [prev, prev] with cfg (the UNet's next input)
     latent   = denoised / div · mul + add                     (the VAE decoder's input)
-    nonfinite = max(nonfinite_in, 1 if model_output holds NaN/inf else 0)
+    nonfinite = max(nonfinite_in, steps_left if model_output holds NaN/inf else 0)
 
 ``nonfinite`` carries across steps (the loop feeds each step's flag to the next), so one 4-byte copy
 after the last step says whether the UNet ever produced NaN/inf — which the clipping and the
-boundary scalings could otherwise hide in a finite latent.
+boundary scalings could otherwise hide in a finite latent — and at which step first: ``steps_left``
+is n − i at step i of n, so the first bad step is n − flag (0-based).
 
 Every per-step number arrives in ``coef`` (``LCMScheduler.step_coefficients``) and the VAE affine in
 ``vae_affine`` [3, C, 1, 1] (``runtime/device_loop.py``'s ``decoder_affine``), so one graph serves every model, step count and
@@ -28,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 COEF = ("k_sample", "k_eps", "k_div", "clip_lo", "clip_hi", "c_out", "c_skip", "sqrt_alpha_prev", "sqrt_beta_prev",
-        "guidance")
+        "guidance", "steps_left")
 """The layout of the ``coef`` input (float32 [len(COEF)])."""
 INPUTS = ("sample", "model_output", "noise", "coef", "vae_affine", "nonfinite_in")
 OUTPUTS = ("next_sample", "latent", "nonfinite")
@@ -81,6 +82,7 @@ def lcm_step_onnx(cfg: bool):
     # NaN/inf anywhere in the UNet's output (both halves with cfg), carried over from earlier steps
     bad = op("Or", [op("IsNaN", ["model_output"], "is_nan"), op("IsInf", ["model_output"], "is_inf")], "is_bad")
     worst = op("ReduceMax", [op("Cast", [bad], "bad_f", to=TensorProto.FLOAT)], "bad_any", keepdims=0)
+    worst = op("Mul", [worst, coef["steps_left"]], "bad_at")
     nodes.append(helper.make_node("Max", ["nonfinite_in", worst], ["nonfinite"], name="nonfinite"))
 
     f32 = TensorProto.FLOAT

@@ -96,6 +96,7 @@ def test_coefficients_layout_and_last_step():
     assert c["clip_lo"] == -np.inf and c["clip_hi"] == np.inf
     last = dict(zip(COEF, s.step_coefficients(int(ts[-1]))))
     assert (last["sqrt_alpha_prev"], last["sqrt_beta_prev"]) == (1, 0)
+    assert [s.step_coefficients(int(t))[COEF.index("steps_left")] for t in ts] == [4, 3, 2, 1]
     with pytest.raises(ValueError, match="not in the schedule"):
         s.step_coefficients(500)
 
@@ -136,3 +137,7 @@ def test_nonfinite_flag_sees_nan_and_inf_through_clipping_and_carries_over(cfg):
     clean = np.zeros((2 if cfg else 1, 4, 4, 4), np.float32)
     assert sess.run(None, {**feeds, "model_output": clean, "nonfinite_in": np.ones(1, np.float32)})[2].tolist() == [1.0]
     assert sess.run(None, {**feeds, "model_output": clean, "nonfinite_in": ZERO})[2].tolist() == [0.0]
+    # the flag is the steps left at the first bad step: a later bad step keeps the earlier, larger value
+    first = {**feeds, "coef": sched.step_coefficients(int(sched.timesteps[0]), 2.0), "model_output": out}
+    assert sess.run(None, {**first, "nonfinite_in": ZERO})[2].tolist() == [4.0]
+    assert sess.run(None, {**feeds, "model_output": out, "nonfinite_in": np.full(1, 4, np.float32)})[2].tolist() == [4.0]

@@ -188,8 +188,9 @@ class TrtDevice:
     def upload(self, host: np.ndarray, into: DevArray) -> DevArray:
         if into.owner is None or tuple(np.shape(host)) != into.shape:
             raise EngineError(f"upload of shape {np.shape(host)} into a device buffer of shape {into.shape}")
+        host = np.ascontiguousarray(host, dtype=into.dtype)
         with _GPU_LOCK:
-            into.owner.copy_from(np.ascontiguousarray(host, dtype=into.dtype), stream=self.stream)
+            into.owner.copy_from(host, stream=self.stream)
         return into
 
     def download(self, arr: DevArray) -> np.ndarray:
@@ -197,7 +198,7 @@ class TrtDevice:
         if arr.owner is None:
             raise EngineError("download of a device view: download the buffer it views")
         host = np.empty(arr.shape, arr.dtype)
-        with _GPU_LOCK:
+        with _GPU_LOCK:  # the sync too: synchronizing a stream another thread is capturing would break the capture
             arr.owner.copy_to(host, stream=self.stream)
             self.stream.synchronize()
         return host

@@ -12,8 +12,9 @@ decoder's output.
 An engine offers this by having ``lcm_step`` ({guidance on: step engine}), ``run_device``,
 ``dtypes``, ``outputs`` and a ``device`` (``empty``, ``view``, ``upload``, ``download``,
 ``synchronize``, ``free``, ``mark``, ``elapsed``, ``discard``); see ``backends/tensorrt_runtime.py``.
-The step engine also flags NaN/inf in the UNet's output at any step, so the loop reports them as
-the host loop does (naming the UNet) with one 4-byte copy after the last step.
+The step engine also flags NaN/inf in the UNet's output, with the first step it happened at, so the
+loop reports them as the host loop does (naming the UNet and the step) with one 4-byte copy after the
+last step.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import threading
 import time
 
 import numpy as np
+
+from ..step_graph import INPUTS as STEP_INPUTS
 
 F32 = np.dtype(np.float32)
 
@@ -42,16 +45,18 @@ def decoder_affine(vae: dict, channels: int) -> np.ndarray:
     return np.stack([div, mul, add]).reshape(3, channels, 1, 1).astype(np.float32)
 
 
-def device_loop_for(unet, cfg: bool, vae=None) -> "DeviceLoop | None":
-    """A device loop over ``unet`` (and the decoder ``vae``) for this guidance mode, or None (no step
-    engine for it, or I/O types the step engine does not take): the pipeline then runs the host loop."""
+def device_loop_for(unet, cfg: bool, vae) -> "DeviceLoop | None":
+    """A device loop over ``unet`` and the decoder ``vae`` for this guidance mode, or None (no step
+    engine for it, a step engine of another graph version, or I/O types the step engine does not
+    take): the pipeline then runs the host loop."""
     step = (getattr(unet, "lcm_step", None) or {}).get(bool(cfg))
     if step is None or not hasattr(unet, "run_device") or getattr(unet, "device", None) is None:
         return None
+    if set(getattr(step, "inputs", ())) != set(STEP_INPUTS):
+        return None
     io = [unet.dtypes.get("sample"), unet.dtypes.get(unet.outputs[0])]
     io += [step.dtypes.get(n) for n in ("sample", "model_output", "next_sample", "latent", "nonfinite")]
-    if vae is not None:
-        io.append((getattr(vae, "dtypes", None) or {}).get("latent"))
+    io.append((getattr(vae, "dtypes", None) or {}).get("latent"))
     if any(dt != F32 for dt in io):
         return None
     return DeviceLoop(unet, step)
@@ -80,14 +85,14 @@ class DeviceLoop:
         return self._bufs[key]
 
     def run(self, x: np.ndarray, feeds: dict, timesteps, coefs: list[np.ndarray], noise, vae, affine: np.ndarray,
-            timings) -> tuple[np.ndarray, bool]:
+            timings) -> tuple[np.ndarray | None, int | None]:
         """Denoise ``x`` [B,C,h,w] (scaled initial latents) with ``feeds`` (the UNet's per-image inputs:
         text embeddings, SDXL's added conditioning; uploaded once), then decode with ``vae``.
 
         ``coefs[i]`` is step i's coefficient vector, ``noise(i)`` its noise (host). Returns (the
-        decoder's output on the host, whether the UNet produced NaN/inf at any step — the step
-        engine's flag, one 4-byte copy after the loop). ``timings.unet[i]`` is step i's GPU time
-        (UNet and step engine, CUDA events)."""
+        decoder's output on the host, None), or (None, the first step, 0-based, at which the UNet
+        produced NaN/inf — the step engine's flag, one 4-byte copy after the loop; nothing is decoded
+        then). ``timings.unet[i]`` is step i's GPU time (UNet and step engine, CUDA events)."""
         dev, b = self.dev, x.shape[0]
         n = next(iter(feeds.values())).shape[0]
         with self._lock:
@@ -113,13 +118,15 @@ class DeviceLoop:
                                          out={"next_sample": u_next, "latent": bufs["latent"], "nonfinite": bufs["flag"][1 - cur]})
                     marks.append(dev.mark())
                     cur = 1 - cur
-                unet_bad = bool(dev.download(bufs["flag"][cur])[0])  # waits for the loop's work
+                flag = int(dev.download(bufs["flag"][cur])[0])  # waits for the loop's work
             except BaseException:
                 dev.discard(marks)
                 raise
             timings.unet = dev.elapsed(marks)
             timings.scheduler += host_s
+            if flag:  # the UNet produced NaN/inf: no decode
+                return None, len(coefs) - flag
             t0 = time.perf_counter()
             img = vae.run({"latent": bufs["latent"]})
             timings.vae_decoder = time.perf_counter() - t0
-        return img, unet_bad
+        return img, None

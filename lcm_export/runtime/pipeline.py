@@ -141,11 +141,13 @@ class LCMPipeline:
     def _check_finite(self, arr: np.ndarray, comp: str, step: int | None = None) -> None:
         # a sum is finite exactly when no element is NaN/inf, unless it overflows: then check element-wise
         if not np.isfinite(np.add.reduce(arr, axis=None)) and not np.isfinite(arr).all():
-            where = f" at step {step + 1}" if step is not None else ""
-            raise NonFiniteOutput(
-                f"the {comp} engine produced NaN/inf{where} (fp16 overflow?); nothing was written — rebuild with "
-                f"--precision fp32{' or --vae-fp32' if comp == 'vae_decoder' else ''}"
-            )
+            raise self._nonfinite(comp, step)
+
+    @staticmethod
+    def _nonfinite(comp: str, step: int | None = None) -> NonFiniteOutput:
+        where = f" at step {step + 1}" if step is not None else ""
+        return NonFiniteOutput(f"the {comp} engine produced NaN/inf{where} (fp16 overflow?); nothing was written — rebuild "
+                               f"with --precision fp32{' or --vae-fp32' if comp == 'vae_decoder' else ''}")
 
     def _default_hw(self) -> tuple[int, int]:
         """The model's default resolution if it was built, else the first built one."""
@@ -191,7 +193,7 @@ class LCMPipeline:
                             f"`lcm-export build-engine --engine-dir {self.engine_dir} --force`")
         return out
 
-    def _device_loop(self, unet, cfg: bool, vae=None):
+    def _device_loop(self, unet, cfg: bool, vae):
         """The device loop for this UNet engine and guidance mode (cached), or None: host loop."""
         if not self.device_loop:
             return None
@@ -286,11 +288,10 @@ class LCMPipeline:
             coefs = [sched.step_coefficients(int(ts), guidance) for ts in timesteps]
             t.scheduler += time.perf_counter() - t0
             zeros = np.zeros(shape, np.float32)
-            img, unet_bad = loop.run(x, {"encoder_hidden_states": emb, **extra}, timesteps, coefs,
+            img, bad_step = loop.run(x, {"encoder_hidden_states": emb, **extra}, timesteps, coefs,
                                      lambda i: zeros if i == steps - 1 else noise(i), vae, self._affine, t)
-            if unet_bad:
-                raise NonFiniteOutput("the unet engine produced NaN/inf (fp16 overflow?); nothing was written — rebuild "
-                                      "with --precision fp32")
+            if bad_step is not None:
+                raise self._nonfinite("unet", bad_step)
         else:
             for i, ts in enumerate(timesteps):
                 t0 = time.perf_counter()

@@ -148,8 +148,10 @@ class LCMScheduler:
         """Every number ``step`` uses at ``timestep``, as the float32 vector the step graph takes
         (``lcm_export/step_graph.py``, layout ``COEF``): x̂_0 = (k_sample·x − k_eps·ε) / k_div clipped
         to [clip_lo, clip_hi], the boundary scalings, the re-noising factors (1 and 0 at the last
-        step, where ``step`` returns the denoised sample) and the guidance scale."""
+        step, where ``step`` returns the denoised sample), the guidance scale, and the steps left
+        including this one (n − i at step i of n: the graph's NaN/inf flag names the first bad step)."""
         last, a_t, a_prev, b_t, b_prev = self._alphas(timestep)
+        steps_left = len(self.timesteps) - int(np.nonzero(self.timesteps == timestep)[0][0])
         c_skip, c_out = self.scalings(timestep)
         one, zero = np.float32(1), np.float32(0)
         k = {"epsilon": (one, np.sqrt(b_t), np.sqrt(a_t)),
@@ -157,7 +159,7 @@ class LCMScheduler:
              "sample": (zero, -one, one)}[self.prediction_type]
         lo, hi = (-self.clip_sample_range, self.clip_sample_range) if self.clip_sample else (-np.inf, np.inf)
         renoise = (one, zero) if last else (np.sqrt(a_prev), np.sqrt(b_prev))
-        return np.array([*k, lo, hi, c_out, c_skip, *renoise, guidance], dtype=np.float32)
+        return np.array([*k, lo, hi, c_out, c_skip, *renoise, guidance, steps_left], dtype=np.float32)
 
 
 def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:

@@ -46,35 +46,61 @@ def test_device_loop_gives_the_host_loop_image_with_no_latents_on_the_host(demo_
 def test_device_loop_only_where_a_step_engine_takes_the_guidance_mode(demo_engine):
     pipe = LCMPipeline.from_engine_dir(demo_engine)
     plan = next(iter(pipe.engines["unet"]))
-    assert device_loop_for(pipe.engines["unet"][plan], False) is None  # ONNX Runtime engines: host loop
+    vae = pipe.engines["vae_decoder"][plan]
+    assert device_loop_for(pipe.engines["unet"][plan], False, vae) is None  # ONNX Runtime engines: host loop
     on_fake_device(pipe)
-    unet = pipe.engines["unet"][plan]
+    unet, vae = pipe.engines["unet"][plan], pipe.engines["vae_decoder"][plan]
     del unet.lcm_step[True]
-    assert device_loop_for(unet, False) is not None and device_loop_for(unet, True) is None
+    assert device_loop_for(unet, False, vae) is not None and device_loop_for(unet, True, vae) is None
     unet.lcm_step[True] = unet.lcm_step[False]
+    vae.dtypes["latent"] = np.dtype(np.float16)  # a decoder taking fp16 latents: the step graph writes fp32
+    assert device_loop_for(unet, True, vae) is None
+    vae.dtypes["latent"] = np.dtype(np.float32)
+    unet.lcm_step[True].inputs = unet.lcm_step[True].inputs[:-1]  # a step engine of another graph version
+    assert device_loop_for(unet, True, vae) is None
+    unet.lcm_step[True].inputs.append("nonfinite_in")
     unet.dtypes["out_sample"] = np.dtype(np.float16)  # a UNet with fp16 outputs: the fp32 step graph cannot take it
-    assert device_loop_for(unet, True) is None
+    assert device_loop_for(unet, True, vae) is None
 
 
 @pytest.mark.parametrize("clip", [False, True])
-@pytest.mark.parametrize("bad_step", [0, 3])
-def test_device_loop_names_the_unet_when_it_produces_nan_or_inf(demo_engine, clip, bad_step):
+@pytest.mark.parametrize("steps,bad_step", [(1, 0), (3, 0), (3, 1), (3, 2), (4, 3)])
+def test_device_loop_names_the_unet_and_step_when_it_produces_nan_or_inf(demo_engine, clip, steps, bad_step):
     """Clipping x̂_0 (clip_sample) would turn an inf UNet output into a finite image: the step engine's
-    flag still reports it, at any step, as the host loop does."""
+    flag still reports it, with the first bad step (as the host loop's message), and nothing is decoded.
+    Odd and even step counts: the flag's ping-pong buffer is read right either way."""
     pipe = LCMPipeline.from_engine_dir(demo_engine)
     pipe.scheduler_config = {**pipe.scheduler_config, "clip_sample": clip}
-    dev, _ = on_fake_device(pipe)
+    dev, log = on_fake_device(pipe)
     for unet in pipe.engines["unet"].values():
         inner, calls = unet._run_all, []
 
         def poisoned(f, inner=inner, calls=calls):
             calls.append(1)
             out = inner(f)
-            if len(calls) == bad_step + 1:
-                out[0][0, 0, 0, 0] = np.inf if bad_step else np.nan
+            if len(calls) >= bad_step + 1:  # from bad_step on: the first bad step is the one named
+                out[0][0, 0, 0, 0] = np.inf if len(calls) % 2 else np.nan
             return out
 
         unet._run_all = poisoned
-    with pytest.raises(NonFiniteOutput, match="the unet engine produced NaN/inf"):
+    with pytest.raises(NonFiniteOutput, match=f"the unet engine produced NaN/inf at step {bad_step + 1} "):
+        pipe("a red fox", steps=steps, seed=0)
+    assert dev.downloads == 1 and log["vae"] == []
+
+
+def test_device_loop_releases_events_and_its_lock_when_an_engine_fails(demo_engine):
+    pipe = LCMPipeline.from_engine_dir(demo_engine)
+    dev, _ = on_fake_device(pipe)
+    (unet,) = pipe.engines["unet"].values()
+    step = unet.lcm_step[False]
+    run_all = step._run_all
+
+    def fail(feeds):
+        raise RuntimeError("engine failed")
+
+    step._run_all = fail
+    with pytest.raises(RuntimeError, match="engine failed"):
         pipe("a red fox", steps=4, seed=0)
-    assert dev.downloads == 1
+    assert dev.discarded == 1  # the one event recorded before the loop (the failing step recorded none)
+    step._run_all = run_all
+    assert pipe("a red fox", steps=4, seed=0, output_type="np").shape == (1, 64, 64, 3)  # the loop's lock was released
