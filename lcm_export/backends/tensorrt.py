@@ -30,9 +30,8 @@ from ..errors import UserError
 from ..shapes import ShapePlan, component_profiles
 from ..step_graph import COEF, write_lcm_step_onnx
 from . import rebuild_hint
-from .tensorrt_runtime import (  # noqa: F401 (the runtime half, re-exported for callers of this module)
-    CUDA_GRAPHS_ENV, DevArray, TrtDevice, TrtEngine, check_feeds, cuda_graphs_enabled, cuda_runtime_dirs,
-    ensure_cuda_runtime, shape_of, tensorrt_cuda_major)
+from .tensorrt_runtime import (  # noqa: F401 (the runtime half; check_feeds & co. re-exported for callers of this module)
+    TrtEngine, check_feeds, cuda_graphs_enabled, cuda_runtime_dirs, ensure_cuda_runtime, tensorrt_cuda_major)
 
 NAME = "tensorrt"
 PRECISIONS = ("fp16", "fp32")

@@ -298,7 +298,6 @@ class TrtEngine:
         self.graphs: dict[tuple, ctypes.c_void_p] = {}
         self.warm: set[tuple] = set()
         self.use_cuda_graph = bool(use_cuda_graph)
-        self._cudart = cudart
         self._lock = _GPU_LOCK
         self.device = TrtDevice(cuda, self.stream, cudart)
         self.lcm_step: dict[bool, "TrtEngine"] = {}
@@ -404,9 +403,7 @@ class TrtEngine:
         return None
 
     def _lib(self):
-        if self._cudart is None:
-            self._cudart = self.cuda.wrapper().handle
-        return self._cudart
+        return self.device._lib()
 
     def _capture(self):
         """One enqueue captured into an instantiated graph (CUDA 12/13 signature), or None."""

@@ -100,23 +100,25 @@ class LCMScheduler:
         return c_skip, c_out
 
     def _alphas(self, timestep: int):
-        """(last step?, ᾱ_t, ᾱ_prev, 1 − ᾱ_t, 1 − ᾱ_prev) at ``timestep``, in float32."""
+        """(steps left including this one, ᾱ_t, ᾱ_prev, 1 − ᾱ_t, 1 − ᾱ_prev) at ``timestep``, in float32;
+        1 step left: the last step."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps() before step()")
         matches = np.nonzero(self.timesteps == timestep)[0]
         if len(matches) == 0:
             raise ValueError(f"timestep {timestep} is not in the schedule {self.timesteps.tolist()}")
         index = int(matches[0])
-        last = index == len(self.timesteps) - 1
-        prev_t = timestep if last else int(self.timesteps[index + 1])
+        steps_left = len(self.timesteps) - index
+        prev_t = timestep if steps_left == 1 else int(self.timesteps[index + 1])
         a_t = self.alphas_cumprod[timestep]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-        return last, a_t, a_prev, np.float32(1) - a_t, np.float32(1) - a_prev
+        return steps_left, a_t, a_prev, np.float32(1) - a_t, np.float32(1) - a_prev
 
     def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray, noise: np.ndarray | None = None):
         """One LCM step; returns (prev_sample, denoised). ``noise`` is required unless this is the last step."""
         # 1.-2. Previous timestep (the last step maps onto itself), alphas and betas
-        last, a_t, a_prev, b_t, b_prev = self._alphas(timestep)
+        steps_left, a_t, a_prev, b_t, b_prev = self._alphas(timestep)
+        last = steps_left == 1
 
         # 3. Scalings for the boundary condition
         c_skip, c_out = self.scalings(timestep)
@@ -150,15 +152,14 @@ class LCMScheduler:
         to [clip_lo, clip_hi], the boundary scalings, the re-noising factors (1 and 0 at the last
         step, where ``step`` returns the denoised sample), the guidance scale, and the steps left
         including this one (n − i at step i of n: the graph's NaN/inf flag names the first bad step)."""
-        last, a_t, a_prev, b_t, b_prev = self._alphas(timestep)
-        steps_left = len(self.timesteps) - int(np.nonzero(self.timesteps == timestep)[0][0])
+        steps_left, a_t, a_prev, b_t, b_prev = self._alphas(timestep)
         c_skip, c_out = self.scalings(timestep)
         one, zero = np.float32(1), np.float32(0)
         k = {"epsilon": (one, np.sqrt(b_t), np.sqrt(a_t)),
              "v_prediction": (np.sqrt(a_t), np.sqrt(b_t), one),
              "sample": (zero, -one, one)}[self.prediction_type]
         lo, hi = (-self.clip_sample_range, self.clip_sample_range) if self.clip_sample else (-np.inf, np.inf)
-        renoise = (one, zero) if last else (np.sqrt(a_prev), np.sqrt(b_prev))
+        renoise = (one, zero) if steps_left == 1 else (np.sqrt(a_prev), np.sqrt(b_prev))
         return np.array([*k, lo, hi, c_out, c_skip, *renoise, guidance, steps_left], dtype=np.float32)
 
 
