@@ -58,7 +58,7 @@ def main() -> None:
     from lcm_export.backends.onnxruntime import OrtEngine
     from lcm_export.backends.openvino import OvEngine
     from lcm_export.bench import machine_info
-    from lcm_export.fidelity import psnr, seeded_inputs
+    from lcm_export.verify import psnr, seeded_inputs
     from lcm_export.runtime import LCMPipeline
     from lcm_export.store import read_manifest
 

@@ -49,7 +49,7 @@ def reference(engine_dir: Path, device: str):
 def component_parity(engine_dir: Path, hw, ref) -> dict:
     import torch
 
-    from lcm_export.export import _wrappers, sample_inputs
+    from lcm_export.components import sample_inputs, wrappers as _wrappers
     from lcm_export.runtime.engines import load_engines
     from lcm_export.store import read_manifest
 
@@ -73,7 +73,7 @@ def image_parity(engine_dir: Path, hw, ref, sched_cfg: dict) -> dict:
     """PSNR of the entry's 4-step image against diffusers (same latents and step noise), with the
     latents kept on the GPU between steps (the device loop, where the entry has LCM step engines) and
     with the host loop; diffusers' noise function and scheduler are restored by ``diffusers_images``."""
-    from lcm_export.fidelity import PROMPT, diffusers_images, psnr, seeded_inputs
+    from lcm_export.verify import PROMPT, diffusers_images, psnr, seeded_inputs
     from lcm_export.runtime import LCMPipeline
     from lcm_export.runtime.device_loop import device_loop_for
 

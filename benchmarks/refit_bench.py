@@ -36,7 +36,7 @@ def main() -> None:
     from lcm_export.bench import machine_info
     from lcm_export.build_engine import BuildOptions, build_engine
     from lcm_export.demo import build_demo_pipeline, write_demo_loras
-    from lcm_export.fidelity import psnr, seeded_inputs
+    from lcm_export.verify import psnr, seeded_inputs
     from lcm_export.runtime import LCMPipeline
 
     work = Path(a.work)

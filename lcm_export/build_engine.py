@@ -20,7 +20,8 @@ from .store import DEFAULT_ROOT, MANIFEST, SCHEMA_VERSION, cache_key, existing_e
 # entries rebuild instead of being reported up to date. 2: CPU graphs stored at ORT_ENABLE_ALL.
 # 3: CPU UNets with attention fused (withdrawn: no measured gain). 4: graphs failing parity are refused.
 # 5: backends as plug-ins (OpenVINO added; parity checked through each built engine).
-BUILD_RECIPE = 5
+# 6: fp32 engines gated against a float64 PyTorch reference (parity records carry both figures).
+BUILD_RECIPE = 6
 
 
 
@@ -55,6 +56,10 @@ class BuildOptions:
     into them instead of rebuilt. CPU entries are always refittable (they keep the exported ONNX)."""
     no_refit: bool = False
     """Never refit: a change of LoRAs or λ takes the full fuse -> export -> build path."""
+    adapters: bool = False
+    """Adapter branches beside every Linear layer and 1x1 convolution of the UNet and text encoder(s), so
+    style LoRAs prepared with ``lcm-export adapter add`` apply per call (``generate --adapter``) without a
+    rebuild. Costs a little per step even with no adapter active (README, "Style adapters")."""
     engine_dir: str | None = None
     """Entry folder; default engines/<name>."""
     name: str | None = None
@@ -64,9 +69,6 @@ class BuildOptions:
     force: bool = False
     """Rebuild even when the entry is up to date, and replace an entry that holds another model."""
     show_progress: bool = True
-
-
-RefitImpossible = backends.RefitImpossible
 
 
 @dataclass
@@ -89,7 +91,7 @@ class BuildResult:
 
 
 def _resolve_loras(opts: BuildOptions, src, demo_default: bool):
-    from .fuse import LoraSpec, inspect_lora
+    from .lora import LoraSpec, inspect_lora
 
     if demo_default:
         from .demo import demo_lora_dir
@@ -125,6 +127,9 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     check_memory(plans, unet_cfg)  # before anything is loaded
     if opts.threads is not None and opts.threads < 1:
         raise UserError(f"--threads {opts.threads}: must be at least 1")
+    if opts.adapters and not backends.get(backend).ADAPTERS:
+        raise UserError(f"--adapters: the {backend} backend does not take run-time adapter inputs yet; use --backend "
+                        "onnxruntime or openvino, or bake the LoRAs in with --lora")
     items = _resolve_loras(opts, src, demo_default)
 
     name = opts.name or default_entry_name(src)
@@ -134,7 +139,8 @@ def build_engine(opts: BuildOptions) -> BuildResult:
         "schema": SCHEMA_VERSION, "recipe": BUILD_RECIPE, "architecture": base_architecture(src), "family": family,
         "plans": [asdict(p) for p in plans], "batch": opts.batch, "guidance": opts.guidance,
         "backend": backend, "device": device, "precision": precision, "vae_fp32": opts.vae_fp32,
-        "refit": opts.refit and backend == "tensorrt",  # CPU entries are always refittable: the flag changes nothing there
+        "refit": opts.refit and backends.get(backend).REFIT_NEEDS_FLAG,  # where entries are always refittable the flag changes nothing
+        "adapters": opts.adapters,
         "versions": versions,
     }
     weights_inputs = {"base": base_identity(src), "loras": [{"sha256": i.sha256, "weight": s.weight} for s, i in items]}
@@ -156,12 +162,12 @@ def build_engine(opts: BuildOptions) -> BuildResult:
                     return BuildResult(engine_dir, manifest, False, time.perf_counter() - t0,
                                        [f"refit: weights updated in place in {seconds:.1f} s (LoRAs / λ changed; graph unchanged)"],
                                        refit=True)
-                except RefitImpossible as exc:
+                except backends.RefitImpossible as exc:
                     why = str(exc)
             messages.append(f"full build, not a refit: {why}")
 
     n_comps = 4 if family in ("sdxl", "ssd1b") else 3
-    n_steps = 2 + 2 * len(items) + 3 * n_comps + 1 + (precision == "bf16")
+    n_steps = 2 + 2 * len(items) + (2 if backends.get(backend).VERIFY_IN_BUILD else 3) * n_comps + 1 + (precision == "bf16")
     bar = progress(n_steps, "build", enabled=opts.show_progress)
     try:
         with atomic_dir(engine_dir, force=True, what="engine dir") as tmp:
@@ -176,9 +182,12 @@ def build_engine(opts: BuildOptions) -> BuildResult:
 
 def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans, items, key, versions, engine_dir, bar,
                 key_record: dict) -> dict:
-    from .export import component_io, components_for, export_pipeline, model_dims, sample_inputs
+    from .components import component_io, components_for, decoder_probe_inputs, model_dims
+    from .export import export_pipeline
     from .fuse import fuse_into
     from .models import DEFAULT_RESOLUTION, base_record, load_pipeline
+    from .runtime.adapters import Adapters
+    from .verify import REDUCED, References, image_gate, verify_engine, verify_graph
 
     bar.set_description_str(f"load {src.spec}")
     pipe = load_pipeline(src)
@@ -187,33 +196,40 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     fusion = {"base": base_record(src, pipe), **fusion}
 
     work = tmp / ONNX_DIR  # kept in the entry: what a weights-only update (refit) patches
-    parity_res = parity_resolutions(plans)
-    exported = export_pipeline(pipe, work, plans[0].opt_hw, parity_resolutions=parity_res, bar=bar)
+    mod = backends.get(backend)
+    refs = References(pipe)
+    # backends whose engines run here are checked through the engine itself (below); the others
+    # (TensorRT, without a GPU here) through the exported graph in ONNX Runtime
+    check = None if mod.VERIFY_IN_BUILD else (lambda comp, path: verify_graph(comp, path, refs, plans, "the exported graph"))
+    exported = export_pipeline(pipe, work, plans[0].opt_hw, bar=bar, check=check)
+    adapter_spec = _add_adapter_branches(pipe, work, tmp, exported) if opts.adapters else None
+    empty = Adapters(tmp, {"adapters": adapter_spec})._empty if adapter_spec else {}
     dims = model_dims(pipe)
     comps = components_for(pipe)
     # SDXL's VAE overflows in fp16: diffusers marks such VAEs force_upcast; TensorRT builds them in fp32
     vae_fp32 = opts.vae_fp32 or bool(getattr(pipe.vae.config, "force_upcast", False))
 
-    mod = backends.get(backend)
     section = mod.entry_settings(opts.threads, device)
     components = {}
     for comp in comps:
         bar.set_description_str(f"{backend} {comp}")
-        feeds = {}
-        if comp == "vae_decoder":  # the decoder sees latents / scaling_factor (~5.5x N(0,1) for SD 1.5): probe at that scale
-            feeds = sample_inputs(comp, pipe, plans[0].vae_batch[1], plans[0].opt_hw)
-            feeds["latent"] *= 1.0 / float(pipe.vae.config.scaling_factor)  # in place: stays float32
+        feeds = decoder_probe_inputs(pipe, plans[0].vae_batch[1], plans[0].opt_hw) if comp == "vae_decoder" else {}
         job = backends.ComponentJob(comp, work / comp / "model.onnx", tmp, plans, precision, dims, section,
                                     vae_fp32=vae_fp32, refit=opts.refit, store_root=engine_dir.resolve().parent,
                                     sample_feeds=feeds)
         rec = mod.build_component(job)
         rec.update(component_io(comp, dims))
-        rec["export_parity"] = exported[comp]["parity"]
         rec["onnx_files"] = [f"{ONNX_DIR}/{f}" for f in exported[comp]["files"]]
         rec["weight_map"] = f"{ONNX_DIR}/{exported[comp]['weight_map']['file']}"
-        verify_component(mod, section, comp, rec, pipe, plans, tmp, opts.threads, exported[comp]["parity"])
+        if mod.VERIFY_IN_BUILD:
+            bar.set_description_str(f"check {comp} against PyTorch")
+            verify_engine(mod, section, comp, rec, refs, plans, tmp, opts.threads, graph=work / comp / "model.onnx",
+                          extra=empty.get(comp))
+        else:
+            rec["parity"] = exported[comp]["parity"]
         components[comp] = rec
         bar.update()
+    del refs
     extra = {backend: section} if section else {}
 
     bar.set_description_str("tokenizer + scheduler")
@@ -258,6 +274,7 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
         **({"tokenizer_2": _tokenizer_record(pipe.tokenizer_2, "tokenizer_2")} if getattr(pipe, "tokenizer_2", None) is not None else {}),
         "scheduler": {"file": "scheduler/scheduler_config.json", "class": "LCMScheduler"},
         "components": components,
+        **({"adapters": adapter_spec} if adapter_spec else {}),
         **extra,
         "fusion": fusion,
         "versions": versions,
@@ -271,81 +288,36 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     bar.update()
     if precision in REDUCED and mod.VERIFY_IN_BUILD:
         bar.set_description_str("image check against PyTorch fp32")
-        manifest["fidelity"] = _image_gate(pipe, tmp, plans, components)
+        manifest["fidelity"] = image_gate(pipe, tmp, plans, components)
         write_json(tmp / MANIFEST, record_file_sizes(manifest, tmp))
         bar.update()
     return manifest
 
 
+def _add_adapter_branches(pipe, work: Path, entry: Path, exported: dict) -> dict:
+    """Adapter branches into the exported UNet and text encoder graphs (in place); the configs a
+    skeleton for ``adapter add`` is made from. Returns the manifest's ``adapters`` section."""
+    from .adapter_graph import add_branches
+    from .adapters import CONFIG_DIR
+    from .components import pipe_module
+    from .refit import read_weight_map
+
+    (entry / CONFIG_DIR).mkdir()
+    branches, configs = {}, {}
+    for comp in exported:
+        if comp == "vae_decoder":
+            continue
+        graph = work / comp / "model.onnx"
+        branches[comp] = add_branches(graph, graph, read_weight_map(graph.parent), comp)
+        cfg = pipe_module(pipe, comp).config
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        configs[comp] = f"{CONFIG_DIR}/{comp}.json"
+        write_json(entry / configs[comp], json.loads(json.dumps(cfg, default=list)))
+    return {"version": 1, "branches": branches, "configs": configs}
+
+
 ONNX_DIR = "onnx"
 """The entry's folder for the exported graphs and their weight maps (``refit.py``)."""
-
-
-def parity_resolutions(plans) -> list[tuple[int, int]]:
-    """Sizes every engine is checked at: each plan's optimum, and a dynamic plan's corners."""
-    res = [p.opt_hw for p in plans] + [r for p in plans for r in (p.min_hw, p.max_hw) if not p.static]
-    return list(dict.fromkeys(res))
-
-
-def verify_component(mod, section: dict, comp: str, rec: dict, pipe, plans, entry: Path, threads, export_parity) -> None:
-    """Record ``rec["parity"]``: the built engine itself against the fused PyTorch module at every size
-    (backends whose engines run here), else the exported graph's; refuse an engine that disagrees."""
-    from .export import parity
-
-    if not mod.VERIFY_IN_BUILD:
-        rec["parity"] = export_parity
-        return
-    res = parity_resolutions(plans)
-    res = res if not comp.startswith("text_encoder") else res[:1]
-    engine = mod.load_engine({mod.NAME: section, "components": {comp: rec}}, entry, comp,
-                             entry / next(iter(rec["engines"].values())), threads)
-    rec["parity"] = [parity(comp, pipe, None, 1, r, engine=engine) for r in res]
-    del engine
-    bad = _parity_failures(rec["parity"], rec["precision"])
-    if bad:
-        raise UserError(f"{comp}: the {mod.NAME} engine does not match PyTorch ({bad}); nothing was written. "
-                        f"This is a bug in the export or in {mod.NAME}: please report it with the base model and versions")
-
-
-PARITY_LIMIT = 1e-4
-"""Largest rel-L2 an fp32 engine may differ from PyTorch by (measured: 1e-7 to 2e-5)."""
-REDUCED = ("bf16",)
-"""Precisions gated by the image check instead of the per-component fp32 limit (TensorRT fp16 is
-checked on a GPU by benchmarks/gpu_check.py)."""
-REDUCED_LIMIT = 0.5
-"""Per-component sanity limit for reduced precision (measured bf16: 1e-2 to 6e-2); the real gate is the image."""
-IMAGE_PSNR_GATE_DB = 30.0
-"""Smallest PSNR a reduced-precision entry's 4-step image may have against PyTorch fp32."""
-
-
-def _parity_failures(checks: list[dict], precision: str = "fp32") -> str:
-    """'' when every check passes, else what failed, e.g. 'rel-L2 3.1e-01 at 64x64 (limit 0.0001)'."""
-    limit = PARITY_LIMIT if precision == "fp32" else REDUCED_LIMIT
-    out = []
-    for c in checks:
-        if not c["finite"]:
-            out.append(f"non-finite output at {c['resolution']}")
-        elif not c["rel_l2"] <= limit:
-            out.append(f"rel-L2 {c['rel_l2']:.1e} at {c['resolution']} (limit {limit:g})")
-    return "; ".join(out)
-
-
-def _image_gate(pipe, entry: Path, plans, components: dict) -> dict:
-    """A 4-step LCM image from the new entry against the PyTorch fp32 pipeline, same latents and step
-    noise, as PSNR; refuse the entry below IMAGE_PSNR_GATE_DB."""
-    from .fidelity import image_psnr
-
-    hw = min((p.opt_hw for p in plans), key=lambda hw: hw[0] * hw[1])
-    value = image_psnr(pipe, entry, hw)
-    rec = {"image_psnr_db": value, "resolution": f"{hw[0]}x{hw[1]}", "steps": 4, "guidance": 1.0,
-           "reference": "diffusers PyTorch fp32, same fused weights, latents and step noise", "gate_db": IMAGE_PSNR_GATE_DB}
-    if not value >= IMAGE_PSNR_GATE_DB:
-        figures = "; ".join(f"{c} {r['precision']} rel-L2 {max(p['rel_l2'] for p in r['parity']):.1e}"
-                            for c, r in components.items())
-        raise UserError(f"the entry's 4-step image differs from PyTorch fp32 by PSNR {value:.1f} dB at {hw[0]}x{hw[1]} "
-                        f"(gate {IMAGE_PSNR_GATE_DB:g} dB; components: {figures}); nothing was written. "
-                        "Build with --precision fp32")
-    return rec
 
 
 def _copy_tokenizer(tok, dst: Path) -> None:

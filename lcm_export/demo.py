@@ -163,15 +163,18 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def build_demo_pipeline(name: str):
+def build_demo_pipeline(name: str, overrides: dict | None = None):
     """Build ``demo:<name>`` as a diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
-    (deterministic: fixed seeds per component)."""
+    (deterministic: fixed seeds per component). ``overrides`` ({"unet": {...}, "text_encoder": {...},
+    "vae": {...}}) changes config fields, for tests of other architectures of the same family."""
     import torch
     from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = demo_tokenizer()
     cfg = _configs(name, vocab_size=len(tokenizer))
+    for part, fields in (overrides or {}).items():
+        cfg[part] = {**cfg[part], **fields}
     text_cfg = CLIPTextConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, **cfg["text_encoder"],
@@ -287,7 +290,7 @@ def write_demo_loras(pipe, out_dir: Path | None = None, name: str = "sd15") -> l
 
 def demo_lora_paths(out_dir: Path, name: str) -> list[tuple[Path, float]]:
     """Where the demo LoRAs of ``demo:<name>`` live, with the paper's default λ (LCM 1.0, style 0.8)."""
-    from .fuse import DEFAULT_LCM_WEIGHT, DEFAULT_STYLE_WEIGHT
+    from .lora import DEFAULT_LCM_WEIGHT, DEFAULT_STYLE_WEIGHT
 
     return [(Path(out_dir) / f"demo-{name}-lcm-lora-kohya.safetensors", DEFAULT_LCM_WEIGHT),
             (Path(out_dir) / f"demo-{name}-style-lora-peft.safetensors", DEFAULT_STYLE_WEIGHT)]

@@ -11,141 +11,24 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._util import atomic_dir, check_dir_path, disk_error, progress, sha256_file, tool_versions, write_json
+from ._util import atomic_dir, check_dir_path, disk_error, progress, tool_versions, write_json
 from .errors import EngineError, UserError
+from .lora import LORA_COMPONENTS, LoraInfo, LoraSpec, finite_tensor, inspect_lora, lora_has_bias  # noqa: F401 (fuse's API takes them)
 from .models import base_family, base_record, load_pipeline, resolve_base
 
 FUSION_SCHEMA = 1
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-DEFAULT_LCM_WEIGHT = 1.0  # the LCM-LoRA paper's λ for the acceleration vector
-DEFAULT_STYLE_WEIGHT = 0.8  # and for style LoRAs (eq. 5-6)
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """One ``--lora PATH[:WEIGHT]``."""
-
-    path: Path
-    weight: float = 1.0
-
-    @classmethod
-    def parse(cls, text: str) -> "LoraSpec":
-        path, sep, tail = text.rpartition(":")
-        if not sep:
-            return cls(Path(text), 1.0)
-        try:
-            weight = float(tail)
-        except ValueError:
-            raise UserError(f"--lora {text}: WEIGHT {tail!r} is not a number (use PATH or PATH:WEIGHT, e.g. style.safetensors:0.8)") from None
-        if not math.isfinite(weight):
-            raise UserError(f"--lora {text}: WEIGHT must be a finite number")
-        return cls(Path(path), weight)
-
-
-@dataclass
-class LoraInfo:
-    """What a LoRA file holds, read without loading it into a model."""
-
-    path: Path
-    format: str
-    ranks: list[int]
-    n_layers: dict[str, int]
-    sha256: str
-    has_metadata: bool = False
-    alphas: list[float] = field(default_factory=list)
-    sgm: bool = False
-    prefixed: bool = True  # diffusers/PEFT keys start with unet. / text_encoder.
-
-
-def lora_has_bias(path: Path) -> bool:
-    """Whether a LoRA file trains biases too (PEFT ``lora_B.bias``): diffusers then fuses into the bias."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "np") as f:
-        return any(k.endswith(("lora_B.bias", "lora_up.bias")) for k in f.keys())
-
-
-def inspect_lora(path: Path) -> LoraInfo:
-    """Validate a LoRA file and detect its format; raises UserError naming the file and the problem."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.exists():
-        raise UserError(f"LoRA file {path}: not found")
-    if not path.is_file():
-        raise UserError(f"LoRA file {path}: not a file")
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise UserError(f"LoRA file {path}: pickle-based {path.suffix} files are refused (loading them can run code); convert it to .safetensors")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            meta = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-            alphas = [float(f.get_tensor(k).item()) for k in keys if k.endswith(".alpha")]
-            bad = next((k for k in keys if not _finite(f.get_tensor(k))), None)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"LoRA file {path}: not a valid safetensors file (truncated or corrupt?): {str(exc).splitlines()[0]}") from None
-
-    if not keys:
-        raise UserError(f"LoRA file {path}: holds no tensors")
-    if bad is not None:
-        raise UserError(f"LoRA file {path}: tensor {bad} holds NaN or inf values (a diverged training run or a corrupt "
-                        "file); it cannot be fused")
-    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
-        sgm = any(p in k for k in keys for p in ("input_blocks", "middle_block", "output_blocks"))
-        fmt = "kohya-sgm" if sgm else "kohya"
-        down = [k for k in keys if k.endswith(".lora_down.weight")]
-        comp = lambda k: "unet" if k.startswith("lora_unet_") else ("text_encoder_2" if k.startswith("lora_te2_") else "text_encoder")
-    elif any(".lora_A." in k for k in keys):
-        sgm = False
-        fmt = "peft"
-        down = [k for k in keys if k.endswith(".lora_A.weight")]
-        comp = lambda k: k.split(".", 1)[0] if k.split(".", 1)[0] in ("unet", "text_encoder", "text_encoder_2") else "unet"
-    elif any(".lora.down." in k or ".lora_linear_layer.down." in k for k in keys):
-        sgm = False
-        fmt = "diffusers-legacy"
-        down = [k for k in keys if k.endswith((".lora.down.weight", ".lora_linear_layer.down.weight"))]
-        comp = lambda k: k.split(".", 1)[0] if k.split(".", 1)[0] in ("unet", "text_encoder", "text_encoder_2") else "unet"
-    else:
-        raise UserError(f"LoRA file {path}: no LoRA weights recognised (expected diffusers/PEFT lora_A/lora_B or kohya lora_down/lora_up keys)")
-    if any(len(shapes[k]) == 4 for k in down):
-        fmt += "+locon"
-    up_of = lambda k: k.replace("lora_down", "lora_up").replace("lora_A", "lora_B").replace(".down.", ".up.")
-    n_layers: dict[str, int] = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in down:  # a layer whose up/B factor is all zero changes nothing: not counted
-            if up_of(k) in keys and bool(f.get_tensor(up_of(k)).any()):
-                n_layers[comp(k)] = n_layers.get(comp(k), 0) + 1
-    if not n_layers:
-        raise UserError(f"LoRA file {path}: every layer's up/B factor is zero; fusing it would change nothing")
-    return LoraInfo(
-        path=path, format=fmt, ranks=sorted({shapes[k][0] for k in down}), n_layers=n_layers,
-        sha256=sha256_file(path), has_metadata="lora_adapter_metadata" in meta,
-        alphas=sorted(set(alphas)), sgm=sgm,
-        prefixed=fmt.startswith("kohya") or all(k.split(".", 1)[0] in _COMPONENTS for k in down),
-    )
-
-
-_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-
-
-def _finite(t) -> bool:
-    import torch
-
-    return not (t.is_floating_point() or t.is_complex()) or bool(torch.isfinite(t).all())
 
 
 def _check_fused_finite(pipe, touched: dict[str, list[str]], spec: "LoraSpec", info: "LoraInfo") -> None:
     """After fusing one LoRA: every weight it changed is finite, and each component it touched still
     gives finite outputs on a small seeded input (a huge λ leaves finite weights whose products
     overflow float32, e.g. in attention). Names the file, λ and the layer (the largest weight)."""
-    import torch
+    import numpy as np
 
-    from .export import _wrappers, sample_inputs
+    from .components import run_module, sample_inputs, wrappers
     from .shapes import size_multiple
 
     largest = (0.0, "")
@@ -156,25 +39,22 @@ def _check_fused_finite(pipe, touched: dict[str, list[str]], spec: "LoraSpec", i
             layer = getattr(layer, "base_layer", layer)
             for pname, param in layer.named_parameters(recurse=False):
                 where = f"{comp}.{name}.{pname}"
-                if not _finite(param.data):
+                if not finite_tensor(param.data):
                     raise UserError(f"LoRA file {info.path} at λ={spec.weight:g}: the fused weight of layer {where} "
                                     "is not finite (float32 overflow); use a smaller λ")
                 peak = float(param.data.abs().max()) if param.numel() else 0.0
                 largest = max(largest, (peak, where))
     side = size_multiple(len(pipe.unet.config.block_out_channels))
-    wrappers = _wrappers(pipe)
+    mods = wrappers(pipe)
     for comp in touched:
-        feeds = sample_inputs(comp, pipe, 1, (side, side), seed=7)
-        with torch.no_grad():
-            out = wrappers[comp](*(torch.from_numpy(v) for v in feeds.values()))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        if not all(bool(torch.isfinite(o).all()) for o in outs):
+        outs = run_module(mods[comp], sample_inputs(comp, pipe, 1, (side, side), seed=7))
+        if not all(bool(np.isfinite(o).all()) for o in outs):
             raise UserError(f"LoRA file {info.path} at λ={spec.weight:g}: the fused {comp} gives NaN/inf outputs (float32 "
                             f"overflow; its largest fused weight is {largest[0]:.1e}, in layer {largest[1]}); use a smaller λ")
 
 
 def _present(pipe) -> list[str]:
-    return [c for c in _COMPONENTS if getattr(pipe, c, None) is not None]
+    return [c for c in LORA_COMPONENTS if getattr(pipe, c, None) is not None]
 
 
 def _touched(pipe, adapter: str) -> dict[str, list[str]]:
@@ -249,34 +129,11 @@ def fuse_into(pipe, items: list[tuple[LoraSpec, LoraInfo]], bar=None) -> dict:
     for i, (spec, info) in enumerate(items):
         adapter = f"lora{i}"
         bar.set_description_str(f"load LoRA {info.path.name}")
-        with warnings.catch_warnings(), _quiet_diffusers():
-            warnings.simplefilter("ignore")
-            try:
-                if info.format.startswith("kohya"):
-                    _load_kohya(pipe, info, adapter)
-                elif info.prefixed:
-                    pipe.load_lora_weights(str(info.path), adapter_name=adapter)
-                else:  # bare PEFT keys (no unet. prefix): the UNet's own loader, prefix=None
-                    pipe.unet.load_lora_adapter(str(info.path), prefix=None, adapter_name=adapter, _pipeline=pipe)
-            except UserError:
-                _unload(pipe)
-                raise
-            except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-                _unload(pipe)
-                raise _load_error(info, exc) from None
-        touched = _touched(pipe, adapter)
-        n_touched = sum(len(v) for v in touched.values())
-        n_file = sum(info.n_layers.values())
-        if n_touched == 0:
-            _unload(pipe)
-            raise UserError(f"LoRA file {info.path}: no layer in it matches the base model (0 layers touched); is it for another model family?")
-        if n_touched < n_file:
-            _unload(pipe)
-            raise UserError(f"LoRA file {info.path}: only {n_touched} of its {n_file} layers match a module of the base model; is it for another model family?")
+        touched = load_lora(pipe, info, adapter)
         bar.update()
         bar.set_description_str(f"fuse {info.path.name} (λ={spec.weight:g})")
         pipe.fuse_lora(components=list(touched), lora_scale=spec.weight, adapter_names=[adapter])
-        _unload(pipe)
+        unload_loras(pipe)
         _check_fused_finite(pipe, touched, spec, info)
         bar.update()
         records.append({
@@ -292,6 +149,37 @@ def fuse_into(pipe, items: list[tuple[LoraSpec, LoraInfo]], bar=None) -> dict:
             raise EngineError(f"{c}: its state dict keys changed during fusion (a PEFT wrapper was left behind); "
                               "please report it with the diffusers and peft versions")
     return {"loras": records}
+
+
+def load_lora(pipe, info: LoraInfo, adapter: str) -> dict[str, list[str]]:
+    """Load one LoRA file into ``pipe`` as the PEFT adapter ``adapter`` (diffusers' loaders do the format
+    work) and check that every layer in the file found its module; return the modules it changes
+    ({component: [module names]}). On failure nothing stays loaded and a UserError says why."""
+    with warnings.catch_warnings(), _quiet_diffusers():
+        warnings.simplefilter("ignore")
+        try:
+            if info.format.startswith("kohya"):
+                _load_kohya(pipe, info, adapter)
+            elif info.prefixed:
+                pipe.load_lora_weights(str(info.path), adapter_name=adapter)
+            else:  # bare PEFT keys (no unet. prefix): the UNet's own loader, prefix=None
+                pipe.unet.load_lora_adapter(str(info.path), prefix=None, adapter_name=adapter, _pipeline=pipe)
+        except UserError:
+            unload_loras(pipe)
+            raise
+        except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+            unload_loras(pipe)
+            raise _load_error(info, exc) from None
+    touched = _touched(pipe, adapter)
+    n_touched = sum(len(v) for v in touched.values())
+    n_file = sum(info.n_layers.values())
+    if n_touched == 0:
+        unload_loras(pipe)
+        raise UserError(f"LoRA file {info.path}: no layer in it matches the base model (0 layers touched); is it for another model family?")
+    if n_touched < n_file:
+        unload_loras(pipe)
+        raise UserError(f"LoRA file {info.path}: only {n_touched} of its {n_file} layers match a module of the base model; is it for another model family?")
+    return touched
 
 
 def _load_kohya(pipe, info: LoraInfo, adapter: str) -> None:
@@ -323,7 +211,7 @@ def _load_kohya(pipe, info: LoraInfo, adapter: str) -> None:
             pipe.load_lora_into_text_encoder(sd, alphas, getattr(pipe, comp), prefix=comp, adapter_name=adapter, _pipeline=pipe)
 
 
-def _unload(pipe) -> None:
+def unload_loras(pipe) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe.unload_lora_weights()

@@ -31,8 +31,6 @@ from ._util import atomic_dir, disk_error, progress, write_json
 from .errors import UserError
 from .store import MANIFEST, record_file_sizes
 
-PIPE_ATTR = {"vae_decoder": "vae"}
-"""Pipeline attribute of each component (the rest are named alike)."""
 GRAPH_CHANGES = {"plans": "resolutions or shape plans", "batch": "batch", "guidance": "guidance shapes",
                  "backend": "backend", "device": "device", "precision": "precision", "vae_fp32": "--vae-fp32",
                  "refit": "--refit", "versions": "tool versions", "architecture": "base architecture",
@@ -59,8 +57,8 @@ def refit_blocker(old: dict, keys: dict, graph_inputs: dict, weights_inputs: dic
     mod = backends.get(old["backend"])
     if not getattr(mod, "REFIT", False):
         return f"the {old['backend']} backend cannot refit"
-    if old["backend"] == "tensorrt" and not old["graph_inputs"].get("refit"):
-        return "its TensorRT engines were built without --refit (not refittable); add --refit to build refittable ones"
+    if mod.REFIT_NEEDS_FLAG and not old["graph_inputs"].get("refit"):
+        return f"its {old['backend']} engines were built without --refit (not refittable); add --refit to build refittable ones"
     for comp, c in old["components"].items():
         if not c.get("onnx_files") or not c.get("weight_map"):
             return f"the entry keeps no exported graph for {comp}"
@@ -70,20 +68,6 @@ def refit_blocker(old: dict, keys: dict, graph_inputs: dict, weights_inputs: dic
         if k in section and section[k] != here.get(k):
             return f"the entry was built on another CPU ({k} {section[k]} here {here.get(k)}), so its engines are re-derived in full"
     return None
-
-
-def _graph_parity(comp: str, pipe, graph: Path, plans) -> list[dict]:
-    """The patched exported graph in ONNX Runtime against the fused PyTorch module, at every built size."""
-    from .build_engine import _parity_failures, parity_resolutions
-    from .export import parity
-
-    res = parity_resolutions(plans)
-    checks = [parity(comp, pipe, graph, 1, r) for r in (res[:1] if comp.startswith("text_encoder") else res)]
-    bad = _parity_failures(checks)
-    if bad:
-        raise UserError(f"{comp}: the patched graph does not match PyTorch ({bad}); nothing was written. This is a bug in "
-                        "the refit: please report it, and rebuild with --no-refit")
-    return checks
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -108,14 +92,11 @@ def _modules(fusion: dict) -> dict[str, set[str]]:
 
 def refit_entry(engine_dir: Path, old: dict, opts, src, plans, items, keys: dict, weights_inputs: dict, key: str):
     """Refit ``engine_dir`` (manifest ``old``) to the LoRAs ``items``; return (manifest, seconds)."""
-    from .build_engine import REDUCED, RefitImpossible, _image_gate, verify_component
-
     t0 = time.perf_counter()
     bar = progress(2 + 2 * len(items) + len(old["components"]) + 1, "refit", enabled=opts.show_progress)
     try:
         with atomic_dir(engine_dir, force=True, what="engine dir") as tmp:
-            manifest = _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar,
-                                   verify_component, _image_gate, REDUCED, RefitImpossible, t0)
+            manifest = _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar, t0)
     except OSError as exc:
         raise disk_error(exc, engine_dir) from None
     finally:
@@ -123,13 +104,16 @@ def refit_entry(engine_dir: Path, old: dict, opts, src, plans, items, keys: dict
     return manifest, time.perf_counter() - t0
 
 
-def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar,
-                verify_component, image_gate, reduced, RefitImpossible, t0) -> dict:
-    from .export import model_dims
-    from .fuse import fuse_into, lora_has_bias
+def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar, t0) -> dict:
+    from .components import model_dims, pipe_module
+    from .fuse import fuse_into
+    from .lora import lora_has_bias
     from .models import base_record, load_pipeline
-    from .refit import new_initializers, patch_onnx, read_weight_map, trt_refit_plan
+    from .refit import new_initializers, patch_onnx, read_weight_map
+    from .runtime.adapters import Adapters
+    from .verify import REDUCED, References, image_gate, verify_engine, verify_graph
 
+    RefitImpossible = backends.RefitImpossible
     old_loras = old.get("fusion", {}).get("loras", [])
     if any(lora_has_bias(info.path) for _, info in items) or any(l.get("lora_bias", True) for l in old_loras):
         raise RefitImpossible("a LoRA with bias terms (lora_B.bias) changes biases, and a refit patches weights only")
@@ -154,7 +138,10 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
     section = dict(old.get(old["backend"], {}))
     dims = model_dims(pipe)
     components = dict(old["components"])
-    changed_comps, n_weights, trt_plan = [], 0, {}
+    refs = References(pipe)
+    empty = Adapters(engine_dir, old)._empty  # rank-0 adapter factors (no adapter) where the graphs have branches
+    changed_comps, n_weights, engine_weights = [], 0, {}
+    count_engine_weights = getattr(mod, "refit_weight_count", None)
     for comp, rec in old["components"].items():
         bar.set_description_str(f"patch {comp}")
         modules = sorted(touched_old.get(comp, set()) | touched_new.get(comp, set()))
@@ -163,10 +150,10 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
             continue
         wmap = read_weight_map(tmp / Path(rec["weight_map"]).parent)
         weight_keys = [f"{m}.weight" for m in modules]
-        state = getattr(pipe, PIPE_ATTR.get(comp, comp)).state_dict()
+        state = pipe_module(pipe, comp).state_dict()
         try:
-            if old["backend"] == "tensorrt":
-                trt_plan[comp] = len(trt_refit_plan(wmap, modules))
+            if count_engine_weights is not None:
+                engine_weights[comp] = count_engine_weights(wmap, modules)
             values = new_initializers(wmap, {k: state[k].detach().numpy() for k in weight_keys if k in state}, weight_keys)
         except (UserError, KeyError) as exc:
             raise RefitImpossible(f"a LoRA touches a layer this entry cannot refit ({exc})") from None
@@ -187,11 +174,11 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
         new = refit_fn(job, rec) if refit_fn else mod.build_component(job)
         new_rec = {**rec, **new}
         lap(f"{old['backend']} re-derive")
-        export_parity = rec.get("export_parity")
-        if not mod.VERIFY_IN_BUILD:  # its engines can't run here: check the patched graph itself, as a fresh export is
-            export_parity = _graph_parity(comp, pipe, tmp / graph, plans)
-            new_rec["export_parity"] = export_parity
-        verify_component(mod, section, comp, new_rec, pipe, plans, tmp, opts.threads, export_parity)
+        if mod.VERIFY_IN_BUILD:  # checked exactly as a fresh build checks it
+            verify_engine(mod, section, comp, new_rec, refs, plans, tmp, opts.threads, graph=tmp / graph,
+                          extra=empty.get(comp))
+        else:  # its engines can't run here: the patched graph itself, as a fresh build checks its export
+            new_rec["parity"] = verify_graph(comp, tmp / graph, refs, plans, "the patched graph")
         lap("parity vs PyTorch")
         components[comp] = new_rec
         changed_comps.append(comp)
@@ -202,9 +189,9 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
     manifest["refit"] = {"at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                          "components": changed_comps, "weights_changed": n_weights,
                          "seconds": round(time.perf_counter() - t0, 2), "previous_weights_key": old.get("weights_key"),
-                         **({"tensorrt_weights": trt_plan} if trt_plan else {})}
+                         **({f"{old['backend']}_weights": engine_weights} if engine_weights else {})}
     write_json(tmp / MANIFEST, record_file_sizes(manifest, tmp))
-    if old["precision"] in reduced and mod.VERIFY_IN_BUILD and changed_comps:
+    if old["precision"] in REDUCED and mod.VERIFY_IN_BUILD and changed_comps:
         bar.set_description_str("image check against PyTorch fp32")
         manifest["fidelity"] = image_gate(pipe, tmp, plans, components)
         lap("image gate vs PyTorch fp32")

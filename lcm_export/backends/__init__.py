@@ -10,6 +10,10 @@ this registry. A backend module defines
     VERIFY_IN_BUILD whether its engines can run during the build (then each component is checked
                     against PyTorch through the built engine itself)
     REFIT           whether an entry can take new weights without a re-export (``refit_build.py``)
+    REFIT_NEEDS_FLAG whether only engines built with ``--refit`` are refittable (else every entry is)
+    ADAPTERS        whether its engines take run-time adapter inputs (``build-engine --adapters``)
+    MERGE_EXACT     whether requests merged into one engine call give each one's solo image byte for
+                    byte (``serve`` merges by default only then)
     status() -> (usable, device, reason)         imports and hardware; reason says how to fix it
     default_precision(device, cpu_bf16) -> str   what ``--precision auto`` means for it
     entry_settings(threads, device) -> dict      its manifest section (thread count, hints, ISA)
@@ -18,6 +22,7 @@ this registry. A backend module defines
     load_engine(manifest, engine_dir, component, file, threads) -> Engine
     refit_component(job, record) -> dict         optional: new weights into existing engines; without
                                                  it a refit re-derives the component from the patched ONNX
+    refit_weight_count(weight_map, modules) -> int  optional: engine weights a refit sets (recorded)
 
 Modules are imported lazily: the lean runtime imports only the backend an entry uses, and no
 backend imports torch at module level.

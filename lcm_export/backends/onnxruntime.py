@@ -29,6 +29,13 @@ benchmarks/reports/cpu-backends-{256,512}), so ``auto`` prefers OpenVINO for fp3
 VERIFY_IN_BUILD = True
 REFIT = True
 """Refit: the stored graph is re-optimized from the patched exported graph (weights are pre-packed)."""
+REFIT_NEEDS_FLAG = False
+"""Every entry is refittable (it keeps the exported graph): ``--refit`` changes nothing."""
+ADAPTERS = True
+"""Adapter branches take their factors as ordinary inputs (``adapter_graph.py``)."""
+MERGE_EXACT = True
+"""Requests merged into one engine call give each request's solo image byte for byte (measured:
+tests/serving/test_batching.py), so ``serve`` merges by default."""
 
 LEVELS = {  # device -> (stored graph level, level applied at load)
     "cpu": ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"),

@@ -22,8 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..adapter_graph import INPUT_PREFIX
 from ..errors import UserError
 from . import rebuild_hint, thread_count
+
+ADAPTER_INPUTS = INPUT_PREFIX + "."
 
 NAME = "openvino"
 PRECISIONS = ("fp32", "bf16")
@@ -34,6 +37,13 @@ cpu-backends-256/512)."""
 VERIFY_IN_BUILD = True
 REFIT = True
 """Refit: new IR and compiled blob from the patched exported graph (constants replaced, recompiled)."""
+REFIT_NEEDS_FLAG = False
+"""Every entry is refittable (it keeps the exported graph): ``--refit`` changes nothing."""
+ADAPTERS = True
+"""Adapter branches take their factors as inputs with a dynamic rank (``adapter_graph.py``)."""
+MERGE_EXACT = False
+"""A merged batch may pick other kernels than a solo call (not measured byte-exact): ``serve`` merges
+requests only when ``--max-batch-size`` asks."""
 BF16_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 """Components that run in bf16 in a bf16 entry. Measured per component (benchmarks/cpu_backends.py,
 reports/cpu-backends-512: SD 1.5 configs at 512², AVX512_BF16 CPU): bf16 is 1.9x (text encoder),
@@ -167,10 +177,22 @@ class OvEngine:
         self.request = self.compiled.create_infer_request()
         self.outputs = list(self.compiled.outputs)
         self.precision = precision
+        self._bound: dict[str, np.ndarray] = {}
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.run_all(feeds)[0]
 
     def run_all(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if len(feeds) > 8:  # adapter factors: set once and kept while the caller passes the same (immutable) arrays
+            import openvino as ov
+
+            fresh = {}
+            for k, v in feeds.items():
+                if not k.startswith(ADAPTER_INPUTS):
+                    fresh[k] = v
+                elif self._bound.get(k) is not v:
+                    self.request.set_tensor(k, ov.Tensor(np.ascontiguousarray(v), shared_memory=True))
+                    self._bound[k] = v
+            feeds = fresh
         res = self.request.infer(feeds)  # share_outputs=False: copies, safe across calls
         return [np.asarray(res[o]) for o in self.outputs]

@@ -40,6 +40,12 @@ VERIFY_IN_BUILD = False  # parity is ONNX vs PyTorch; benchmarks/gpu_check.py ch
 REFIT = True
 """Refit: engines built with --refit take new weights through TensorRT's refitter, fed the patched ONNX
 (weights are named after the ONNX initializers); never run here (no TensorRT), the plan is unit-tested."""
+REFIT_NEEDS_FLAG = True
+"""Only engines built with ``--refit`` (refittable, slightly slower) can take new weights."""
+ADAPTERS = False
+"""Adapter inputs would need an optimization profile per factor; not written yet."""
+MERGE_EXACT = False
+"""Not measured on a GPU: ``serve`` merges requests only when ``--max-batch-size`` asks."""
 
 INSTALL_HINT = ("install TensorRT on a machine with an NVIDIA GPU: pip install 'lcm-export[tensorrt]' "
                 "--extra-index-url https://pypi.nvidia.com (or use --backend onnxruntime)")
@@ -96,6 +102,14 @@ def refit_component(job, record: dict) -> dict:
             f.write(blob)
     relink_weightless(record, job.previous, job.out_dir)
     return {"refitted": True}
+
+
+def refit_weight_count(weight_map: dict, modules: list[str]) -> int:
+    """How many engine weights a refit of ``modules`` sets (recorded in the refit record); UserError for
+    a module with no refittable weight."""
+    from ..refit import trt_refit_plan
+
+    return len(trt_refit_plan(weight_map, modules))
 
 
 def relink_weightless(record: dict, previous: Path, out_dir: Path) -> list[str]:

@@ -43,14 +43,32 @@ def save_png_atomic(img, path: Path) -> None:
         raise
 
 
+def parse_adapters(items: list[str]) -> dict[str, float] | None:
+    """``--adapter NAME[:WEIGHT]`` (repeatable) -> {name: weight}; a name given twice is refused."""
+    out: dict[str, float] = {}
+    for text in items:
+        name, sep, tail = text.rpartition(":")
+        if not sep:
+            name, tail = text, "1"
+        try:
+            weight = float(tail)
+        except ValueError:
+            raise UserError(f"--adapter {text}: WEIGHT {tail!r} is not a number (use NAME or NAME:WEIGHT, e.g. papercut:0.8)") from None
+        if name in out:
+            raise UserError(f"--adapter {name} is given twice; give each adapter once")
+        out[name] = weight
+    return out or None
+
+
 def generate_cmd(a) -> int:
     from .pipeline import LCMPipeline
 
     paths = output_paths(a.out, a.batch)
     height, width = a.resolution if a.resolution else (None, None)
+    adapters = parse_adapters(a.adapter)
     pipe = LCMPipeline.from_engine_dir(a.engine_dir)
     images = pipe(a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance, seed=a.seed,
-                  batch=a.batch, height=height, width=width)
+                  batch=a.batch, height=height, width=width, adapters=adapters)
     try:
         for img, p in zip(images, paths):
             save_png_atomic(img, p)

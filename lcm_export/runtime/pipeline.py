@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..errors import EngineError, UserError
 from ..store import read_manifest
+from .adapters import Adapters
 from .device_loop import decoder_affine, device_loop_for
 from .engines import load_engines
 from .scheduler import LCMScheduler
@@ -91,6 +92,8 @@ class LCMPipeline:
         self._vae_div, self._vae_mul, self._vae_add = self._affine
         self._post_buffers: dict[tuple, np.ndarray] = {}
         self._device_loops: dict[tuple, object] = {}
+        self.adapters = Adapters(engine_dir, manifest)
+        """The style adapters this entry holds (``lcm-export adapter add``), applied per call."""
         self.device_loop = True
         """Keep the latents on the GPU between steps where the engines can (TensorRT entries with LCM
         step engines); False forces the host loop (to compare the two)."""
@@ -154,7 +157,7 @@ class LCMPipeline:
         default = tuple(self.manifest.get("default_resolution") or ())
         return default if default in self.resolutions else self.resolutions[0]
 
-    def _encode(self, prompt, negative_prompt, batch, cfg, h, w, t: "Timings"):
+    def _encode(self, prompt, negative_prompt, batch, cfg, h, w, t: "Timings", adapter_feeds: dict):
         """Text embeddings [N,77,D] (N = 2B with guidance: uncond first) and, for SDXL, pooled [N,P]."""
         t0 = time.perf_counter()
         zero_uncond = cfg and self.xl and negative_prompt is None and self.manifest.get("force_zeros_for_empty_prompt")
@@ -165,11 +168,13 @@ class LCMPipeline:
         t.tokenize = time.perf_counter() - t0
         t0 = time.perf_counter()
         if not self.xl:
-            emb, pooled = self._plan_for("text_encoder", h, w).run({"input_ids": ids["tokenizer"]}), None
+            emb = self._plan_for("text_encoder", h, w).run({"input_ids": ids["tokenizer"], **adapter_feeds.get("text_encoder", {})})
+            pooled = None
         else:
-            h1 = self._plan_for("text_encoder", h, w).run({"input_ids": ids["tokenizer"]})
+            h1 = self._plan_for("text_encoder", h, w).run({"input_ids": ids["tokenizer"], **adapter_feeds.get("text_encoder", {})})
             te2 = self._plan_for("text_encoder_2", h, w)
-            out2 = self._by_name(te2, te2.run_all({"input_ids": ids["tokenizer_2"]}), "text_encoder_2")
+            out2 = self._by_name(te2, te2.run_all({"input_ids": ids["tokenizer_2"], **adapter_feeds.get("text_encoder_2", {})}),
+                                 "text_encoder_2")
             h2, pooled = out2["hidden_states"], out2["text_embeds"]
             emb = np.concatenate([h1, h2], axis=-1)
         t.text_encoder = time.perf_counter() - t0
@@ -232,7 +237,7 @@ class LCMPipeline:
 
     def check_args(self, prompt: str | list[str], negative_prompt: str | None = None, steps: int = 4, guidance: float = 1.0,
                    seed: int = 0, batch: int = 1, height: int | None = None, width: int | None = None,
-                   output_type: str = "pil") -> tuple[int, float, int, int, int, int]:
+                   output_type: str = "pil", adapters: dict | None = None) -> tuple[int, float, int, int, int, int]:
         """Check ``__call__``'s plain arguments without running anything (a server validates before it
         queues); return (steps, guidance, seed, batch, height, width) with the default size filled in.
         Raises one ``UserError`` naming the bad argument."""
@@ -240,16 +245,20 @@ class LCMPipeline:
             prompt, negative_prompt, steps, guidance, seed, batch, height, width, output_type, MAX_STEPS)
         h, w = (height, width) if height is not None else self._default_hw()
         self._check_resolution(h, w)
+        self.adapters.check(adapters)
         return steps, guidance, seed, batch, h, w
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | None = None, steps: int = 4, guidance: float = 1.0,
                  seed: int = 0, batch: int = 1, height: int | None = None, width: int | None = None,
-                 latents: np.ndarray | None = None, step_noise: list[np.ndarray] | None = None, output_type: str = "pil"):
+                 latents: np.ndarray | None = None, step_noise: list[np.ndarray] | None = None, output_type: str = "pil",
+                 adapters: dict[str, float] | None = None):
         """Generate ``batch`` images. guidance > 1 runs classifier-free guidance (UNet at batch 2B).
-        ``prompt`` may be a list of ``batch`` prompts, one per image."""
+        ``prompt`` may be a list of ``batch`` prompts, one per image. ``adapters`` ({name: λ}) applies
+        style adapters the entry holds (``lcm-export adapter add``) to this call only."""
         # 0. Every argument checked before any engine runs (one UserError naming the argument)
         steps, guidance, seed, batch, h, w = self.check_args(
             prompt, negative_prompt, steps, guidance, seed, batch, height, width, output_type)
+        adapter_feeds = self.adapters.feeds(self.adapters.check(adapters))
         cfg = guidance > 1.0
         lh, lw = h // 8, w // 8
         shape = (batch, self.latent_channels, lh, lw)
@@ -262,11 +271,11 @@ class LCMPipeline:
         t_start = time.perf_counter()
 
         # 1.-2. Tokenize and encode (uncond first, as diffusers concatenates [uncond, cond])
-        emb, pooled = self._encode(prompt, negative_prompt, batch, cfg, h, w, t)
-        extra = {}
+        emb, pooled = self._encode(prompt, negative_prompt, batch, cfg, h, w, t, adapter_feeds)
+        extra = dict(adapter_feeds.get("unet", {}))
         if self.xl:  # SDXL added conditioning: pooled text embedding + (original, crop, target) sizes
-            extra = {"text_embeds": pooled,
-                     "time_ids": np.tile(np.array([h, w, 0, 0, h, w], np.float32), (emb.shape[0], 1))}
+            extra.update({"text_embeds": pooled,
+                          "time_ids": np.tile(np.array([h, w, 0, 0, h, w], np.float32), (emb.shape[0], 1))})
 
         # 3. Denoising loop
         t0 = time.perf_counter()

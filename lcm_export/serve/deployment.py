@@ -65,8 +65,10 @@ class LCMModel:
 
         self.pipe = LCMPipeline.from_engine_dir(engine_dir, threads)
         built = int(self.pipe.manifest.get("batch", 1))
-        # merging is exact (each request's solo image) where measured: ONNX Runtime. Elsewhere only when asked.
-        default = built if self.pipe.manifest.get("backend") == "onnxruntime" else 1
+        # merging by default only where the backend declares it exact (each request's solo image)
+        from lcm_export.backends import get as backend_module
+
+        default = built if getattr(backend_module(self.pipe.manifest["backend"]), "MERGE_EXACT", False) else 1
         self.cap = max(1, min(max_batch_size or default, built))
         self._engine = ThreadPoolExecutor(1, thread_name_prefix="lcm-engine")
         self._run.set_max_batch_size(self.cap)

@@ -172,7 +172,8 @@ def test_fp16_onnx_keeps_fp32_io_and_matches(tmp_path, demo_pipe):
     import onnxruntime as ort
 
     from lcm_export.backends.tensorrt import fp16_onnx
-    from lcm_export.export import export_component, sample_inputs
+    from lcm_export.components import sample_inputs
+    from lcm_export.export import export_component
 
     src = export_component("unet", demo_pipe, tmp_path, (64, 64))
     dst = fp16_onnx(src, src.with_name("model.fp16.onnx"))

@@ -1,0 +1,239 @@
+"""``lcm-export adapter add | list | remove``: style LoRAs prepared once into an entry's own layout, so the
+lean runtime applies them per call (``runtime/adapters.py``) with numpy and safetensors only.
+
+``add`` reads a LoRA file with the same loaders and checks a build uses (``fuse.load_lora``: diffusers
+converts kohya / PEFT / diffusers keys; every layer in the file must find its module), into a skeleton
+of the entry's model made from the configs the build stored (no base weights are read: its tensors
+are allocated, never filled). From each LoRA layer PEFT holds, it takes A, B and the scale
+(alpha / rank, rsLoRA's alpha / sqrt(rank) too) and writes them in the graph's layout for the layer's
+adapter branch (``adapter_graph.py``), with the scale folded into B:
+
+    adapters/<name>/factors.safetensors   "<component>.<branch>.A" / ".B", float32
+    adapters/index.json                   every adapter: source file + sha256, format, ranks, layers,
+                                          the factors file's size and sha256 (checked at load)
+
+Refused with a one-line reason: layers that have no branch in the entry (3x3 convolutions of a LoCon,
+a layer of another model), DoRA, LoRAs that train biases, non-finite factors, an entry built without
+adapter branches. Nothing is written on a refusal; the index is replaced atomically under a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from ._util import disk_error, sha256_file, write_json
+from .errors import UserError
+from .store import read_manifest
+
+ADAPTER_DIR = "adapters"
+INDEX = "index.json"
+INDEX_VERSION = 1
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CONFIG_DIR = "config"
+"""The entry's copies of the model configs a skeleton for ``adapter add`` is made from."""
+
+
+def _index_path(engine_dir: Path) -> Path:
+    return Path(engine_dir) / ADAPTER_DIR / INDEX
+
+
+def read_index(engine_dir: Path) -> dict:
+    """{name: record} of the adapters an entry holds ({} when none)."""
+    p = _index_path(engine_dir)
+    if not p.exists():
+        return {}
+    try:
+        data = json.loads(p.read_text())
+        adapters = data["adapters"]
+        if data.get("version") != INDEX_VERSION or not isinstance(adapters, dict):
+            raise ValueError("unknown layout")
+        return adapters
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{p} is unreadable ({exc}); remove the folder {p.parent} and add the adapters again") from None
+
+
+@contextlib.contextmanager
+def _locked(engine_dir: Path):
+    d = Path(engine_dir) / ADAPTER_DIR
+    d.mkdir(exist_ok=True)
+    with open(d / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield d
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_index(engine_dir: Path, adapters: dict) -> None:
+    write_json(_index_path(engine_dir), {"version": INDEX_VERSION, "adapters": dict(sorted(adapters.items()))})
+
+
+def _entry(engine_dir: Path) -> dict:
+    m = read_manifest(engine_dir)
+    if not isinstance(m.get("adapters"), dict) or not m["adapters"].get("branches"):
+        raise UserError(f"{engine_dir} has no adapter branches (built without run-time adapters, or before lcm-export "
+                        "had them); rebuild it with `lcm-export build-engine --adapters` (or bake the LoRA with --lora)")
+    return m
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UserError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def skeleton_pipeline(engine_dir: Path, manifest: dict):
+    """The entry's UNet and text encoder(s) built from its stored configs, tensors allocated but never
+    filled (no base weights needed), inside a pipeline object diffusers' LoRA loaders accept."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfgs = manifest["adapters"]["configs"]
+    read = lambda k: json.loads((Path(engine_dir) / cfgs[k]).read_text())  # noqa: E731
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(read("unet"))
+        te = CLIPTextModel(CLIPTextConfig(**read("text_encoder")))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**read("text_encoder_2"))) if "text_encoder_2" in cfgs else None
+    mods = [m.to_empty(device="cpu").eval() for m in (unet, te, te2) if m is not None]
+    with torch.no_grad():
+        for m in mods:
+            m.requires_grad_(False)
+    if te2 is not None:
+        return StableDiffusionXLPipeline(vae=None, text_encoder=te, text_encoder_2=te2, tokenizer=None, tokenizer_2=None,
+                                         unet=unet, scheduler=None)
+    return StableDiffusionPipeline(vae=None, text_encoder=te, tokenizer=None, unet=unet, scheduler=None,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def extract_factors(pipe, touched: dict[str, list[str]], adapter: str, branches: dict[str, list[dict]], path) -> dict:
+    """{"<comp>.<i>.A" / ".B": float32 array in branch layout, scale folded into B} for every layer
+    ``adapter`` (loaded into ``pipe`` by PEFT) touches; UserError for a layer the entry cannot take."""
+    import numpy as np
+
+    from .components import pipe_module
+
+    out = {}
+    for comp, names in touched.items():
+        table = {row["module"]: (i, row) for i, row in enumerate(branches.get(comp, []))}
+        module = pipe_module(pipe, comp)
+        for name in names:
+            layer = module.get_submodule(name)
+            if name not in table:
+                base = getattr(layer, "base_layer", layer)
+                what = (f"a {base.kernel_size[0]}x{base.kernel_size[1]} convolution" if hasattr(base, "kernel_size")
+                        else "a layer without an adapter branch")
+                raise UserError(f"LoRA file {path}: its layer {comp}.{name} is {what}, which run-time adapters cannot change "
+                                "(only Linear layers and 1x1 convolutions have branches); bake this LoRA into the entry "
+                                "with `lcm-export build-engine --lora` instead")
+            if getattr(layer, "use_dora", {}).get(adapter):
+                raise UserError(f"LoRA file {path}: layer {comp}.{name} is DoRA, which run-time adapters do not apply; "
+                                "bake it with `lcm-export build-engine --lora`")
+            if getattr(layer, "lora_bias", {}).get(adapter):
+                raise UserError(f"LoRA file {path}: it trains biases (lora_B.bias), which run-time adapters do not apply; "
+                                "bake it with `lcm-export build-engine --lora`")
+            i, row = table[name]
+            a = layer.lora_A[adapter].weight.detach().float().numpy()
+            b = layer.lora_B[adapter].weight.detach().float().numpy() * np.float32(layer.scaling[adapter])
+            a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+            if a.shape[1] != row["in"] or b.shape[0] != row["out"]:
+                raise UserError(f"LoRA file {path}: layer {comp}.{name} is {a.shape[1]}->{b.shape[0]}, the entry's is "
+                                f"{row['in']}->{row['out']} (a LoRA for another model?)")
+            if row["kind"] == "matmul":
+                a, b = a.T, b.T
+            for part, v in (("A", a), ("B", b)):
+                v = np.ascontiguousarray(v, dtype=np.float32)
+                if not np.isfinite(v).all():
+                    raise UserError(f"LoRA file {path}: layer {comp}.{name} has non-finite factors once scaled; it cannot be applied")
+                out[f"{comp}.{i}.{part}"] = v
+    return out
+
+
+def add_adapter(engine_dir: str | Path, lora_file: str | Path, name: str | None = None, force: bool = False) -> dict:
+    """Prepare ``lora_file`` as adapter ``name`` of the entry at ``engine_dir``; return its index record."""
+    from safetensors.numpy import save_file
+
+    from .fuse import load_lora, unload_loras
+    from .lora import inspect_lora
+
+    engine_dir = Path(engine_dir)
+    m = _entry(engine_dir)
+    path = Path(lora_file)
+    name = check_name(name if name is not None else path.stem)
+    if name in read_index(engine_dir) and not force:
+        raise UserError(f"{engine_dir} already holds an adapter named {name!r}; pass --force to replace it, or --name to choose another")
+    info = inspect_lora(path)
+    pipe = skeleton_pipeline(engine_dir, m)
+    touched = load_lora(pipe, info, "style")
+    try:
+        factors = extract_factors(pipe, touched, "style", m["adapters"]["branches"], path)
+    finally:
+        unload_loras(pipe)
+    del pipe
+    ranks = sorted({_rank(k, v, m) for k, v in factors.items()})
+    try:
+        with _locked(engine_dir) as d:
+            folder = d / name
+            tmp = d / f".{name}.partial-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            try:
+                save_file(factors, str(tmp / "factors.safetensors"), metadata={"lcm_export_adapter": name})
+                rec = {"name": name, "factors": f"{ADAPTER_DIR}/{name}/factors.safetensors",
+                       "bytes": (tmp / "factors.safetensors").stat().st_size, "sha256": sha256_file(tmp / "factors.safetensors"),
+                       "source": {"file": str(path.resolve()), "sha256": info.sha256, "format": info.format},
+                       "ranks": ranks, "alphas": info.alphas, "layers": {c: len(v) for c, v in touched.items()},
+                       "added": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                if folder.exists():
+                    shutil.rmtree(folder)
+                os.replace(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            index = read_index(engine_dir)
+            index[name] = rec
+            _write_index(engine_dir, index)
+    except OSError as exc:
+        raise disk_error(exc, engine_dir / ADAPTER_DIR) from None
+    return rec
+
+
+def _rank(key: str, v, manifest: dict) -> int:
+    from .adapter_graph import RANK_AXIS
+
+    comp, i, part = key.rsplit(".", 2)
+    kind = manifest["adapters"]["branches"][comp][int(i)]["kind"]
+    return int(v.shape[RANK_AXIS[kind][0 if part == "A" else 1]])
+
+
+def list_adapters(engine_dir: str | Path) -> dict:
+    read_manifest(engine_dir)
+    return read_index(Path(engine_dir))
+
+
+def remove_adapter(engine_dir: str | Path, name: str) -> None:
+    engine_dir = Path(engine_dir)
+    read_manifest(engine_dir)
+    with _locked(engine_dir) as d:
+        index = read_index(engine_dir)
+        if name not in index:
+            raise UserError(f"{engine_dir} holds no adapter named {name!r}; it holds: {', '.join(index) or 'none'}")
+        del index[name]
+        _write_index(engine_dir, index)
+        shutil.rmtree(d / name, ignore_errors=True)
+
+
+def format_adapters(index: dict) -> str:
+    if not index:
+        return "no adapters (add one with `lcm-export adapter add --engine-dir DIR FILE`)"
+    rows = [f"{n}  rank {','.join(map(str, r['ranks']))}  layers " + ", ".join(f"{c} {k}" for c, k in r["layers"].items())
+            + f"  {r['bytes'] / 1e6:.1f} MB  from {Path(r['source']['file']).name} ({r['source']['format']}, sha256 "
+            f"{r['source']['sha256'][:12]}…)" for n, r in index.items()]
+    return "\n".join(rows)

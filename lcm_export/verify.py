@@ -1,0 +1,316 @@
+"""Every check of an engine against PyTorch, in one place: ``build-engine``, a refit and ``export``
+all call it, so a refit is checked exactly as a fresh build is.
+
+fp32 (the component gate). An fp32 engine is not compared with PyTorch fp32 alone: both are fp32
+answers, and on an ill-conditioned model (strong LoRAs fused into small layers) PyTorch fp32 is
+itself 1e-4 to 2e-4 away from the exact answer, so two correct fp32 engines can disagree by more
+than any fixed limit. Each engine output is compared with a **float64 run of the same fused
+module** on the same seeded inputs, at every built size, and passes when
+
+    rel-L2(engine, fp64) <= max(FP32_FLOOR, FP32_FACTOR x rel-L2(PyTorch fp32, fp64))
+
+i.e. the engine is about as accurate as PyTorch fp32. A failure therefore always means the engine
+is more than FP32_FACTOR times further from the exact answer than PyTorch fp32 is: the message may
+call that a bug. Both figures are recorded per component and size (manifest, ``inspect``).
+
+Reduced precision (bf16): each component gets a sanity limit against PyTorch fp32 (REDUCED_LIMIT),
+and the entry gets the image gate: its 4-step LCM image against diffusers' PyTorch fp32 pipeline,
+same fused weights, latents and step noise, as PSNR (IMAGE_PSNR_GATE_DB).
+
+PyTorch's answers are computed once per component and size (:class:`References`) and shared by the
+exported-graph check and the engine check.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .components import run_module, sample_inputs, wrappers
+from .errors import UserError
+
+FP32_FLOOR = 1e-4
+"""An fp32 engine within this rel-L2 of the fp64 answer always passes (well-conditioned models: PyTorch
+fp32 is 1e-7 to 1e-6 from fp64 there, so the floor decides)."""
+FP32_FACTOR = 3.0
+"""How much further from fp64 than PyTorch fp32 an fp32 engine may be. Measured engine/PyTorch ratios
+(rel-L2 to fp64, ill-conditioned strong-LoRA models, ONNX Runtime and OpenVINO fp32): 0.4 to 1.8; a
+real export bug (one wrong weight, a wrong op) is 10x to 10^5x. 3 leaves room above the largest
+correct ratio measured and stays far below the smallest bug (README, "Verification")."""
+REDUCED = ("bf16",)
+"""Precisions gated by the image check instead of the fp32 rule (TensorRT fp16 is checked on a GPU by
+benchmarks/gpu_check.py)."""
+REDUCED_LIMIT = 0.5
+"""Per-component sanity limit for reduced precision against PyTorch fp32 (measured bf16: 1e-2 to 6e-2);
+the real gate is the image."""
+IMAGE_PSNR_GATE_DB = 30.0
+"""Smallest PSNR a reduced-precision entry's 4-step image may have against PyTorch fp32."""
+PROMPT = "a photo of an astronaut riding a horse"
+
+
+def parity_resolutions(plans) -> list[tuple[int, int]]:
+    """Sizes every engine is checked at: each plan's optimum, and a dynamic plan's corners."""
+    res = [p.opt_hw for p in plans] + [r for p in plans for r in (p.min_hw, p.max_hw) if not p.static]
+    return list(dict.fromkeys(res))
+
+
+def sizes_for(comp: str, plans) -> list[tuple[int, int]]:
+    """The sizes ``comp`` is checked at (a text encoder's output does not depend on the image size)."""
+    res = parity_resolutions(plans)
+    return res[:1] if comp.startswith("text_encoder") else res
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch references
+
+def rel_l2(got: np.ndarray, want: np.ndarray) -> float:
+    got64, want64 = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got64.shape != want64.shape:
+        return float("inf")
+    return float(np.linalg.norm(got64 - want64) / max(np.linalg.norm(want64), 1e-30))
+
+
+def compare(got: np.ndarray, want: np.ndarray) -> dict:
+    """rel-L2, max-abs and finiteness of ``got`` against ``want``."""
+    if got.shape != want.shape:
+        return {"rel_l2": float("inf"), "max_abs": float("inf"), "finite": False}
+    diff = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+    return {"rel_l2": rel_l2(got, want), "max_abs": float(np.max(diff)) if diff.size else 0.0,
+            "finite": bool(np.isfinite(got).all())}
+
+
+def float64_outputs(module, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``module`` run in float64 on ``feeds``, without a float64 copy of the model.
+
+    Each layer's own parameters are widened to float64 just before its forward and narrowed back
+    right after (float32 -> float64 -> float32 is exact), so memory stays at the float32 model plus
+    one layer (a float64 copy of the SDXL UNet would be 20 GB)."""
+    import torch
+
+    dtypes: dict[int, torch.dtype] = {}
+
+    def widen(m, _args):
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float64:
+                dtypes[id(p)] = p.dtype
+                p.data = p.data.to(torch.float64)
+        for name, b in m.named_buffers(recurse=False):
+            if b.is_floating_point() and b.dtype != torch.float64:
+                m._buffers[name] = b.to(torch.float64)
+                dtypes[id(m._buffers[name])] = b.dtype
+
+    def narrow(m, *_):
+        for p in m.parameters(recurse=False):
+            if id(p) in dtypes:
+                p.data = p.data.to(dtypes.pop(id(p)))
+        for name, b in m.named_buffers(recurse=False):
+            if id(b) in dtypes:
+                m._buffers[name] = b.to(dtypes.pop(id(b)))
+
+    owners = [m for m in module.modules()
+              if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))]
+    hooks = [h for m in owners for h in (m.register_forward_pre_hook(widen), m.register_forward_hook(narrow))]
+    try:
+        return [np.asarray(o, np.float64) for o in run_module(module, feeds, torch.float64)]
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in owners:  # an exception inside a forward skips its narrowing hook
+            narrow(m)
+
+
+@dataclass
+class Reference:
+    """PyTorch's answers for one component at one size: fp32 always, float64 where fp32 is gated."""
+
+    feeds: dict
+    fp32: list
+    fp64: list | None
+    resolution: str
+    batch: int = 1
+
+
+class References:
+    """PyTorch's answers for a pipeline's components, each (component, size) computed once."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self._mods = wrappers(pipe)
+        self._cache: dict[tuple, Reference] = {}
+
+    def get(self, comp: str, hw: tuple[int, int], fp64: bool = True, seed: int = 0) -> Reference:
+        key = (comp, tuple(hw), seed)
+        ref = self._cache.get(key)
+        if ref is None:
+            feeds = sample_inputs(comp, self.pipe, 1, hw, seed=seed)
+            ref = Reference(feeds, run_module(self._mods[comp], feeds), None, f"{hw[0]}x{hw[1]}")
+            self._cache[key] = ref
+        if fp64 and ref.fp64 is None:
+            ref.fp64 = float64_outputs(self._mods[comp], ref.feeds)
+        return ref
+
+
+# ---------------------------------------------------------------------------------------------
+# The component gate
+
+def check_outputs(got: list, ref: Reference, precision: str = "fp32") -> dict:
+    """One parity record: ``got`` (every output of an engine) against ``ref``. fp32: against float64,
+    with PyTorch fp32's own distance and the limit; reduced precision: against PyTorch fp32."""
+    base = {"batch": ref.batch, "resolution": ref.resolution, "shape": list(np.shape(got[0]))}
+    finite = all(bool(np.isfinite(g).all()) for g in got)
+    if precision in REDUCED or ref.fp64 is None:
+        worst = max((compare(g, w) for g, w in zip(got, ref.fp32)), key=lambda c: c["rel_l2"])
+        return {**base, **worst, "finite": finite, "reference": "PyTorch fp32", "limit": REDUCED_LIMIT}
+    rows = []
+    for g, w32, w64 in zip(got, ref.fp32, ref.fp64):
+        e32 = rel_l2(w32, w64)
+        c = compare(g, w64)
+        rows.append({**c, "torch_fp32_rel_l2": e32, "limit": max(FP32_FLOOR, FP32_FACTOR * e32),
+                     "vs_torch_fp32_rel_l2": rel_l2(g, w32)})
+    worst = max(rows, key=lambda r: r["rel_l2"] / r["limit"])
+    return {**base, **worst, "finite": finite, "reference": "PyTorch fp64"}
+
+
+def failures(checks: list[dict]) -> str:
+    """'' when every check passes, else what failed (figures included)."""
+    out = []
+    for c in checks:
+        if not c["finite"]:
+            out.append(f"non-finite output at {c['resolution']}")
+        elif not c["rel_l2"] <= c["limit"]:
+            if c["reference"] == "PyTorch fp64":
+                out.append(f"rel-L2 {c['rel_l2']:.1e} to the float64 answer at {c['resolution']}, "
+                           f"{c['rel_l2'] / max(c['torch_fp32_rel_l2'], 1e-30):.0f}x PyTorch fp32's {c['torch_fp32_rel_l2']:.1e} "
+                           f"(limit {c['limit']:.1e} = max({FP32_FLOOR:g}, {FP32_FACTOR:g} x PyTorch fp32's))")
+            else:
+                out.append(f"rel-L2 {c['rel_l2']:.1e} to PyTorch fp32 at {c['resolution']} (sanity limit {c['limit']:g})")
+    return "; ".join(out)
+
+
+def graph_checks(comp: str, graph: Path, refs: References, sizes, extra: dict | None = None) -> list[dict]:
+    """An exported (or patched) fp32 ONNX graph in ONNX Runtime on the CPU, against the references
+    (``extra``: feeds beyond the component's own, e.g. rank-0 adapter factors)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
+    out = []
+    for hw in sizes:
+        ref = refs.get(comp, hw)
+        out.append(check_outputs(session.run(None, {**ref.feeds, **(extra or {})}), ref))
+    return out
+
+
+def verify_graph(comp: str, graph: Path, refs: References, plans, what: str) -> list[dict]:
+    """:func:`graph_checks` at every size ``comp`` is built for; refuse a graph that fails the fp32 rule."""
+    checks = graph_checks(comp, graph, refs, sizes_for(comp, plans))
+    bad = failures(checks)
+    if bad:
+        raise UserError(f"{comp}: {what} does not match PyTorch ({bad}); nothing was written. This is a bug in lcm-export's "
+                        "export: please report it with the base model and versions")
+    return checks
+
+
+def verify_engine(mod, section: dict, comp: str, rec: dict, refs: References, plans, entry: Path, threads,
+                  graph: Path | None = None, extra: dict | None = None) -> list[dict]:
+    """Check the built engine of ``comp`` (record ``rec``, backend module ``mod``) at every built size;
+    record ``rec["parity"]`` and refuse an engine that fails. Where the failing engine's exported graph
+    ``graph`` is given, it is checked too, to say whether the export or the backend is at fault.
+    ``extra``: feeds beyond the component's own (rank-0 adapter factors: no adapter)."""
+    precision = rec["precision"]
+    engine = mod.load_engine({mod.NAME: section, "components": {comp: rec}}, entry, comp,
+                             entry / next(iter(rec["engines"].values())), threads)
+    checks = []
+    for hw in sizes_for(comp, plans):
+        ref = refs.get(comp, hw, fp64=precision not in REDUCED)
+        checks.append(check_outputs(engine.run_all({**ref.feeds, **(extra or {})}), ref, precision))
+    del engine
+    rec["parity"] = checks
+    bad = failures(checks)
+    if not bad:
+        return checks
+    culprit = f"{mod.NAME}"
+    if graph is not None and precision not in REDUCED:
+        graph_bad = failures(graph_checks(comp, graph, refs, sizes_for(comp, plans), extra))
+        culprit = "lcm-export's export (the exported graph fails too)" if graph_bad else \
+            f"{mod.NAME} (the exported graph itself passes in ONNX Runtime)"
+    raise UserError(f"{comp}: the {mod.NAME} engine does not match PyTorch ({bad}); nothing was written. "
+                    f"This is a bug in {culprit}: please report it with the base model and versions")
+
+
+# ---------------------------------------------------------------------------------------------
+# The image gate (reduced precision)
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two images in [0, 1] (inf when equal)."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+def seeded_inputs(latent_channels: int, hw: tuple[int, int], steps: int = 4, seed: int = 42, batch: int = 1):
+    """Latents and the noise of every step but the last, from one seeded numpy generator."""
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal((batch, latent_channels, hw[0] // 8, hw[1] // 8), dtype=np.float32)
+    return latents, [rng.standard_normal(latents.shape, dtype=np.float32) for _ in range(steps - 1)]
+
+
+def diffusers_images(pipe, prompt: str, steps: int, guidance: float, latents: np.ndarray, noise: list[np.ndarray],
+                     scheduler_config: dict | None = None) -> np.ndarray:
+    """diffusers' pipeline with LCMScheduler, our latents and step noise injected; NHWC floats in [0, 1].
+
+    The pipeline's scheduler and diffusers' noise function are restored afterwards.
+    """
+    import diffusers.schedulers.scheduling_lcm as lcm_mod
+    import torch
+    from diffusers import LCMScheduler
+
+    param = next(pipe.unet.parameters())
+    queue = [torch.from_numpy(n).to(param.device, param.dtype) for n in noise]
+    original_sched, original_randn = pipe.scheduler, lcm_mod.randn_tensor
+    pipe.scheduler = LCMScheduler.from_config(scheduler_config or pipe.scheduler.config)
+    lcm_mod.randn_tensor = lambda *a, **k: queue.pop(0)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        with torch.no_grad():
+            out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+                       latents=torch.from_numpy(latents).to(param.device, param.dtype),
+                       height=latents.shape[2] * 8, width=latents.shape[3] * 8, output_type="np").images
+    finally:
+        pipe.scheduler, lcm_mod.randn_tensor = original_sched, original_randn
+    if queue:
+        raise RuntimeError(f"diffusers used {len(noise) - len(queue)} of {len(noise)} step-noise tensors")
+    return np.asarray(out, np.float32)
+
+
+def image_psnr(pipe, engine_dir: Path, hw: tuple[int, int], steps: int = 4, guidance: float = 1.0, seed: int = 42) -> float:
+    """PSNR of the entry at ``engine_dir`` (lean runtime) against ``pipe`` (PyTorch), same inputs."""
+    from .runtime import LCMPipeline
+
+    runtime = LCMPipeline.from_engine_dir(engine_dir)
+    latents, noise = seeded_inputs(runtime.latent_channels, hw, steps, seed)
+    ours = runtime(PROMPT, steps=steps, guidance=guidance, height=hw[0], width=hw[1], latents=latents,
+                   step_noise=noise, output_type="np")
+    del runtime
+    sched = json.loads((Path(engine_dir) / "scheduler" / "scheduler_config.json").read_text())
+    ref = diffusers_images(pipe, PROMPT, steps, guidance, latents, noise, sched)
+    return psnr(ours, ref)
+
+
+def image_gate(pipe, entry: Path, plans, components: dict) -> dict:
+    """A 4-step LCM image from the new entry against the PyTorch fp32 pipeline, same latents and step
+    noise, as PSNR; refuse the entry below IMAGE_PSNR_GATE_DB."""
+    hw = min((p.opt_hw for p in plans), key=lambda hw: hw[0] * hw[1])
+    value = image_psnr(pipe, entry, hw)
+    rec = {"image_psnr_db": value, "resolution": f"{hw[0]}x{hw[1]}", "steps": 4, "guidance": 1.0,
+           "reference": "diffusers PyTorch fp32, same fused weights, latents and step noise", "gate_db": IMAGE_PSNR_GATE_DB}
+    if not value >= IMAGE_PSNR_GATE_DB:
+        figures = "; ".join(f"{c} {r['precision']} rel-L2 {max(p['rel_l2'] for p in r['parity']):.1e}"
+                            for c, r in components.items())
+        raise UserError(f"the entry's 4-step image differs from PyTorch fp32 by PSNR {value:.1f} dB at {hw[0]}x{hw[1]} "
+                        f"(gate {IMAGE_PSNR_GATE_DB:g} dB; components: {figures}); nothing was written. "
+                        "Build with --precision fp32")
+    return rec
