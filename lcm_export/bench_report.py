@@ -14,6 +14,9 @@ def _ms(s: float) -> str:
 def write_markdown(r: dict) -> str:
     m, mach = r["model"], r["machine"]
     lines = [f"# lcm-export benchmark — {m['family']} at {r['resolution']}", ""]
+    if r.get("failures"):
+        lines += [f"> **FAILED:** {len(r['failures'])} row(s) errored, so this run is incomplete: "
+                  + "; ".join(f"`{f['row']}`: `{f['error']}`" for f in r["failures"]), ""]
     if m.get("note"):
         lines += [f"> {m['note']}", ""]
     lines += [
@@ -76,9 +79,13 @@ def write_markdown(r: dict) -> str:
     for s in r["solvers"]:
         lines.append(f"| {s['solver']} | {s['steps']} | {s['path']} | {s['median_s']:.3f} | {s['p90_s']:.3f} |")
     c = r.get("cold_start") or {}
-    if c:
+    if "skipped" in c:
+        lines += ["", f"Cold start: skipped — {c['skipped']}."]
+    elif c:
         lines += ["", "## Cold start (fresh process → first image)", "", "| stack | seconds | peak RSS MB |", "|---|---|---|"]
-        for n, label in (("engine", "lean runtime"), ("diffusers", "diffusers (torch)")):
+        d = c.get("diffusers", {})
+        torch_label = f"diffusers (torch, {d['dtype']} {d['device']})" if "dtype" in d else "diffusers (torch)"
+        for n, label in (("engine", "lean runtime"), ("diffusers", torch_label)):
             v = c.get(n, {})
             lines.append(f"| {label} | {v['seconds']:.2f} | {v['peak_rss_mb']:.0f} |" if "seconds" in v else f"| {label} | failed: {v.get('error')} | |")
         if "ratio" in c:
