@@ -37,7 +37,7 @@ from .store import read_manifest
 
 STAGES = ("text_encoder", "unet_step", "vae_decoder", "end_to_end")
 REPORT_SCHEMA = "lcm-export-bench/2"
-"""2: ``failures`` (rows that errored; a report with any is refused) and ``cold_start.skipped``."""
+"""2: ``failures`` (rows that errored; a report with any is refused), ``cold_start.skipped``, ``machine.flags``."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,9 @@ def median_time(fn, runs: int, warmup: int = 1) -> tuple[float, list[float]]:
 
 
 def machine_info(threads: int) -> dict:
-    from ._cpu import cpu_isa, cpu_name, usable_cores
+    """The machine a figure was measured on: CPU name, its ISA and the speed-deciding flags (AMX and AVX512_BF16
+    among them: two CPUs of one name can differ in both), cores, GPU."""
+    from ._cpu import cpu_isa, cpu_name, recorded_flags, usable_cores
 
     gpu = None
     try:
@@ -125,7 +127,7 @@ def machine_info(threads: int) -> dict:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return {"cpu": cpu_name(), "isa": cpu_isa(), "cores": usable_cores(), "threads": threads, "gpu": gpu,
+    return {"cpu": cpu_name(), "isa": cpu_isa(), "flags": recorded_flags(), "cores": usable_cores(), "threads": threads, "gpu": gpu,
             "platform": platform.platform(), "python": platform.python_version()}
 
 

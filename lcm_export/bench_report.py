@@ -22,7 +22,8 @@ def write_markdown(r: dict) -> str:
     lines += [
         f"- model: `{m['base']}` + " + (", ".join(f"{l['file']} (λ={l['weight']:g})" for l in m["loras"]) or "no LoRAs"),
         f"- guidance {r['guidance']:g}, {r['steps']} LCM steps, batch {r['batch']}",
-        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['threads']} threads, GPU: {mach['gpu'] or 'none'}",
+        f"- machine: {mach['cpu']} ({' '.join(mach.get('flags') or ['flags not recorded'])}), {mach['cores']} cores, "
+        f"{mach['threads']} threads, GPU: {mach['gpu'] or 'none'}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
         f"- timing: {r['settings']['warmup']} warm-up + {r['settings']['runs']} timed runs per path; "
         f"{r['settings']['statistic']}; solver comparison: {r['settings']['solver_runs']} timed run(s) each, model already warm",

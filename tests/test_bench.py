@@ -51,6 +51,10 @@ def test_report_json_schema_and_ratios(report_dir):
     r = json.loads((report_dir / "report.json").read_text())
     jsonschema.validate(r, SCHEMA)
     assert r["resolution"] == "64x96" and r["guidance"] == 2.0
+    from lcm_export._cpu import cpu_name, recorded_flags
+
+    assert r["machine"]["cpu"] == cpu_name() and r["machine"]["flags"] == recorded_flags()  # which CPU, AMX or not
+    assert f"- machine: {cpu_name()} ({' '.join(recorded_flags())})" in (report_dir / "report.md").read_text()
     eng, eager = r["paths"]["engine"]["stages"], r["paths"]["eager"]["stages"]
     # the engine's UNet figures against the calls timed independently (the last 2 runs x 4 steps;
     # the first 4 calls are the warm-up run): each reported step is its call plus a little bookkeeping
