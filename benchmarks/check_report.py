@@ -1,4 +1,5 @@
-"""Validate a bench report folder: report.json against the schema, ratios from medians, each path's FLOP/s share
+"""Validate a bench report folder: no failed row (a baseline or cold start that errored fails the report),
+report.json against the schema, ratios from medians, each path's FLOP/s share
 against the peak of its own precision, skipped baselines with their reason, report.md and PNGs.
 
 Usage: python benchmarks/check_report.py REPORT_DIR   (exit 1 with the reason on failure)
@@ -18,6 +19,8 @@ import lcm_export
 
 def check(d: Path) -> None:
     r = json.loads((d / "report.json").read_text())
+    failed = [f"{f['row']}: {f['error']}" for f in r.get("failures", [])]
+    assert not failed, f"the run failed ({len(failed)} row(s)): " + "; ".join(failed)
     schema = json.loads((Path(lcm_export.__file__).parent / "data" / "bench_report.schema.json").read_text())
     jsonschema.validate(r, schema)
     eng = r["paths"]["engine"]["stages"]

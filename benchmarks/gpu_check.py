@@ -13,10 +13,14 @@ For each model it
      the GPU between steps (the device loop) and once with the host loop;
   3. runs `lcm-export bench` with the eager, torch.compile, CUDA-graph (reduce-overhead) and bf16
      baselines and writes benchmarks/reports/gpu-<model>-<res>/ in the standard report format.
-Without TensorRT (or without a GPU), steps 1-2 are skipped and say why; step 3 then times an ONNX
-Runtime entry against the same PyTorch baselines. Which parts ran is printed, written to
-gpu_check.json beside the report, and added to report.json as "gpu_check".
-Exit code 1 if a parity check that ran fails (rel-L2 > 5e-2 for a component, or PSNR < 30 dB).
+Without TensorRT, steps 1-2 are skipped and say why, and the engine timed is chosen by `engine_to_time`:
+ONNX Runtime on its CUDA provider (onnxruntime-gpu); on a CUDA machine without that provider none (an
+ONNX Runtime CPU engine would time the host CPU against GPU baselines), and then step 3 is the PyTorch
+side alone: the baselines and the paper's Table 2 solvers (DDIM 32, DPM-Solver 16, DPM-Solver++ 8,
+LCM 4) on the GPU, in gpu_check.json. Without a GPU, an ONNX Runtime CPU entry against the CPU baselines.
+Which parts ran is printed, written to gpu_check.json beside the report, and added to report.json as
+"gpu_check". Exit code 1 if a parity check that ran fails (rel-L2 > 5e-2 for a component, or PSNR < 30 dB)
+or a bench row errored.
 """
 
 from __future__ import annotations
@@ -89,18 +93,75 @@ def image_parity(engine_dir: Path, hw, ref, sched_cfg: dict) -> dict:
     return out
 
 
-def check_model(model: str, hw, runs: int, parts: dict) -> bool:
+def availability() -> dict:
+    """What `engine_to_time` decides from, found on this machine."""
     import torch
 
+    from lcm_export.backends.onnxruntime import cuda_available
     from lcm_export.backends.tensorrt import tensorrt_status
-    from lcm_export.bench import BenchOptions, run_bench
+
+    return {"cuda": torch.cuda.is_available(), "tensorrt": tensorrt_status(), "ort_cuda": cuda_available()}
+
+
+def engine_to_time(cuda: bool, tensorrt: tuple[bool, str], ort_cuda: bool) -> tuple[str | None, str]:
+    """(backend to build and time, or None; why). Pure: ``tensorrt`` is (usable, reason), ``ort_cuda`` whether
+    onnxruntime has its CUDAExecutionProvider. On a CUDA machine an engine must run on the GPU to be compared
+    with the GPU baselines: an ONNX Runtime CPU engine there timed the host CPU (9 s per 512² image on an H200
+    machine), so with neither TensorRT nor the CUDA provider no engine is timed."""
+    trt_ok, trt_why = tensorrt
+    if trt_ok:
+        return "tensorrt", "TensorRT fp16 engines on the GPU"
+    if cuda and ort_cuda:
+        return "onnxruntime", f"{trt_why}: ONNX Runtime fp32 on its CUDA provider instead"
+    if cuda:
+        return None, (f"{trt_why} and onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu): an engine would run on "
+                      "the CPU, not comparable with the GPU baselines; the PyTorch baselines and solvers alone were timed")
+    return "onnxruntime", f"{trt_why}; no CUDA GPU: ONNX Runtime fp32 on the CPU against the CPU baselines"
+
+
+def baselines_only(model: str, hw, runs: int, baselines, solver_runs: int, device: str) -> dict:
+    """The PyTorch side without an engine: each baseline and the Table 2 solvers on ``device`` (fp16 on CUDA)."""
+    import torch
+
+    from lcm_export._util import progress
+    from lcm_export.bench import BenchOptions, failures, parse_solvers
+    from lcm_export.bench_torch import base_pipeline, baseline_setup, time_baselines, time_solvers
+
+    ref, sched = base_pipeline(model)
+    ref = ref.to(device, getattr(torch, baseline_setup("eager", device)["dtype"]))
+    solvers = parse_solvers(BenchOptions(engine_dir="").solvers)  # the bench defaults: the paper's Table 2
+    latents = np.random.default_rng(0).standard_normal((1, ref.unet.config.in_channels, hw[0] // 8, hw[1] // 8), dtype=np.float32)
+    bar = progress(len(baselines) * (runs + 2) + len(solvers) * solver_runs, "PyTorch baselines")
+    paths = time_baselines(ref, baselines, device, latents, hw, 1.0, runs, 2, bar)
+    table2 = time_solvers(ref, sched, solvers, latents, hw, 1.0, solver_runs, bar)
+    bar.close()
+    return {"paths": paths, "solvers": table2, "failures": failures(paths, {})}
+
+
+def _print_torch_side(t: dict) -> None:
+    for p in t["paths"].values():
+        if "stages" in p:
+            print(f"  {p['label']}: UNet step {p['stages']['unet_step']['median_s'] * 1e3:.1f} ms, "
+                  f"end to end {p['stages']['end_to_end']['median_s']:.3f} s (median)")
+    for row in t["solvers"]:
+        print(f"  {row['solver']} {row['steps']} steps ({row['path']}): {row['median_s']:.3f} s (median)")
+
+
+def check_model(model: str, hw, runs: int, parts: dict, avail: dict | None = None, baselines=BASELINES,
+                solver_runs: int = 3, reports: Path = Path("benchmarks/reports")) -> bool:
+    import torch
+
+    from lcm_export._cpu import usable_cores
+    from lcm_export._util import tool_versions, write_json
+    from lcm_export.bench import BenchOptions, machine_info, run_bench
     from lcm_export.build_engine import BuildOptions, build_engine
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tag, res = model.replace("demo:", "demo-"), f"{hw[0]}x{hw[1]}"
-    trt_ok, why = tensorrt_status()
-    ok, par = True, {}
-    if trt_ok:
+    backend, why = engine_to_time(**(avail or availability()))
+    ok, par, rep = True, {}, None
+    out = reports / f"gpu-{tag}-{res}"
+    if backend == "tensorrt":
         d = Path("engines") / f"gpu-{tag}"
         print(build_engine(BuildOptions(base=model, resolutions=(hw,), backend="tensorrt", precision="fp16", engine_dir=str(d))).summary())
         parts["tensorrt build"] = {"ran": True}
@@ -116,23 +177,36 @@ def check_model(model: str, hw, runs: int, parts: dict) -> bool:
     else:
         for p in ("tensorrt build", "tensorrt parity", "device loop (latents on the GPU)"):
             parts[p] = {"ran": False, "why": why}
-        d = Path("engines") / f"gpu-{tag}-onnxruntime"
-        print(build_engine(BuildOptions(base=model, resolutions=(hw,), backend="onnxruntime", precision="fp32", engine_dir=str(d))).summary())
-    out = Path("benchmarks/reports") / f"gpu-{tag}-{res}"
-    rep = run_bench(BenchOptions(engine_dir=str(d), baselines=BASELINES, resolution=hw, runs=runs, warmup=2, solver_runs=3, out=str(out)))
-    for b in BASELINES:
-        p = rep["paths"][b]
+    if backend is None:
+        parts["bench engine"] = {"ran": False, "why": why}
+        torch_side = baselines_only(model, hw, runs, baselines, solver_runs, device)
+        paths, fails = torch_side["paths"], torch_side["failures"]
+    else:
+        if backend == "onnxruntime":
+            d = Path("engines") / f"gpu-{tag}-onnxruntime"
+            print(build_engine(BuildOptions(base=model, resolutions=(hw,), backend="onnxruntime", precision="fp32", engine_dir=str(d))).summary())
+        rep = run_bench(BenchOptions(engine_dir=str(d), baselines=tuple(baselines), resolution=hw, runs=runs, warmup=2,
+                                     solver_runs=solver_runs, out=str(out)))
+        paths, fails = rep["paths"], rep["failures"]
+        parts["bench engine"] = {"ran": True, "backend": rep["engine"]["backend"], "device": device, "why": why}
+    for b in baselines:
+        p = paths[b]
         parts[f"bench {b}"] = {"ran": "stages" in p, **({"why": p.get("skipped") or p.get("error")} if "stages" not in p else {})}
-    parts["bench engine"] = {"ran": True, "backend": rep["engine"]["backend"], "device": device}
-    summary = {"model": model, "resolution": res, "device": device, "parts": parts, **({"parity": par} if par else {})}
-    from lcm_export._util import write_json
-
+    summary = {"model": model, "resolution": res, "device": device, "engine": {"backend": backend, "why": why}, "parts": parts,
+               **({"parity": par} if par else {})}
+    if rep is None:  # no bench report: the figures themselves, with the machine and versions they come from
+        summary |= {"machine": machine_info(usable_cores()), "versions": tool_versions(), **torch_side}
+        out.mkdir(parents=True, exist_ok=True)
+        _print_torch_side(torch_side)
+    else:
+        write_json(out / "report.json", {**rep, "gpu_check": summary})
+        print(rep["summary_line"])
     write_json(out / "gpu_check.json", summary)
-    write_json(out / "report.json", {**rep, "gpu_check": summary})
-    print(rep["summary_line"])
     for name, p in parts.items():
         print(f"  {name}: {'ran' if p['ran'] else 'skipped — ' + str(p.get('why'))}")
-    return ok
+    for f in fails:
+        print(f"  FAILED {f['row']}: {f['error']}")
+    return ok and not fails
 
 
 def main() -> int:

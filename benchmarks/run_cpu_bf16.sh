@@ -3,7 +3,7 @@
 # random weights): the default entry on a native-bf16 CPU (OpenVINO bf16) and an ONNX Runtime fp32 entry;
 # per-component backend/precision measurements; bench against PyTorch eager fp32, torch.compile and
 # PyTorch bf16 at 256x256 and 512x512; the SDXL-config UNet at 1024x1024; cold start; refit vs full build.
-# About 1.5 hours on 2 cores (and ~60 GB of disk for the entries).
+# About 1.5 hours on 2 cores of an AMD EPYC Zen 4 (and ~60 GB of disk for the entries).
 # Run from the repository root after `make setup`, with nothing else running.
 set -euo pipefail
 BIN=${BIN:-.venv/bin}

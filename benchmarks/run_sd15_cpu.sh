@@ -2,7 +2,7 @@
 # The committed CPU reports. The real SD 1.5 UNet/VAE/text-encoder configs with random weights
 # (demo:sd15-full): ONNX Runtime CPU engine vs PyTorch eager at 256x256 and 512x512; the ONNX
 # Runtime settings study; where the UNet step's time goes (profiles); attention fusion on/off; the
-# SDXL-config UNet at 512x512 and 1024x1024. About 2 hours on 2 cores. Run from the repository root after `make setup`.
+# SDXL-config UNet at 512x512 and 1024x1024. About 2 hours on 2 cores of an Intel Xeon. Run from the repository root after `make setup`.
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 $BIN/lcm-export build-engine --base demo:sd15-full --resolution 256x256 --resolution 512x512 --engine-dir engines/demo-sd15-full

@@ -3,7 +3,7 @@ eager in fp32 and with the module cast to bf16, at 512² and/or 1024².
 
 Why the UNet alone: the SDXL-base configs in fp32 are 10.3 GB (UNet) + 2.8 GB (text encoder 2) +
 0.8 GB; by estimate, export, ONNX Runtime's optimized copy and a PyTorch baseline in one process would
-not fit this machine's 24 GB (not attempted), and the UNet is where the time goes (4 steps vs one text-encoder and one VAE call).
+not fit a 24 GB machine (not attempted), and the UNet is where the time goes (4 steps vs one text-encoder and one VAE call).
 So each stage runs in its own process: export (seeded random weights = `demo:sdxl-full`'s UNet),
 ORT timing, PyTorch timing; the parent compares the two outputs on the same inputs.
 

@@ -3,18 +3,17 @@
 What is timed, per path: text encoder, each UNet step, VAE decode, end to end — median and p90
 of ``runs`` after ``warmup`` untimed runs. Baselines: diffusers' StableDiffusionPipeline with
 LCMScheduler at 4 steps, eager (fp32 on CPU, fp16 on GPU), torch.compile, torch.compile with CUDA graphs
-(``reduce-overhead``; GPU only, reported as skipped elsewhere) and every module cast to bf16 (a failure is
-reported, not hidden); the LCM-LoRA paper's Table 2 solvers (DDIM 32, DPM-Solver 16,
+(``reduce-overhead``; GPU only, reported as skipped elsewhere) and every module cast to bf16; the LCM-LoRA paper's Table 2 solvers (DDIM 32, DPM-Solver 16,
 DPM-Solver++ 8, LCM 4) end to end; cold start (process start -> first image) of both stacks;
 the FLOP count of one UNet step (torch's FlopCounterMode, attention included) against the matrix-product peak
 of each path's own precision, measured in the same run (fp32 paths vs the fp32 peak, bf16 paths and bf16
 engines vs the bf16 peak); the runtime's own overhead at 512² with stub engines. Writes report.json,
-report.md and PNG charts.
+report.md and PNG charts. A row that errors (a baseline, either cold start) keeps its error in the report and
+in ``failures``: the run has failed (``lcm-export bench`` exits 1, the schema and check_report refuse it).
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import json
 import platform
@@ -31,13 +30,14 @@ import numpy as np
 
 from ._cpu import usable_cores
 from ._util import progress, tool_versions, write_json, write_text
-from .bench_torch import (BASELINES, PROMPT, SOLVERS, StageTimer, baseline_setup, measure_peak, reference_pipeline,
-                          scheduler_for, stats, time_torch, torch_call, unet_flops)
+from .bench_torch import (BASELINES, PROMPT, SOLVERS, measure_peak, reference_pipeline, stats, time_baselines, time_solvers,
+                          unet_flops)
 from .errors import UserError
 from .store import read_manifest
 
 STAGES = ("text_encoder", "unet_step", "vae_decoder", "end_to_end")
-REPORT_SCHEMA = "lcm-export-bench/1"
+REPORT_SCHEMA = "lcm-export-bench/2"
+"""2: ``failures`` (rows that errored; a report with any is refused), ``cold_start.skipped``, ``machine.flags``."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,9 @@ def median_time(fn, runs: int, warmup: int = 1) -> tuple[float, list[float]]:
 
 
 def machine_info(threads: int) -> dict:
-    from ._cpu import cpu_isa, cpu_name, usable_cores
+    """The machine a figure was measured on: CPU name, its ISA and the speed-deciding flags (AMX and AVX512_BF16
+    among them: two CPUs of one name can differ in both), cores, GPU."""
+    from ._cpu import cpu_isa, cpu_name, recorded_flags, usable_cores
 
     gpu = None
     try:
@@ -125,7 +127,7 @@ def machine_info(threads: int) -> dict:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return {"cpu": cpu_name(), "isa": cpu_isa(), "cores": usable_cores(), "threads": threads, "gpu": gpu,
+    return {"cpu": cpu_name(), "isa": cpu_isa(), "flags": recorded_flags(), "cores": usable_cores(), "threads": threads, "gpu": gpu,
             "platform": platform.platform(), "python": platform.python_version()}
 
 
@@ -160,15 +162,17 @@ from lcm_export.bench import _rss_mb
 torch.set_num_threads(int(sys.argv[2]))
 import json as _j, pathlib
 from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+dtype = getattr(torch, sys.argv[8])
 if "XL" in _j.loads(pathlib.Path(sys.argv[1], "model_index.json").read_text())["_class_name"]:
-    pipe = StableDiffusionXLPipeline.from_pretrained(sys.argv[1])
+    pipe = StableDiffusionXLPipeline.from_pretrained(sys.argv[1], torch_dtype=dtype)
 else:
-    pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+pipe = pipe.to(sys.argv[7])
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 pipe.set_progress_bar_config(disable=True)
 with torch.no_grad():
     pipe(sys.argv[3], num_inference_steps=4, guidance_scale=float(sys.argv[4]), height=int(sys.argv[5]), width=int(sys.argv[6]))
-print(json.dumps({"peak_rss_mb": _rss_mb()}))
+print(json.dumps({"peak_rss_mb": _rss_mb(), "loaded_dtypes": sorted({str(m.dtype).removeprefix("torch.") for m in pipe.components.values() if isinstance(m, torch.nn.Module)})}))
 """
 
 
@@ -189,6 +193,26 @@ def _cold(script: str, args: list[str]) -> dict:
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:300]}
     return {"seconds": wall, **json.loads(r.stdout.strip().splitlines()[-1])}
+
+
+def diffusers_cold_start(ref, threads: int, args: list[str]) -> dict:
+    """diffusers' cold start on ``ref``'s device and dtype: ``ref`` saved to a temporary folder, then a fresh
+    process loads it with that dtype, moves it to that device and makes one image. The dtype is explicit:
+    without it transformers keeps the saved dtype (fp16 on CUDA) and diffusers loads fp32, and the mixed
+    pipeline fails ("mat1 and mat2 must have the same dtype")."""
+    param = next(ref.unet.parameters())
+    device, dtype = param.device.type, str(param.dtype).removeprefix("torch.")
+    with tempfile.TemporaryDirectory(prefix="lcm-export-bench-") as d:
+        ref.save_pretrained(d, safe_serialization=True)
+        row = _cold(_TORCH_COLD, [d, str(threads), *args, device, dtype])
+    return {"device": device, "dtype": dtype, **row}
+
+
+def failures(paths: dict, cold: dict) -> list[dict]:
+    """Every row of the report that errored, as {"row", "error"}. A report with any is a failed run: bench
+    exits 1, and the schema and ``benchmarks/check_report.py`` refuse it."""
+    out = [{"row": f"paths.{n}", "error": p["error"]} for n, p in paths.items() if "error" in p]
+    return out + [{"row": f"cold_start.{n}", "error": v["error"]} for n, v in cold.items() if isinstance(v, dict) and "error" in v]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,81 +269,24 @@ def run_bench(o: BenchOptions) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         ref = ref.to("cuda", torch.float16)
-    sync = torch.cuda.synchronize if device == "cuda" else None
     bar.update()
-    for base in o.baselines:
-        bar.set_description_str(f"PyTorch {base}")
-        setup = baseline_setup(base, device)
-        label = setup["label"]
-        if setup["skip"]:
-            paths[base] = {"label": label, "precision": setup["precision"], "skipped": setup["skip"]}
-            bar.update(o.runs + o.warmup)
-            continue
-        pipe = ref
-        try:
-            timer = StageTimer(sync)
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            if setup["dtype"] != str(ref.unet.dtype).removeprefix("torch."):  # a cast copy; ref keeps its weights
-                pipe = copy.deepcopy(ref).to(getattr(torch, setup["dtype"]))
-            if setup["compile"]:  # instance attributes; removed again below
-                pipe.unet.forward = torch.compile(pipe.unet.forward, mode=setup["compile"])
-                pipe.vae.decode = torch.compile(pipe.vae.decode, mode=setup["compile"])
-            text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-            for te in text_encoders:
-                timer.wrap(te, "forward", "text_encoder")
-            timer.wrap(pipe.unet, "forward", "unet")
-            timer.wrap(pipe.vae, "decode", "vae_decoder")
-            with torch.no_grad():
-                st, warm = time_torch(pipe, timer, latents, hw, o.guidance, o.runs, o.warmup, bar=bar)
-            paths[base] = {"label": label, "precision": setup["precision"], "stages": st, "warmup_s": warm}
-            if device == "cuda":
-                paths[base]["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            if setup["compile"]:
-                paths[base]["note"] = (f"torch.compile(mode={setup['compile']!r}) on unet.forward and vae.decode; "
-                                       "compile time is inside warm-up")
-        except Exception as exc:  # report the failure, keep the rest of the report
-            paths[base] = {"label": label, "precision": setup["precision"],
-                           "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"}
-            bar.update(o.runs + o.warmup)
-        finally:
-            mods = [(m, "forward") for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.unet) if m is not None]
-            for mod, attr in mods + [(pipe.vae, "decode")]:
-                mod.__dict__.pop(attr, None)  # drop wrappers / compiled forwards
-            if pipe is not ref:
-                del pipe
-            if device == "cuda":
-                torch.cuda.empty_cache()
+    paths.update(time_baselines(ref, o.baselines, device, latents, hw, o.guidance, o.runs, o.warmup, bar))
 
     # 3. The paper's Table 2: solvers end to end (the model is warm from the eager baseline)
-    table2 = []
-    with torch.no_grad():
-        for name, steps in solvers:
-            bar.set_description_str(f"PyTorch {SOLVERS[name]} {steps} steps")
-            ref.scheduler = scheduler_for(name, sched_cfg)
-            ts = []
-            for _ in range(solver_runs):
-                t0 = time.perf_counter()
-                torch_call(ref, latents, steps, o.guidance, hw)
-                ts.append(time.perf_counter() - t0)
-                bar.update()
-            table2.append({"solver": SOLVERS[name], "steps": steps, "path": "diffusers eager", **stats(ts)})
+    table2 = time_solvers(ref, sched_cfg, solvers, latents, hw, o.guidance, solver_runs, bar)
     table2.append({"solver": "LCMScheduler", "steps": 4, "path": paths["engine"]["label"], **engine_lcm4})
-    ref.scheduler = scheduler_for("lcm", sched_cfg)
 
     # 4. Cold start, each in a fresh process
-    cold = {}
+    cold = {"skipped": "not measured: bench ran with --no-cold-start"}
     if o.cold_start:
         bar.set_description_str("cold start: lean runtime")
         args = [PROMPT, str(o.guidance), str(hw[0]), str(hw[1])]
-        cold["engine"] = _cold(_LEAN_COLD, [str(engine_dir), str(threads), *args])
+        cold = {"engine": _cold(_LEAN_COLD, [str(engine_dir), str(threads), *args])}
         bar.update()
         bar.set_description_str("cold start: diffusers")
-        with tempfile.TemporaryDirectory(prefix="lcm-export-bench-") as d:
-            ref.save_pretrained(d, safe_serialization=True)
-            cold["diffusers"] = _cold(_TORCH_COLD, [d, str(threads), *args])
+        cold["diffusers"] = diffusers_cold_start(ref, threads, args)
         bar.update()
-        if "seconds" in cold.get("engine", {}) and "seconds" in cold.get("diffusers", {}):
+        if "seconds" in cold["engine"] and "seconds" in cold["diffusers"]:
             cold["ratio"] = cold["diffusers"]["seconds"] / cold["engine"]["seconds"]
 
     # 5. FLOP/s against the peak of each path's own precision, measured now
@@ -364,7 +331,7 @@ def run_bench(o: BenchOptions) -> dict:
         "engine": {"backend": manifest["backend"], "precision": manifest["precision"],
                    "settings": manifest.get(manifest["backend"])},  # the backend's own manifest section
         "paths": paths, "ratios": ratios, "solvers": table2, "cold_start": cold, "flops": flop,
-        "runtime_overhead_stub": overhead_stub,
+        "runtime_overhead_stub": overhead_stub, "failures": failures(paths, cold),
     }
     e_unet = eng["unet_step"]["median_s"]
     parts = [f"engine UNet step {e_unet * 1e3:.1f} ms"]
@@ -375,6 +342,8 @@ def run_bench(o: BenchOptions) -> dict:
         parts.append(f"{ratios['reduce-overhead']['unet_step']:.2f}x the CUDA-graph baseline's")
     parts.append(f"{flop['engine']['fraction_of_peak'] * 100:.0f}% of measured {flop['engine']['precision']} peak")
     report["summary_line"] = f"{report['resolution']}: " + ", ".join(parts)
+    if report["failures"]:
+        report["summary_line"] = f"FAILED ({', '.join(f['row'] for f in report['failures'])}) " + report["summary_line"]
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "report.json", report)
     from .bench_report import write_charts, write_markdown

@@ -14,12 +14,16 @@ def _ms(s: float) -> str:
 def write_markdown(r: dict) -> str:
     m, mach = r["model"], r["machine"]
     lines = [f"# lcm-export benchmark — {m['family']} at {r['resolution']}", ""]
+    if r.get("failures"):
+        lines += [f"> **FAILED:** {len(r['failures'])} row(s) errored, so this run is incomplete: "
+                  + "; ".join(f"`{f['row']}`: `{f['error']}`" for f in r["failures"]), ""]
     if m.get("note"):
         lines += [f"> {m['note']}", ""]
     lines += [
         f"- model: `{m['base']}` + " + (", ".join(f"{l['file']} (λ={l['weight']:g})" for l in m["loras"]) or "no LoRAs"),
         f"- guidance {r['guidance']:g}, {r['steps']} LCM steps, batch {r['batch']}",
-        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['threads']} threads, GPU: {mach['gpu'] or 'none'}",
+        f"- machine: {mach['cpu']} ({' '.join(mach.get('flags') or ['flags not recorded'])}), {mach['cores']} cores, "
+        f"{mach['threads']} threads, GPU: {mach['gpu'] or 'none'}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
         f"- timing: {r['settings']['warmup']} warm-up + {r['settings']['runs']} timed runs per path; "
         f"{r['settings']['statistic']}; solver comparison: {r['settings']['solver_runs']} timed run(s) each, model already warm",
@@ -76,9 +80,13 @@ def write_markdown(r: dict) -> str:
     for s in r["solvers"]:
         lines.append(f"| {s['solver']} | {s['steps']} | {s['path']} | {s['median_s']:.3f} | {s['p90_s']:.3f} |")
     c = r.get("cold_start") or {}
-    if c:
+    if "skipped" in c:
+        lines += ["", f"Cold start: skipped — {c['skipped']}."]
+    elif c:
         lines += ["", "## Cold start (fresh process → first image)", "", "| stack | seconds | peak RSS MB |", "|---|---|---|"]
-        for n, label in (("engine", "lean runtime"), ("diffusers", "diffusers (torch)")):
+        d = c.get("diffusers", {})
+        torch_label = f"diffusers (torch, {d['dtype']} {d['device']})" if "dtype" in d else "diffusers (torch)"
+        for n, label in (("engine", "lean runtime"), ("diffusers", torch_label)):
             v = c.get(n, {})
             lines.append(f"| {label} | {v['seconds']:.2f} | {v['peak_rss_mb']:.0f} |" if "seconds" in v else f"| {label} | failed: {v.get('error')} | |")
         if "ratio" in c:

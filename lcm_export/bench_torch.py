@@ -25,8 +25,6 @@ def stats(xs) -> dict:
 
 def reference_pipeline(manifest: dict, engine_dir: Path):
     """The fused model the engine was built from, rebuilt in diffusers (same LoRA files, same λ)."""
-    from diffusers import LCMScheduler
-
     from ._util import sha256_file
     from .fuse import LoraSpec, fuse_into, inspect_lora
     from .models import load_pipeline, resolve_base
@@ -39,7 +37,24 @@ def reference_pipeline(manifest: dict, engine_dir: Path):
         items.append((LoraSpec(p, l["weight"]), inspect_lora(p)))
     pipe = load_pipeline(resolve_base(manifest["base_source"]))
     fuse_into(pipe, items)
-    sched_cfg = json.loads((engine_dir / manifest["scheduler"]["file"]).read_text())
+    return _lcm(pipe, json.loads((engine_dir / manifest["scheduler"]["file"]).read_text()))
+
+
+def base_pipeline(base: str):
+    """A base model without LoRAs, with an LCMScheduler made from its own scheduler config (as a build's entry
+    holds it): the PyTorch side when no engine entry is built."""
+    from diffusers import LCMScheduler
+
+    from .models import load_pipeline, resolve_base
+
+    pipe = load_pipeline(resolve_base(base))
+    cfg = dict(LCMScheduler.from_config(pipe.scheduler.config).config)
+    return _lcm(pipe, {k: v for k, v in cfg.items() if not k.startswith("_")})
+
+
+def _lcm(pipe, sched_cfg: dict):
+    from diffusers import LCMScheduler
+
     pipe.scheduler = LCMScheduler.from_config(sched_cfg)
     pipe.set_progress_bar_config(disable=True)
     return pipe, sched_cfg
@@ -130,6 +145,84 @@ def time_torch(pipe, timer, latents, hw, guidance, runs, warmup, steps=4, bar=No
         vae.append(sum(timer.times["vae_decoder"]))
         bar and bar.update()
     return {"text_encoder": stats(text), "unet_step": stats(unet), "vae_decoder": stats(vae), "end_to_end": stats(e2e)}, warm
+
+
+def time_baselines(ref, baselines, device: str, latents, hw, guidance: float, runs: int, warmup: int, bar) -> dict:
+    """Each PyTorch baseline on ``ref`` (on ``device``, in the device's native precision): {name: row}, a row
+    with "stages", "skipped" (why it cannot run here) or "error" (what failed; the report counts it as a
+    failure). A cast baseline runs on a copy; ``ref`` keeps its weights and forwards."""
+    import copy
+
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    rows = {}
+    for base in baselines:
+        bar.set_description_str(f"PyTorch {base}")
+        setup = baseline_setup(base, device)
+        row = rows[base] = {"label": setup["label"], "precision": setup["precision"]}
+        if setup["skip"]:
+            row["skipped"] = setup["skip"]
+            bar.update(runs + warmup)
+            continue
+        pipe = ref
+        try:
+            timer = StageTimer(sync)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            if setup["dtype"] != str(ref.unet.dtype).removeprefix("torch."):
+                pipe = copy.deepcopy(ref).to(getattr(torch, setup["dtype"]))
+            if setup["compile"]:  # instance attributes; removed again below
+                pipe.unet.forward = torch.compile(pipe.unet.forward, mode=setup["compile"])
+                pipe.vae.decode = torch.compile(pipe.vae.decode, mode=setup["compile"])
+            for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+                if te is not None:
+                    timer.wrap(te, "forward", "text_encoder")
+            timer.wrap(pipe.unet, "forward", "unet")
+            timer.wrap(pipe.vae, "decode", "vae_decoder")
+            with torch.no_grad():
+                row["stages"], row["warmup_s"] = time_torch(pipe, timer, latents, hw, guidance, runs, warmup, bar=bar)
+            if device == "cuda":
+                row["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            if setup["compile"]:
+                row["note"] = (f"torch.compile(mode={setup['compile']!r}) on unet.forward and vae.decode; "
+                               "compile time is inside warm-up")
+        except Exception as exc:  # recorded as the row's error; the report lists it under "failures"
+            msg = str(exc).strip()
+            row.pop("stages", None), row.pop("warmup_s", None)
+            row["error"] = f"{type(exc).__name__}: {msg.splitlines()[0][:300] if msg else ''}"
+            bar.update(runs + warmup)
+        finally:
+            mods = [(m, "forward") for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.unet) if m is not None]
+            for mod, attr in mods + [(pipe.vae, "decode")]:
+                mod.__dict__.pop(attr, None)  # drop wrappers / compiled forwards
+            del pipe
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def time_solvers(ref, sched_cfg: dict, solvers, latents, hw, guidance: float, runs: int, bar) -> list[dict]:
+    """The paper's Table 2 on ``ref``: each (solver, steps) end to end, ``runs`` times (the model is warm);
+    ``ref`` gets its LCMScheduler back afterwards."""
+    import torch
+
+    rows = []
+    try:
+        with torch.no_grad():
+            for name, steps in solvers:
+                bar.set_description_str(f"PyTorch {SOLVERS[name]} {steps} steps")
+                ref.scheduler = scheduler_for(name, sched_cfg)
+                ts = []
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    torch_call(ref, latents, steps, guidance, hw)  # numpy images: waits for the device
+                    ts.append(time.perf_counter() - t0)
+                    bar.update()
+                rows.append({"solver": SOLVERS[name], "steps": steps, "path": "diffusers eager", **stats(ts)})
+    finally:
+        ref.scheduler = scheduler_for("lcm", sched_cfg)
+    return rows
 
 
 def unet_flops(pipe, batch: int, hw: tuple[int, int]) -> int:

@@ -297,7 +297,9 @@ def _dispatch(a) -> int:
         report = run_bench(opts)
         print(report["summary_line"])
         print(f"report: {os.path.join(a.out, 'report.md')}")
-        return 0
+        for f in report["failures"]:  # recorded in the report; the run failed
+            print(f"error: {f['row']} failed: {f['error']}", file=sys.stderr)
+        return 1 if report["failures"] else 0
     if a.cmd == "serve":
         from .serve import ServeOptions, serve_forever
 

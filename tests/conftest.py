@@ -52,6 +52,18 @@ def run_cli(args, capsys):
 PY = sys.executable
 
 
+def _openvino_status() -> tuple[bool, str]:
+    from lcm_export.backends import openvino
+
+    ok, _, why = openvino.status()
+    return ok, why
+
+
+OV_OK, OV_WHY = _openvino_status()
+needs_openvino = pytest.mark.skipif(not OV_OK, reason=f"needs OpenVINO: {OV_WHY}")
+"""For tests that build or run OpenVINO entries: skipped, with the backend's own reason, where it is not installed."""
+
+
 @pytest.fixture(scope="session")
 def demo_loras(tmp_path_factory, demo_pipe):
     """The demo's two LoRAs (kohya LoCon 'LCM-LoRA', PEFT style LoRA) with their default λ."""

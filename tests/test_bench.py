@@ -51,6 +51,10 @@ def test_report_json_schema_and_ratios(report_dir):
     r = json.loads((report_dir / "report.json").read_text())
     jsonschema.validate(r, SCHEMA)
     assert r["resolution"] == "64x96" and r["guidance"] == 2.0
+    from lcm_export._cpu import cpu_name, recorded_flags
+
+    assert r["machine"]["cpu"] == cpu_name() and r["machine"]["flags"] == recorded_flags()  # which CPU, AMX or not
+    assert f"- machine: {cpu_name()} ({' '.join(recorded_flags())})" in (report_dir / "report.md").read_text()
     eng, eager = r["paths"]["engine"]["stages"], r["paths"]["eager"]["stages"]
     # the engine's UNet figures against the calls timed independently (the last 2 runs x 4 steps;
     # the first 4 calls are the warm-up run): each reported step is its call plus a little bookkeeping
@@ -70,25 +74,95 @@ def test_report_json_schema_and_ratios(report_dir):
     assert r["flops"]["engine"]["flops_per_s"] == pytest.approx(r["flops"]["unet_step_flops"] / eng["unet_step"]["median_s"])
 
 
-def test_baselines_bf16_and_cuda_graphs_skipped_on_cpu(report_dir):
-    """bf16 (modules cast) ran and is measured against the bf16 peak; reduce-overhead is skipped with its reason."""
+def test_baselines_bf16_and_cuda_graphs_for_this_device(report_dir):
+    """bf16 (modules cast) ran and is measured against the bf16 peak; eager runs in the device's native precision;
+    reduce-overhead (CUDA graphs) ran where CUDA is, and elsewhere is skipped with its reason."""
     import subprocess
     import sys
 
+    import torch
+
+    cuda = torch.cuda.is_available()
+    native = "fp16" if cuda else "fp32"
     r = json.loads((report_dir / "report.json").read_text())
-    bf16, ro = r["paths"]["bf16"], r["paths"]["reduce-overhead"]
+    bf16, ro, eager = r["paths"]["bf16"], r["paths"]["reduce-overhead"], r["paths"]["eager"]
     assert bf16["precision"] == "bf16" and "bf16" in bf16["label"] and "stages" in bf16 and "bf16" in r["ratios"]
-    assert "skipped" in ro and "CUDA" in ro["skipped"] and "reduce-overhead" not in r["ratios"]
+    assert eager["precision"] == native and f"{native} {'cuda' if cuda else 'cpu'}" in eager["label"]
     f = r["flops"]
-    assert set(f["peaks"]) == {"fp32", "bf16"} and f["peak"] == f["peaks"]["fp32"]
-    assert f["bf16"]["fraction_of_peak"] == pytest.approx(f["bf16"]["flops_per_s"] / f["peaks"]["bf16"]["best_flops_per_s"])
-    assert f["eager"]["fraction_of_peak"] == pytest.approx(f["eager"]["flops_per_s"] / f["peaks"]["fp32"]["best_flops_per_s"])
-    assert r["paths"]["engine"]["precision"] == "fp32" and r["runtime_overhead_stub"]["resolution"] == "512x512"
     md = (report_dir / "report.md").read_text()
-    assert "skipped:** needs a CUDA GPU" in md and "| bf16 |" in md and "stub engines" in md
+    if cuda:
+        assert "stages" in ro and ro["precision"] == "fp16" and "reduce-overhead" in r["ratios"] and "skipped" not in ro
+        assert f["reduce-overhead"]["fraction_of_peak"] == pytest.approx(
+            f["reduce-overhead"]["flops_per_s"] / f["peaks"]["fp16"]["best_flops_per_s"])
+        assert "skipped:**" not in md
+    else:
+        assert "skipped" in ro and "CUDA" in ro["skipped"] and "reduce-overhead" not in r["ratios"]
+        assert "skipped:** needs a CUDA GPU" in md
+    assert set(f["peaks"]) == {"fp32", "bf16", native} and f["peak"] == f["peaks"]["fp32"]
+    assert all(pk["device"] == ("cuda" if cuda else "cpu") for pk in f["peaks"].values())
+    assert f["bf16"]["fraction_of_peak"] == pytest.approx(f["bf16"]["flops_per_s"] / f["peaks"]["bf16"]["best_flops_per_s"])
+    assert f["eager"]["fraction_of_peak"] == pytest.approx(f["eager"]["flops_per_s"] / f["peaks"][native]["best_flops_per_s"])
+    assert r["paths"]["engine"]["precision"] == "fp32" and r["runtime_overhead_stub"]["resolution"] == "512x512"
+    cold = r["cold_start"]["diffusers"]  # the same device and precision as the eager baseline
+    assert cold["device"] == ("cuda" if cuda else "cpu") and cold["loaded_dtypes"] == [{"fp16": "float16", "fp32": "float32"}[native]]
+    assert r["failures"] == [] and "| bf16 |" in md and "stub engines" in md
     check = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "check_report.py"), str(report_dir)],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_diffusers_cold_start_runs_in_the_pipeline_dtype(demo_pipe, dtype):
+    """The cold-start row that failed on CUDA (the fp16 pipeline saved, then loaded back as fp16 text encoder and fp32
+    UNet: "mat1 and mat2 must have the same dtype"), caught on CPU with bf16 standing in for fp16."""
+    import copy
+
+    import torch
+
+    from lcm_export.bench import diffusers_cold_start
+
+    ref = copy.deepcopy(demo_pipe).to(getattr(torch, dtype))
+    row = diffusers_cold_start(ref, 1, ["a cat", "1.0", "64", "64"])
+    assert "error" not in row, row["error"]
+    assert row["seconds"] > 0 and row["device"] == "cpu" and row["dtype"] == dtype and row["loaded_dtypes"] == [dtype]
+
+
+def test_failed_rows_fail_the_run(demo_engine, tmp_path, capsys, monkeypatch):
+    """A baseline and a cold start that error (injected): bench exits 1 naming them, the report keeps each error and
+    lists it under "failures", and the schema and check_report refuse the report for exactly those rows."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from lcm_export import bench, bench_torch
+
+    real = bench_torch.torch_call
+
+    def bf16_fails(pipe, *a, **k):
+        if next(pipe.unet.parameters()).dtype == torch.bfloat16:
+            raise RuntimeError("injected bf16 failure")
+        return real(pipe, *a, **k)
+
+    monkeypatch.setattr(bench_torch, "torch_call", bf16_fails)
+    monkeypatch.setattr(bench, "_TORCH_COLD", "raise RuntimeError('injected cold-start failure')")
+    out = tmp_path / "r"
+    code, stdout, err = run_cli(["bench", "--engine-dir", demo_engine, "--runs", "1", "--warmup", "0", "--solvers", "lcm:1,ddim:2",
+                                 "--baselines", "eager,bf16", "--resolution", "64x64", "--out", out, "--quiet"], capsys)
+    assert code == 1 and stdout.startswith("FAILED (paths.bf16, cold_start.diffusers) 64x64:")
+    assert "error: paths.bf16 failed: RuntimeError: injected bf16 failure" in err
+    assert "error: cold_start.diffusers failed: RuntimeError: injected cold-start failure" in err
+    r = json.loads((out / "report.json").read_text())
+    assert [f["row"] for f in r["failures"]] == ["paths.bf16", "cold_start.diffusers"]
+    assert r["paths"]["bf16"]["error"] == "RuntimeError: injected bf16 failure" and "stages" not in r["paths"]["bf16"]
+    assert "ratio" not in r["cold_start"] and "stages" in r["paths"]["eager"]
+    bad = {tuple(e.absolute_path)[:2] for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(r)}
+    assert bad == {("failures",), ("paths", "bf16"), ("cold_start",)}, bad
+    md = (out / "report.md").read_text()
+    assert "**FAILED:** 2 row(s) errored" in md and "injected bf16 failure" in md and "injected cold-start failure" in md
+    check = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "check_report.py"), str(out)],
+                           capture_output=True, text=True)
+    assert check.returncode == 1 and "the run failed (2 row(s)): paths.bf16: RuntimeError: injected bf16 failure" in check.stderr
 
 
 def test_baseline_setup_per_device():

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import needs_openvino, run_cli
 from lcm_export.build_engine import BuildOptions, build_engine
 from lcm_export.verify import psnr, seeded_inputs
 from lcm_export.runtime import LCMPipeline
 
-BACKENDS = [("onnxruntime", "fp32"), ("openvino", "fp32")]
+BACKENDS = [("onnxruntime", "fp32"), pytest.param("openvino", "fp32", marks=needs_openvino)]
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ from . import rebuild_hint, thread_count
 NAME = "onnxruntime"
 PRECISIONS = ("fp32",)
 SPEED_RANK = {"fp32": 2}
-"""Measured slower than OpenVINO fp32 for every SD 1.5 component at 256² and 512² (by 4-9 %;
-benchmarks/reports/cpu-backends-{256,512}), so ``auto`` prefers OpenVINO for fp32 too."""
+"""Measured slower than OpenVINO fp32 for every SD 1.5 component at 256² and 512² (by 2-9 %, on 2 cores of
+an AMD EPYC; benchmarks/reports/cpu-backends-{256,512}), so ``auto`` prefers OpenVINO for fp32 too."""
 VERIFY_IN_BUILD = True
 REFIT = True
 """Refit: the stored graph is re-optimized from the patched exported graph (weights are pre-packed)."""

@@ -32,8 +32,8 @@ NAME = "openvino"
 PRECISIONS = ("fp32", "bf16")
 SPEED_RANK = {"fp32": 1, "bf16": 0}
 """bf16: only OpenVINO builds it. fp32: faster than ONNX Runtime for every SD 1.5 component at 256² and
-512² (UNet 952 vs 998 ms and 4.56 vs 4.86 s; VAE decoder 2.91 vs 3.06 s and 12.2 vs 12.4 s; reports
-cpu-backends-256/512)."""
+512² (UNet 952 vs 998 ms and 4.56 vs 4.86 s; VAE decoder 2.91 vs 3.06 s and 12.2 vs 12.4 s; 2 cores of an
+AMD EPYC, reports cpu-backends-256/512)."""
 VERIFY_IN_BUILD = True
 REFIT = True
 """Refit: new IR and compiled blob from the patched exported graph (constants replaced, recompiled)."""

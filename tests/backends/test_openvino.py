@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PY, RESOLUTIONS, run_cli
+from conftest import OV_OK, OV_WHY, PY, RESOLUTIONS, needs_openvino, run_cli
 from lcm_export._cpu import native_bf16
 from lcm_export.build_engine import BuildOptions, build_engine
 from lcm_export.errors import UserError
@@ -21,6 +21,8 @@ needs_bf16 = pytest.mark.skipif(not native_bf16(), reason="this CPU has no nativ
 
 
 def _build(tmp_path_factory, base_dir, demo_loras, precision, name):
+    if not OV_OK:
+        pytest.skip(f"needs OpenVINO: {OV_WHY}")
     d = tmp_path_factory.mktemp("ov") / name
     build_engine(BuildOptions(base=str(base_dir), loras=tuple(f"{p}:{w}" for p, w in demo_loras), resolutions=RESOLUTIONS,
                               engine_dir=str(d), backend="openvino", precision=precision, show_progress=False))
@@ -149,6 +151,7 @@ def test_bf16_entry_within_its_gate(ov_bf16, fused_pipe):
     assert errors["unet"] > 1e-4 and all(e < 0.2 for e in errors.values()), errors
 
 
+@needs_openvino
 @needs_bf16
 def test_fidelity_failure_writes_nothing(base_dir, tmp_path, monkeypatch, capsys):
     from lcm_export import verify as fidelity
