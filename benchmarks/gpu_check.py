@@ -9,7 +9,7 @@ For each model it
   1. builds a TensorRT fp16 entry (engines/gpu-<model>) through `build_engine` (Polygraphy API);
   2. compares each TensorRT engine with the PyTorch fp16 module on CUDA on seeded inputs (rel-L2,
      max-abs), and a 4-step image against diffusers fp16 with the same latents and step noise (PSNR,
-     through `lcm_export.fidelity`, which restores what it patches), once with the latents kept on
+     through `lcm_export.verify`, which restores what it patches), once with the latents kept on
      the GPU between steps (the device loop) and once with the host loop;
   3. runs `lcm-export bench` with the eager, torch.compile, CUDA-graph (reduce-overhead) and bf16
      baselines and writes benchmarks/reports/gpu-<model>-<res>/ in the standard report format.

@@ -218,15 +218,25 @@ def unload_loras(pipe) -> None:
 
 
 class _quiet_diffusers:
-    """Silence diffusers' logger while loading (we report problems ourselves, as one line)."""
+    """Silence diffusers' logger and diffusers' / transformers' loading bars while a LoRA loads (we report
+    problems ourselves, as one line, and show our own progress)."""
 
     def __enter__(self):
+        import diffusers.utils.logging as dl
+        import transformers.utils.logging as tl
+
         self.logger = logging.getLogger("diffusers")
         self.level = self.logger.level
         self.logger.setLevel(logging.CRITICAL)
+        self.bars = [(m, m.is_progress_bar_enabled()) for m in (dl, tl)]
+        for m, _ in self.bars:
+            m.disable_progress_bar()
 
     def __exit__(self, *a):
         self.logger.setLevel(self.level)
+        for m, was in self.bars:
+            if was:
+                m.enable_progress_bar()
 
 
 def read_fusion(folder: Path) -> dict:

@@ -1,0 +1,263 @@
+"""Style LoRAs as run-time adapters: prepared once (`adapter add`), applied per call, equal to a fresh build
+with the LoRA fused; mixing, λ = 0, switching back and forth; bad input; lean."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import PY, needs_openvino, run_cli
+from lcm_export.build_engine import BuildOptions, build_engine
+from lcm_export.runtime import LCMPipeline
+from lcm_export.verify import FP32_FACTOR, FP32_FLOOR, float64_outputs, psnr, rel_l2, seeded_inputs
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory, demo_pipe, demo_loras):
+    """lcm: the demo LCM-LoRA (kohya LoCon: 3x3 convs, baked); style: the demo PEFT style LoRA (UNet attention +
+    text encoder); pixel: a kohya LoRA over other layers (feed-forward, cross-attention, 1x1 proj convs)."""
+    import torch
+    from safetensors.torch import save_file
+
+    (lcm, _), (style, _) = demo_loras
+    gen = torch.Generator().manual_seed(99)
+    sd = {}
+    for name, mod in demo_pipe.unet.named_modules():
+        if name.endswith(("ff.net.2", "attn2.to_k", "attn2.to_v", "proj_in", "proj_out")):
+            key = "lora_unet_" + name.replace(".", "_")
+            w = mod.weight
+            sd[f"{key}.lora_down.weight"] = torch.randn(3, *w.shape[1:], generator=gen) * 0.1
+            sd[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], 3, *w.shape[2:], generator=gen) * 0.1
+            sd[f"{key}.alpha"] = torch.tensor(1.5)
+    pixel = tmp_path_factory.mktemp("pixel") / "pixel.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(pixel))
+    return {"lcm": Path(lcm), "style": Path(style), "pixel": pixel}
+
+
+def _build(base_dir, d, specs, backend="onnxruntime", precision="fp32", adapters=False):
+    return build_engine(BuildOptions(base=str(base_dir), loras=tuple(specs), resolutions=((64, 64),), engine_dir=str(d),
+                                     backend=backend, precision=precision, adapters=adapters, show_progress=False))
+
+
+@pytest.fixture(scope="module")
+def entry(tmp_path_factory, base_dir, loras):
+    """An ONNX Runtime entry with the LCM-LoRA baked and adapter branches, holding 'style' and 'pixel'."""
+    from lcm_export.adapters import add_adapter
+
+    d = tmp_path_factory.mktemp("adapters") / "entry"
+    _build(base_dir, d, [f"{loras['lcm']}:1.0"], adapters=True)
+    add_adapter(d, loras["style"], "style")
+    add_adapter(d, loras["pixel"], "pixel")
+    return d
+
+
+def _image(pipe, **kw):
+    lat, noise = seeded_inputs(4, (64, 64), 4, seed=11)
+    return pipe("a paper fox", steps=4, latents=lat, step_noise=noise, output_type="np", **kw)
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory, base_dir, loras):
+    """Fresh builds (no branches) with the same LoRAs fused at the λ the adapter tests use."""
+    root = tmp_path_factory.mktemp("fresh")
+    out = {}
+    for key, specs in {"style": ["style:0.8"], "mix": ["style:0.8", "pixel:-0.5"], "none": []}.items():
+        d = root / key
+        _build(base_dir, d, [f"{loras['lcm']}:1.0"] + [f"{loras[s.split(':')[0]]}:{s.split(':')[1]}" for s in specs])
+        out[key] = d
+    return out
+
+
+def test_branches_and_index(entry, loras):
+    from lcm_export.lora import inspect_lora
+
+    m = json.loads((entry / "manifest.json").read_text())
+    branches = m["adapters"]["branches"]
+    assert set(branches) == {"text_encoder", "unet"}
+    kinds = {r["kind"] for r in branches["unet"]}
+    assert kinds == {"matmul", "conv1x1"} and len(branches["text_encoder"]) == 12
+    index = json.loads((entry / "adapters" / "index.json").read_text())["adapters"]
+    assert set(index) == {"style", "pixel"}
+    for name in index:  # every layer of the file became a branch's factors
+        assert index[name]["layers"] == inspect_lora(loras[name]).n_layers
+        assert index[name]["source"]["sha256"] == inspect_lora(loras[name]).sha256
+    assert index["pixel"]["ranks"] == [3] and set(index["style"]["layers"]) == {"unet", "text_encoder"}
+
+
+def test_no_adapter_and_zero_weight_equal_the_plain_entry(entry, fresh):
+    pipe, plain = LCMPipeline.from_engine_dir(entry), LCMPipeline.from_engine_dir(fresh["none"])
+    a = _image(pipe)
+    assert np.array_equal(a, _image(pipe, adapters={"style": 0.0, "pixel": 0.0}))
+    assert np.array_equal(a, _image(pipe, adapters={}))
+    assert psnr(a, _image(plain)) >= 80  # the same model; fp32 rounding of the rank-0 branches' graph only
+
+
+@pytest.mark.parametrize("choice, key", [({"style": 0.8}, "style"), ({"style": 0.8, "pixel": -0.5}, "mix")])
+def test_adapters_equal_a_fresh_build_with_them_fused(entry, fresh, fused_refs, choice, key):
+    pipe, ref = LCMPipeline.from_engine_dir(entry), LCMPipeline.from_engine_dir(fresh[key])
+    ours, want = _image(pipe, adapters=choice), _image(ref)
+    assert psnr(ours, want) >= 60
+    # the UNet with the adapters, through the engine, against float64 of the fused PyTorch module: the fp32 gate rule
+    module, feeds = fused_refs[key]
+    exact = float64_outputs(module, feeds)[0]
+    from lcm_export.components import run_module
+
+    e32 = rel_l2(run_module(module, feeds)[0], exact)
+    got = pipe.engines["unet"]["*"].run({**feeds, **pipe.adapters.feeds(pipe.adapters.check(choice))["unet"]})
+    assert rel_l2(got, exact) <= max(FP32_FLOOR, FP32_FACTOR * e32)
+    assert rel_l2(got, pipe.engines["unet"]["*"].run({**feeds, **pipe.adapters.feeds(())["unet"]})) > 1e-3  # it did change
+
+
+@pytest.fixture(scope="module")
+def fused_refs(base_dir, loras):
+    """PyTorch UNets with the LoRAs fused (diffusers), as references, with seeded inputs."""
+    from lcm_export.components import sample_inputs, wrappers
+    from lcm_export.fuse import fuse_into
+    from lcm_export.lora import LoraSpec, inspect_lora
+    from lcm_export.models import load_pipeline, resolve_base
+
+    out = {}
+    for key, specs in {"style": [("style", 0.8)], "mix": [("style", 0.8), ("pixel", -0.5)]}.items():
+        pipe = load_pipeline(resolve_base(str(base_dir)))
+        items = [(LoraSpec(loras["lcm"], 1.0), inspect_lora(loras["lcm"]))]
+        items += [(LoraSpec(loras[n], w), inspect_lora(loras[n])) for n, w in specs]
+        fuse_into(pipe, items)
+        out[key] = (wrappers(pipe)["unet"], sample_inputs("unet", pipe, 1, (64, 64), seed=5))
+    return out
+
+
+def test_switching_back_and_forth_does_not_drift(entry):
+    pipe = LCMPipeline.from_engine_dir(entry)
+    first = _image(pipe, adapters={"style": 0.8})
+    for choice in ({"pixel": 1.0}, {}, {"style": 0.3, "pixel": 0.2}, {"style": 0.8}):
+        img = _image(pipe, adapters=choice)
+    assert np.array_equal(img, first)
+    assert not np.array_equal(_image(pipe, adapters={"style": 0.3}), first)
+
+
+@needs_openvino
+def test_openvino_bf16_adapter_equals_fresh_build(base_dir, loras, tmp_path):
+    from lcm_export._cpu import native_bf16
+    from lcm_export.adapters import add_adapter
+
+    precision = "bf16" if native_bf16() else "fp32"
+    _build(base_dir, tmp_path / "a", [f"{loras['lcm']}:1.0"], "openvino", precision, adapters=True)
+    add_adapter(tmp_path / "a", loras["style"], "style")
+    _build(base_dir, tmp_path / "f", [f"{loras['lcm']}:1.0", f"{loras['style']}:0.8"], "openvino", precision)
+    ours = _image(LCMPipeline.from_engine_dir(tmp_path / "a"), adapters={"style": 0.8})
+    assert psnr(ours, _image(LCMPipeline.from_engine_dir(tmp_path / "f"))) >= 40
+
+
+def test_cli_add_list_generate_remove(entry, loras, tmp_path, capsys):
+    code, out, err = run_cli(["adapter", "list", "--engine-dir", entry], capsys)
+    assert code == 0 and "style" in out and "pixel" in out
+    code, out, err = run_cli(["generate", "--engine-dir", entry, "--prompt", "a paper fox", "--adapter", "style:0.8",
+                              "--adapter", "pixel:-0.5", "--out", tmp_path / "x.png"], capsys)
+    assert code == 0, err
+    from PIL import Image
+
+    pipe = LCMPipeline.from_engine_dir(entry)
+    want = pipe("a paper fox", adapters={"style": 0.8, "pixel": -0.5})[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "x.png")), np.asarray(want))
+    code, out, err = run_cli(["adapter", "add", "--engine-dir", entry, loras["style"], "--name", "extra"], capsys)
+    assert code == 0 and "added adapter extra" in out
+    code, out, err = run_cli(["adapter", "remove", "--engine-dir", entry, "extra"], capsys)
+    assert code == 0 and not (entry / "adapters" / "extra").exists()
+    assert "extra" not in json.loads((entry / "adapters" / "index.json").read_text())["adapters"]
+
+
+def _snapshot(d: Path) -> dict:
+    return {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, loras):
+    from safetensors.numpy import load_file, save_file
+
+    d = tmp_path_factory.mktemp("bad")
+    sd = load_file(str(loras["style"]))
+    k = next(k for k in sd if k.endswith("lora_B.weight"))
+    nan = dict(sd)
+    nan[k] = np.full_like(sd[k], np.nan)
+    save_file(nan, str(d / "nan.safetensors"))
+    sdxl = d / "sdxl"
+    from lcm_export.demo import build_demo_pipeline, write_demo_loras
+
+    other = write_demo_loras(build_demo_pipeline("sdxl"), sdxl, "sdxl")[1][0]
+    return {"nan": d / "nan.safetensors", "sdxl": other}
+
+
+@pytest.mark.parametrize("case, args, needle", [
+    ("locon 3x3", lambda l, b: [l["lcm"]], "3x3 convolution, which run-time adapters cannot change"),
+    ("nan factors", lambda l, b: [b["nan"]], "NaN or inf"),
+    ("another family", lambda l, b: [b["sdxl"]], "LoRA file"),
+    ("bad name", lambda l, b: [l["style"], "--name", "../x"], "adapter name"),
+    ("name taken", lambda l, b: [l["style"], "--name", "style"], "already holds an adapter named 'style'"),
+    ("missing file", lambda l, b: [Path("/nonexistent.safetensors")], "not found"),
+])
+def test_add_refusals(entry, loras, bad_files, capsys, case, args, needle):
+    before = _snapshot(entry)
+    code, out, err = run_cli(["adapter", "add", "--engine-dir", entry, *args(loras, bad_files)], capsys)
+    assert code == 2 and err.strip().splitlines() == [err.strip()] and err.startswith("error: ") and needle in err, err
+    assert _snapshot(entry) == before
+
+
+def test_add_refused_on_an_entry_without_branches(fresh, loras, capsys):
+    code, _, err = run_cli(["adapter", "add", "--engine-dir", fresh["none"], loras["style"]], capsys)
+    assert code == 2 and "has no adapter branches" in err and not (fresh["none"] / "adapters").exists()
+
+
+@pytest.mark.parametrize("choice, needle", [
+    ({"nope": 1.0}, "unknown adapter 'nope'"),
+    ({"style": float("nan")}, "weight nan"),
+    ({"style": 9.0}, "from -8 to 8"),
+    ({"style": True}, "weight True"),
+    (["style"], "must be a mapping"),
+])
+def test_call_refusals(entry, choice, needle):
+    from lcm_export.errors import UserError
+
+    with pytest.raises(UserError, match=needle.replace("(", r"\(")):
+        LCMPipeline.from_engine_dir(entry)("x", adapters=choice)
+
+
+def test_generate_refusals_are_one_line(entry, fresh, tmp_path, capsys):
+    for args, needle in ((["--engine-dir", entry, "--adapter", "style:abc"], "is not a number"),
+                         (["--engine-dir", entry, "--adapter", "style", "--adapter", "style:0.5"], "given twice"),
+                         (["--engine-dir", fresh["none"], "--adapter", "style"], "takes no run-time adapters")):
+        code, _, err = run_cli(["generate", *args, "--prompt", "x", "--out", tmp_path / "y.png"], capsys)
+        assert code == 2 and err.strip().splitlines() == [err.strip()] and needle in err, err
+        assert not (tmp_path / "y.png").exists()
+
+
+def test_factors_changed_on_disk_are_refused(base_dir, loras, tmp_path, capsys):
+    from lcm_export.adapters import add_adapter
+
+    d = tmp_path / "e"
+    _build(base_dir, d, [f"{loras['lcm']}:1.0"], adapters=True)
+    add_adapter(d, loras["style"], "style")
+    f = d / "adapters" / "style" / "factors.safetensors"
+    blob = bytearray(f.read_bytes())
+    blob[-5] ^= 0x01
+    f.write_bytes(bytes(blob))
+    capsys.readouterr()
+    code, _, err = run_cli(["generate", "--engine-dir", d, "--prompt", "x", "--adapter", "style", "--out", tmp_path / "y.png"], capsys)
+    assert code == 2 and "changed since it was added" in err and err.strip().splitlines() == [err.strip()]
+    code, _, err = run_cli(["generate", "--engine-dir", d, "--prompt", "x", "--out", tmp_path / "z.png"], capsys)
+    assert code == 0  # the entry itself still works without that adapter
+
+
+def test_applying_an_adapter_is_lean(entry, tmp_path):
+    code = (
+        "import sys, json\n"
+        "import lcm_export.runtime as rt\n"
+        f"pipe = rt.LCMPipeline.from_engine_dir({str(entry)!r})\n"
+        "pipe('a photo', steps=2, adapters={'style': 0.8, 'pixel': 0.3})\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers', 'peft'))))\n"
+    )
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
