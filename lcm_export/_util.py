@@ -109,6 +109,21 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "outpu
         raise
 
 
+def link_tree(src: Path, dst: Path, skip=lambda name: False) -> None:
+    """Hard-link every file of ``src`` into ``dst`` (copy where links are impossible); files whose name
+    ``skip`` accepts are left out."""
+    for root, dirs, files in os.walk(src):
+        rel = Path(root).relative_to(src)
+        (Path(dst) / rel).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            if skip(f):
+                continue
+            try:
+                os.link(Path(root) / f, Path(dst) / rel / f)
+            except OSError:
+                shutil.copy2(Path(root) / f, Path(dst) / rel / f)
+
+
 def file_parent(path: Path) -> Path | None:
     """The nearest existing ancestor of ``path`` when it is a file (``path`` cannot be created), else None."""
     for parent in Path(path).parents:

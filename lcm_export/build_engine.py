@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import backends
 from ._cpu import cpu_name, recorded_flags
-from ._util import atomic_dir, disk_error, progress, tool_versions, write_json
+from ._util import atomic_dir, disk_error, link_tree, progress, tool_versions, write_json
 from .errors import UserError
 from .shapes import check_memory, plan_shapes, size_multiple
 from .store import DEFAULT_ROOT, MANIFEST, SCHEMA_VERSION, cache_key, existing_entry, record_file_sizes, reusable_entry
@@ -173,6 +173,7 @@ def build_engine(opts: BuildOptions) -> BuildResult:
         with atomic_dir(engine_dir, force=True, what="engine dir") as tmp:
             manifest = _build_into(tmp, opts, src, family, backend, device, precision, plans, items, key, versions,
                                    engine_dir, bar, {**keys, "graph_inputs": graph_inputs, "weights_inputs": weights_inputs})
+            messages += carry_adapters(engine_dir, tmp, manifest)
     except OSError as exc:
         raise disk_error(exc, engine_dir) from None
     finally:
@@ -229,7 +230,6 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
             rec["parity"] = exported[comp]["parity"]
         components[comp] = rec
         bar.update()
-    del refs
     extra = {backend: section} if section else {}
 
     bar.set_description_str("tokenizer + scheduler")
@@ -292,6 +292,28 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
         write_json(tmp / MANIFEST, record_file_sizes(manifest, tmp))
         bar.update()
     return manifest
+
+
+def carry_adapters(old_dir: Path, new_dir: Path, manifest: dict) -> list[str]:
+    """Keep the adapters of the entry being replaced when the new one has the same adapter branches
+    (same layers, kinds and sizes: the prepared factors fit as they are); else say they were dropped."""
+    from .adapters import ADAPTER_DIR, read_index
+
+    src = Path(old_dir) / ADAPTER_DIR
+    if not src.is_dir():
+        return []
+    try:
+        names = sorted(read_index(old_dir))
+        old = json.loads((Path(old_dir) / MANIFEST).read_text()).get("adapters", {}).get("branches")
+    except (UserError, OSError, ValueError, AttributeError):
+        names, old = [], None
+    if not names:
+        return []
+    if old and old == manifest.get("adapters", {}).get("branches"):
+        link_tree(src, Path(new_dir) / ADAPTER_DIR, skip=lambda name: name == ".lock")
+        return [f"adapters kept: {', '.join(names)}"]
+    return [f"adapters dropped ({', '.join(names)}): the new entry has other adapter branches; add them again with "
+            "`lcm-export adapter add`"]
 
 
 def _add_adapter_branches(pipe, work: Path, entry: Path, exported: dict) -> dict:

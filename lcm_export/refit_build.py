@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 from . import backends
-from ._util import atomic_dir, disk_error, progress, write_json
+from ._util import atomic_dir, disk_error, link_tree, progress, write_json
 from .errors import UserError
 from .store import MANIFEST, record_file_sizes
 
@@ -68,18 +66,6 @@ def refit_blocker(old: dict, keys: dict, graph_inputs: dict, weights_inputs: dic
         if k in section and section[k] != here.get(k):
             return f"the entry was built on another CPU ({k} {section[k]} here {here.get(k)}), so its engines are re-derived in full"
     return None
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link every file of ``src`` into ``dst`` (copy where links are impossible)."""
-    for root, dirs, files in os.walk(src):
-        rel = Path(root).relative_to(src)
-        (dst / rel).mkdir(parents=True, exist_ok=True)
-        for f in files:
-            try:
-                os.link(Path(root) / f, dst / rel / f)
-            except OSError:
-                shutil.copy2(Path(root) / f, dst / rel / f)
 
 
 def _modules(fusion: dict) -> dict[str, set[str]]:
@@ -126,7 +112,7 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
         mark[0] = now
 
     bar.set_description_str("link the current entry")
-    _link_tree(engine_dir, tmp)
+    link_tree(engine_dir, tmp)
     bar.set_description_str(f"load {src.spec}")
     pipe = load_pipeline(src)
     bar.update()

@@ -261,3 +261,21 @@ def test_applying_an_adapter_is_lean(entry, tmp_path):
     )
     r = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+
+
+def test_adapters_survive_a_refit_and_a_rebuild_with_the_same_branches(base_dir, loras, tmp_path):
+    from lcm_export.adapters import add_adapter, read_index
+
+    d = tmp_path / "e"
+    _build(base_dir, d, [f"{loras['lcm']}:1.0"], adapters=True)
+    add_adapter(d, loras["style"], "style")
+    refit = _build(base_dir, d, [f"{loras['lcm']}:0.5"], adapters=True)  # a λ change: refit, files linked over
+    assert refit.refit and set(read_index(d)) == {"style"}
+    rebuilt = build_engine(BuildOptions(base=str(base_dir), loras=(f"{loras['lcm']}:0.5",), resolutions=((64, 64), (64, 96)),
+                                        engine_dir=str(d), backend="onnxruntime", adapters=True, show_progress=False))
+    assert not rebuilt.refit and "adapters kept: style" in rebuilt.summary()
+    pipe = LCMPipeline.from_engine_dir(d)
+    assert not np.array_equal(_image(pipe, adapters={"style": 0.8}), _image(pipe))
+    plain = build_engine(BuildOptions(base=str(base_dir), loras=(f"{loras['lcm']}:0.5",), resolutions=((64, 64),),
+                                      engine_dir=str(d), backend="onnxruntime", show_progress=False))
+    assert "adapters dropped (style)" in plain.summary() and not (d / "adapters").exists()
