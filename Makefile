@@ -6,6 +6,7 @@ STAMP   := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 DEMO    := engines/demo-sd15
 DEMO_OV := engines/demo-sd15-openvino-fp32
 DEMO_ORT := engines/demo-sd15-onnxruntime
+DEMO_ADAPT := engines/demo-sd15-adapters
 PROMPT  := a photo of an astronaut riding a horse
 
 .PHONY: setup demo test lean-check bench-ci clean
@@ -29,11 +30,14 @@ test: setup
 	$(VPY) -m pytest -q tests
 
 # The runtime with the base install only (no extras: no torch, diffusers, transformers), in its own venv,
-# on the demo entry (`auto`: OpenVINO bf16 on CPUs with native bf16, else OpenVINO fp32) and on
-# one entry of each CPU backend, whatever this CPU is.
+# on the demo entry (`auto`: OpenVINO bf16 on CPUs with native bf16, else OpenVINO fp32), on
+# one entry of each CPU backend, whatever this CPU is, and with a run-time style adapter.
 lean-check: demo
 	$(VENV)/bin/lcm-export build-engine --engine-dir $(DEMO_OV) --backend openvino --precision fp32 --quiet
 	$(VENV)/bin/lcm-export build-engine --engine-dir $(DEMO_ORT) --backend onnxruntime --quiet
+	$(VENV)/bin/lcm-export build-engine --engine-dir $(DEMO_ADAPT) --adapters --quiet
+	$(VENV)/bin/lcm-export adapter add --engine-dir $(DEMO_ADAPT) --name style --force \
+		"$$($(VPY) -c 'from lcm_export.demo import demo_lora_dir, demo_lora_paths; print(demo_lora_paths(demo_lora_dir(), "sd15")[1][0])')"
 	test -x .venv-lean/bin/python || $(PY) -m venv .venv-lean
 	.venv-lean/bin/python -m pip install -q --upgrade pip
 	.venv-lean/bin/python -m pip install -q .
@@ -41,6 +45,7 @@ lean-check: demo
 	.venv-lean/bin/lcm-export generate --engine-dir $(DEMO) --prompt "$(PROMPT)" --out out/lean.png
 	.venv-lean/bin/lcm-export generate --engine-dir $(DEMO_OV) --prompt "$(PROMPT)" --out out/lean-openvino.png
 	.venv-lean/bin/lcm-export generate --engine-dir $(DEMO_ORT) --prompt "$(PROMPT)" --out out/lean-onnxruntime.png
+	.venv-lean/bin/lcm-export generate --engine-dir $(DEMO_ADAPT) --prompt "$(PROMPT)" --adapter style:0.5 --out out/lean-adapter.png
 
 bench-ci: demo
 	$(VENV)/bin/lcm-export bench --engine-dir $(DEMO) --baselines eager,compile --runs 2 --warmup 1 --out out/bench-ci --quiet
