@@ -35,11 +35,15 @@ from .errors import UserError
 FP32_FLOOR = 1e-4
 """An fp32 engine within this rel-L2 of the fp64 answer always passes (well-conditioned models: PyTorch
 fp32 is 1e-7 to 1e-6 from fp64 there, so the floor decides)."""
-FP32_FACTOR = 3.0
-"""How much further from fp64 than PyTorch fp32 an fp32 engine may be. Measured engine/PyTorch ratios
-(rel-L2 to fp64, ill-conditioned strong-LoRA models, ONNX Runtime and OpenVINO fp32): 0.4 to 1.8; a
-real export bug (one wrong weight, a wrong op) is 10x to 10^5x. 3 leaves room above the largest
-correct ratio measured and stays far below the smallest bug (README, "Verification")."""
+FP32_FACTOR = 10.0
+"""How much further from fp64 than PyTorch fp32 an fp32 engine may be. Measured (benchmarks/fp64_gate.py,
+reports/fp64-gate: strong-LoRA UNets, deltas 2x to 8x the base weights, 8 seeds x 2 sizes): correct engines'
+ratio over CONFIRM_INPUTS inputs up to 1.7 (ONNX Runtime) and 6.7 (OpenVINO fp32, whose CPU kernels are
+less exact than PyTorch's on such models), one input alone up to 17; planted export bugs (a transposed
+weight, a wrong op) 1,200x to 65,000x. 10 refused none of the 96 correct checks and sits two orders of
+magnitude below every bug (README, "Fidelity gates")."""
+CONFIRM_INPUTS = 3
+"""Seeded inputs that decide when the first one fails the fp32 rule."""
 REDUCED = ("bf16",)
 """Precisions gated by the image check instead of the fp32 rule (TensorRT fp16 is checked on a GPU by
 benchmarks/gpu_check.py)."""
@@ -156,22 +160,49 @@ class References:
 # ---------------------------------------------------------------------------------------------
 # The component gate
 
-def check_outputs(got: list, ref: Reference, precision: str = "fp32") -> dict:
-    """One parity record: ``got`` (every output of an engine) against ``ref``. fp32: against float64,
-    with PyTorch fp32's own distance and the limit; reduced precision: against PyTorch fp32."""
-    base = {"batch": ref.batch, "resolution": ref.resolution, "shape": list(np.shape(got[0]))}
-    finite = all(bool(np.isfinite(g).all()) for g in got)
-    if precision in REDUCED or ref.fp64 is None:
-        worst = max((compare(g, w) for g, w in zip(got, ref.fp32)), key=lambda c: c["rel_l2"])
+def _stack(arrays: list) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in arrays])
+
+
+def check_outputs(got: list[list], refs: list[Reference], precision: str = "fp32") -> dict:
+    """One parity record: ``got[i]`` (every output of an engine for input i) against ``refs[i]``, rel-L2
+    taken over all the inputs together. fp32: against float64, with PyTorch fp32's own distance and the
+    limit; reduced precision: against PyTorch fp32."""
+    ref0 = refs[0]
+    base = {"batch": ref0.batch, "resolution": ref0.resolution, "shape": list(np.shape(got[0][0])), "inputs": len(refs)}
+    finite = all(bool(np.isfinite(g).all()) for outs in got for g in outs)
+    n_out = len(ref0.fp32)
+    per_output = lambda which: [_stack([which(r, g)[k] for r, g in zip(refs, got)]) for k in range(n_out)]  # noqa: E731
+    engine = per_output(lambda r, g: g)
+    fp32 = per_output(lambda r, g: r.fp32)
+    if precision in REDUCED or ref0.fp64 is None:
+        worst = max((compare(e, w) for e, w in zip(engine, fp32)), key=lambda c: c["rel_l2"])
         return {**base, **worst, "finite": finite, "reference": "PyTorch fp32", "limit": REDUCED_LIMIT}
     rows = []
-    for g, w32, w64 in zip(got, ref.fp32, ref.fp64):
+    for e, w32, w64 in zip(engine, fp32, per_output(lambda r, g: r.fp64)):
         e32 = rel_l2(w32, w64)
-        c = compare(g, w64)
-        rows.append({**c, "torch_fp32_rel_l2": e32, "limit": max(FP32_FLOOR, FP32_FACTOR * e32),
-                     "vs_torch_fp32_rel_l2": rel_l2(g, w32)})
+        rows.append({**compare(e, w64), "torch_fp32_rel_l2": e32, "limit": max(FP32_FLOOR, FP32_FACTOR * e32),
+                     "vs_torch_fp32_rel_l2": rel_l2(e, w32)})
     worst = max(rows, key=lambda r: r["rel_l2"] / r["limit"])
     return {**base, **worst, "finite": finite, "reference": "PyTorch fp64"}
+
+
+def passes(c: dict) -> bool:
+    return c["finite"] and c["rel_l2"] <= c["limit"]
+
+
+def gate(run, comp: str, hw, refs: "References", precision: str = "fp32") -> dict:
+    """The parity record of ``run`` (feeds -> every output) for ``comp`` at ``hw``. fp32: one seeded input
+    first; if that fails, CONFIRM_INPUTS inputs together decide (the rel-L2 of one input is a noisy
+    yardstick: on ill-conditioned models PyTorch fp32's own error varies several-fold from input to input)."""
+    fp64 = precision not in REDUCED
+    first = refs.get(comp, hw, fp64=fp64, seed=0)
+    got = [run(first.feeds)]
+    c = check_outputs(got, [first], precision)
+    if passes(c) or not fp64 or not c["finite"]:
+        return c
+    more = [refs.get(comp, hw, fp64=True, seed=s) for s in range(1, CONFIRM_INPUTS)]
+    return check_outputs(got + [run(r.feeds) for r in more], [first] + more, precision)
 
 
 def failures(checks: list[dict]) -> str:
@@ -182,7 +213,8 @@ def failures(checks: list[dict]) -> str:
             out.append(f"non-finite output at {c['resolution']}")
         elif not c["rel_l2"] <= c["limit"]:
             if c["reference"] == "PyTorch fp64":
-                out.append(f"rel-L2 {c['rel_l2']:.1e} to the float64 answer at {c['resolution']}, "
+                over = f" over {c['inputs']} inputs" if c.get("inputs", 1) > 1 else ""
+                out.append(f"rel-L2 {c['rel_l2']:.1e} to the float64 answer at {c['resolution']}{over}, "
                            f"{c['rel_l2'] / max(c['torch_fp32_rel_l2'], 1e-30):.0f}x PyTorch fp32's {c['torch_fp32_rel_l2']:.1e} "
                            f"(limit {c['limit']:.1e} = max({FP32_FLOOR:g}, {FP32_FACTOR:g} x PyTorch fp32's))")
             else:
@@ -198,11 +230,7 @@ def graph_checks(comp: str, graph: Path, refs: References, sizes, extra: dict | 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     session = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
-    out = []
-    for hw in sizes:
-        ref = refs.get(comp, hw)
-        out.append(check_outputs(session.run(None, {**ref.feeds, **(extra or {})}), ref))
-    return out
+    return [gate(lambda f: session.run(None, {**f, **(extra or {})}), comp, hw, refs) for hw in sizes]
 
 
 def verify_graph(comp: str, graph: Path, refs: References, plans, what: str) -> list[dict]:
@@ -224,10 +252,7 @@ def verify_engine(mod, section: dict, comp: str, rec: dict, refs: References, pl
     precision = rec["precision"]
     engine = mod.load_engine({mod.NAME: section, "components": {comp: rec}}, entry, comp,
                              entry / next(iter(rec["engines"].values())), threads)
-    checks = []
-    for hw in sizes_for(comp, plans):
-        ref = refs.get(comp, hw, fp64=precision not in REDUCED)
-        checks.append(check_outputs(engine.run_all({**ref.feeds, **(extra or {})}), ref, precision))
+    checks = [gate(lambda f: engine.run_all({**f, **(extra or {})}), comp, hw, refs, precision) for hw in sizes_for(comp, plans)]
     del engine
     rec["parity"] = checks
     bad = failures(checks)
