@@ -102,7 +102,9 @@ class OrtDevice:
         return view
 
     def upload(self, host, into: DevBuf) -> DevBuf:
-        if into.owner is None or tuple(np.shape(host)) != into.shape:
+        if into.owner is None:
+            raise EngineError("upload into a device view: upload into the buffer it views")
+        if tuple(np.shape(host)) != into.shape:
             raise EngineError(f"upload of shape {np.shape(host)} into a device buffer of shape {into.shape}")
         with _GPU_LOCK:
             into.owner.update_inplace(np.ascontiguousarray(host, dtype=into.dtype))
