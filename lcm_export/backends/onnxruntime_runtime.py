@@ -345,9 +345,11 @@ class OrtDeviceEngine:
         return self._launch(feeds, out)
 
     def run_all(self, feeds: dict) -> list[np.ndarray]:
-        """Every output copied to the host, in the graph's order."""
-        results = self._launch(feeds, None)
-        return [self.device.download(results[n]) for n in self.outputs]
+        """Every output copied to the host, in the graph's order (under the lock: another thread's call with the
+        same shapes would write this engine's own output buffers)."""
+        with _GPU_LOCK:
+            results = self._launch(feeds, None)
+            return [self.device.download(results[n]) for n in self.outputs]
 
     def run(self, feeds: dict) -> np.ndarray:
         return self.run_all(feeds)[0]

@@ -218,3 +218,19 @@ def test_step_engines_come_from_the_entry_record(demo_engine, step_files, tmp_pa
     eng = ort_backend.load_device_engine(m, d, "unet", d / m["components"]["unet"]["engines"]["*"], device="cpu")
     assert set(eng.lcm_step) == {False, True} and eng.lcm_step[True].path == d / "unet" / "lcm_step_cfg.onnx"
     assert eng.dtypes["out_sample"] == np.float32 and eng.inputs == ["sample", "timestep", "encoder_hidden_states"]
+
+
+def test_text_encoder_on_the_device_engine_equals_the_plain_engine(demo_engine, monkeypatch):
+    """On CUDA every component is a device engine (text encoders without graphs): int32 ids uploaded, outputs
+    allocated by ONNX Runtime on the device and copied back; the same numbers as the plain session."""
+    from lcm_export.store import read_manifest
+
+    m = read_manifest(demo_engine)
+    path = demo_engine / m["components"]["text_encoder"]["engines"]["*"]
+    ids = np.random.default_rng(0).integers(0, 500, (3, 77)).astype(np.int32)
+    want = ort_backend.load_engine(m, demo_engine, "text_encoder", path).run_all({"input_ids": ids})
+    eng = ort_backend.load_device_engine(m, demo_engine, "text_encoder", path, device="cpu")
+    copies = Copies(monkeypatch)
+    got = eng.run_all({"input_ids": ids})
+    assert len(got) == len(want) and all(np.array_equal(g, w) for g, w in zip(got, want))
+    assert copies.up == [(3, 77)] and copies.down == [tuple(w.shape) for w in want] and eng.lcm_step == {}
