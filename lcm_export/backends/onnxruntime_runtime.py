@@ -199,6 +199,11 @@ class _Shape:
         self.inputs: dict[str, DevBuf] = {}
         self.outputs: dict[str, DevBuf] = {}
         self.graph_ids: dict[tuple, int] = {}
+        self.output_shapes: dict[str, tuple] | None = None
+        if graphs:  # a fixed-shape session knows its output shapes: its outputs get buffers of their own
+            shapes = {o.name: tuple(o.shape) for o in session.get_outputs()}
+            if all(all(isinstance(d, int) for d in s) for s in shapes.values()):
+                self.output_shapes = shapes
 
 
 class OrtDeviceEngine:
@@ -274,13 +279,6 @@ class OrtDeviceEngine:
         if buf.dtype != self.dtypes[name]:
             raise EngineError(f"{self.label}: device buffer for {name!r} is {buf.dtype}, the engine takes {self.dtypes[name]}")
 
-    def _output_shapes(self, entry: _Shape) -> dict[str, tuple] | None:
-        """Concrete output shapes of a fixed-shape session (None for the dynamic one)."""
-        if not entry.graphs:
-            return None
-        shapes = {o.name: tuple(o.shape) for o in entry.session.get_outputs()}
-        return shapes if all(all(isinstance(d, int) for d in s) for s in shapes.values()) else None
-
     def _launch(self, feeds: dict, out: dict | None) -> dict[str, DevBuf]:
         """Bind every input (device buffers by address; host arrays uploaded into this engine's own
         buffers for the shape) and every output (``out``'s buffers, this engine's own for a fixed-shape
@@ -302,7 +300,7 @@ class OrtDeviceEngine:
                 self._check(name, value)
                 binding.bind_input(name, kind, dev_id, value.dtype.type, list(value.shape), value.ptr)
                 addrs.append(value.ptr)
-            fixed = self._output_shapes(entry)
+            fixed = entry.output_shapes
             results, allocated = {}, False
             for name in self.outputs:
                 dst = (out or {}).get(name)
