@@ -46,11 +46,13 @@ class BuildOptions:
     """auto | onnxruntime | openvino | tensorrt. auto: TensorRT on NVIDIA GPUs; on CPUs the backend that
     measured fastest for the precision (OpenVINO, for bf16 and fp32)."""
     precision: str = "auto"
-    """auto | fp32 | fp16 | bf16. auto: fp16 on TensorRT (2x+ faster, small quality cost); on CPUs bf16 where
+    """auto | fp32 | fp16 | bf16. auto: fp16 on NVIDIA GPUs (TensorRT, else ONNX Runtime's CUDA provider; 2x+
+    faster on TensorRT, small quality cost; ONNX Runtime fp16 not measured yet, image-gated); on CPUs bf16 where
     the CPU has native bf16 (AMX / AVX512_BF16: ~2.5x faster UNet, image PSNR ~50 dB against fp32,
     gated at 30 dB), else fp32."""
     vae_fp32: bool = False
-    """TensorRT: VAE decoder in fp32 (slower; avoids fp16 overflow, which is detected anyway)."""
+    """fp16 GPU entries (TensorRT, ONNX Runtime): VAE decoder in fp32 (slower; avoids fp16 overflow, which
+    TensorRT builds detect anyway)."""
     refit: bool = False
     """TensorRT: build refittable engines (slightly slower), so that a change of LoRAs or λ is refit
     into them instead of rebuilt. CPU entries are always refittable (they keep the exported ONNX)."""

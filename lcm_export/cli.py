@@ -83,10 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "on CPUs the backend measured fastest for the precision (OpenVINO, for bf16 and fp32; ONNX Runtime "
                         "where OpenVINO is missing)")
     b.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                   help="auto (default): fp16 on TensorRT; on CPUs bf16 where the CPU has native bf16 (AMX or AVX512_BF16), "
-                        "else fp32. bf16 needs --backend openvino and such a CPU; its 4-step image is checked against "
-                        "PyTorch fp32 and refused below 30 dB PSNR")
-    b.add_argument("--vae-fp32", action="store_true", help="TensorRT: build the VAE decoder in fp32 (always done if fp16 overflows)")
+                   help="auto (default): fp16 on NVIDIA GPUs (TensorRT; ONNX Runtime's CUDA provider without it); on CPUs "
+                        "bf16 where the CPU has native bf16 (AMX or AVX512_BF16), else fp32. bf16 needs --backend openvino "
+                        "and such a CPU; fp16 needs a GPU: --backend tensorrt, or onnxruntime with onnxruntime-gpu (the "
+                        "graph fused and converted as ONNX Runtime's own Stable Diffusion tooling does; refused where "
+                        "ONNX Runtime has no CUDA provider: its CPU provider has no fast fp16 kernels). bf16 and ONNX "
+                        "Runtime fp16 entries' 4-step images are checked against PyTorch fp32 and refused below 30 dB PSNR")
+    b.add_argument("--vae-fp32", action="store_true",
+                   help="fp16 GPU entries (TensorRT, ONNX Runtime): keep the VAE decoder in fp32 (always done for VAEs "
+                        "marked force_upcast, and on TensorRT when fp16 overflows)")
     b.add_argument("--refit", action="store_true",
                    help="TensorRT: build refittable engines (slightly slower), so a later change of LoRAs or λ is refit "
                         "into them instead of rebuilt. CPU entries are always refittable")

@@ -125,7 +125,7 @@ def test_another_models_entry_is_refused(tmp_path, demo_engine, capsys):
     (["--resolution", "72x64"], "multiples of 16"),
     (["--resolution", "256x256", "--dynamic", "64x64-128x128"], "outside the dynamic range"),
     (["--lora", "nope.safetensors"], "not found"),
-    (["--precision", "fp16", "--backend", "onnxruntime"], "use --backend tensorrt"),
+    (["--precision", "fp16", "--backend", "onnxruntime"], "no fast fp16 kernels"),
     (["--batch", "0"], "at least 1"),
 ])
 def test_bad_input(tmp_path, capsys, args, needle):

@@ -15,6 +15,8 @@ this registry. A backend module defines
     MERGE_EXACT     whether requests merged into one engine call give each one's solo image byte for
                     byte (``serve`` merges by default only then)
     status() -> (usable, device, reason)         imports and hardware; reason says how to fix it
+    precision_refusal(precision, device) -> str | None   optional: why it cannot build ``precision`` on
+                                                 ``device`` although PRECISIONS lists it (one line), else None
     default_precision(device, cpu_bf16) -> str   what ``--precision auto`` means for it
     entry_settings(threads, device) -> dict      its manifest section (thread count, hints, ISA)
     build_component(job) -> dict                 one component from the exported ONNX: files + record
@@ -50,7 +52,17 @@ GPU_ORDER = ("tensorrt", "onnxruntime")
 
 class RefitImpossible(Exception):
     """A weights-only update cannot take this change: the build falls back to the full path, saying why."""
+
+
 THREADS_ENV = "LCM_EXPORT_THREADS"
+CUDA_GRAPHS_ENV = "LCM_EXPORT_CUDA_GRAPHS"
+"""\"1\" turns CUDA graphs on in the GPU runtimes (TensorRT, ONNX Runtime's CUDA provider): off until a GPU run
+validates them."""
+
+
+def cuda_graphs_enabled(env) -> bool:
+    """CUDA graphs are off unless $LCM_EXPORT_CUDA_GRAPHS is 1/true/on: no GPU run has validated them yet."""
+    return str(env.get(CUDA_GRAPHS_ENV, "")).strip().lower() in ("1", "true", "on", "yes")
 
 
 def names() -> tuple[str, ...]:
@@ -103,8 +115,12 @@ def choose(backend: str = "auto", precision: str = "auto", cpu_bf16: bool | None
             return Choice(backend, device, mod.default_precision(device, cpu_bf16), "auto precision")
         if precision not in mod.PRECISIONS:
             others = [n for n, m in mods.items() if precision in m.PRECISIONS]
+            where = " on an NVIDIA GPU" if precision == "fp16" else ""
             raise UserError(f"--precision {precision} is not built by {backend} (it builds {', '.join(mod.PRECISIONS)}); "
-                            f"use --backend {' or '.join(others)}, or --precision {' or '.join(mod.PRECISIONS)}")
+                            f"use --backend {' or '.join(others)}{where}, or --precision {' or '.join(mod.PRECISIONS)}")
+        refusal = getattr(mod, "precision_refusal", lambda p, d: None)(precision, device)
+        if refusal:
+            raise UserError(refusal)
         _check_bf16(precision, device, cpu_bf16)
         return Choice(backend, device, precision)
 
@@ -113,7 +129,7 @@ def choose(backend: str = "auto", precision: str = "auto", cpu_bf16: bool | None
     if gpu and precision in ("auto", "fp16", "fp32"):
         for n in gpu:
             p = mods[n].default_precision("cuda", cpu_bf16) if precision == "auto" else precision
-            if p in mods[n].PRECISIONS:
+            if p in mods[n].PRECISIONS and not getattr(mods[n], "precision_refusal", lambda p, d: None)(p, "cuda"):
                 return Choice(n, "cuda", p, "GPU backend")
     cpu = [n for n in REGISTRY if n in usable and usable[n][1] == "cpu"]
     if precision == "auto":
@@ -133,7 +149,8 @@ def _check_bf16(precision: str, device: str, cpu_bf16: bool) -> None:
         raise UserError("--precision bf16: this CPU has no native bf16 (neither AMX nor AVX512_BF16), so bf16 would run "
                         "emulated, slower than fp32; use --precision fp32 (or auto)")
     if precision == "fp16" and device == "cpu":
-        raise UserError("--precision fp16 needs a GPU (--backend tensorrt); on CPUs use --precision bf16 (native bf16 CPUs) or fp32")
+        raise UserError("--precision fp16 needs a GPU (--backend tensorrt, or onnxruntime with its CUDA provider: "
+                        "onnxruntime-gpu); on CPUs use --precision bf16 (native bf16 CPUs) or fp32")
 
 
 def thread_count(explicit: int | None, recorded: int | None) -> int | None:

@@ -1,31 +1,45 @@
 """ONNX Runtime engines: an ORT-optimized graph per component, provider and thread settings recorded.
+fp32 on CPUs and on the CUDA provider; fp16 on the CUDA provider only (``onnxruntime_fp16.py``: the
+graph fused and converted the way ONNX Runtime's Stable Diffusion tooling does it). On CUDA the engines
+bind device buffers and keep the latents on the GPU between steps (``onnxruntime_runtime.py``).
 
 CPU: the stored graph is optimized at ``ORT_ENABLE_ALL``, NCHWc layout included, so loading it
 takes about 1 s instead of the 5-8 s ORT spends re-optimizing the SD 1.5 UNet at every start
 (measured here; see benchmarks/reports/ort-settings-256). The NCHWc block size follows the CPU's
 vector ISA, so the manifest records it (``cpu_isa``) and the runtime refuses a graph built for
-another ISA, with a rebuild hint. CUDA: the graph is stored at ``ORT_ENABLE_EXTENDED`` and the
-runtime applies ``ORT_ENABLE_ALL`` at load. Attention is left as exported (MatMul-Softmax-MatMul):
+another ISA, with a rebuild hint. CUDA fp32: the graph is stored at ``ORT_ENABLE_EXTENDED`` and the
+runtime applies ``ORT_ENABLE_ALL`` at load. CUDA fp16: the fused fp16 graph is stored as converted and
+``ORT_ENABLE_ALL`` is applied at load. Every CUDA entry also gets the LCM step graphs (``step_graph.py``)
+beside its UNet, for the device loop. Attention is left as exported (MatMul-Softmax-MatMul):
 fusing it with ``onnxruntime.transformers.optimizer`` into Attention/MultiHeadAttention measured no
-faster on CPU for SD 1.5 or SDXL (benchmarks/attention_ab.py, reports/attention-fusion*).
+faster on CPU for SD 1.5 or SDXL (benchmarks/attention_ab.py, reports/attention-fusion*); fp16 CUDA
+graphs are fused (ONNX Runtime's CUDA kernels for them are what its own SD pipeline uses).
 Intra-op thread spinning is off: with one session per component on few cores, a session's
 spinning workers compete with the next session's (measured no slower for the UNet alone).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
-from . import rebuild_hint, thread_count
+from . import CUDA_GRAPHS_ENV, cuda_graphs_enabled, rebuild_hint, thread_count
 
 NAME = "onnxruntime"
-PRECISIONS = ("fp32",)
-SPEED_RANK = {"fp32": 2}
-"""Measured slower than OpenVINO fp32 for every SD 1.5 component at 256² and 512² (by 2-9 %, on 2 cores of
-an AMD EPYC; benchmarks/reports/cpu-backends-{256,512}), so ``auto`` prefers OpenVINO for fp32 too."""
+PRECISIONS = ("fp32", "fp16")
+SPEED_RANK = {"fp32": 2, "fp16": 1}
+"""fp32: measured slower than OpenVINO fp32 for every SD 1.5 component at 256² and 512² (by 2-9 %, on 2 cores
+of an AMD EPYC; benchmarks/reports/cpu-backends-{256,512}), so ``auto`` prefers OpenVINO for fp32 too.
+fp16: not measured yet; ranks only matter among CPU backends, and fp16 is refused on CPUs."""
+FP16_CPU_WHY = "ONNX Runtime's CPU provider has no fast fp16 kernels (nor any for the fused GroupNorm/attention ops)"
+GRAPH_COMPONENTS = ("unet", "vae_decoder")
+"""Components whose CUDA sessions (and the UNet's LCM step engines) capture CUDA graphs per fixed shape when
+$LCM_EXPORT_CUDA_GRAPHS=1; the text encoders run once per image, without."""
+STEP_FILES = {"plain": "lcm_step.onnx", "cfg": "lcm_step_cfg.onnx"}
+"""The LCM step graphs written beside a CUDA entry's UNet (without and with guidance), fp32."""
 VERIFY_IN_BUILD = True
 REFIT = True
 """Refit: the stored graph is re-optimized from the patched exported graph (weights are pre-packed)."""
@@ -65,7 +79,15 @@ def status() -> tuple[bool, str, str]:
 
 
 def default_precision(device: str, cpu_bf16: bool) -> str:
-    return "fp32"  # its CPU provider has no fast bf16 or fp16 kernels
+    return "fp16" if device == "cuda" else "fp32"  # its CPU provider has no fast bf16 or fp16 kernels
+
+
+def precision_refusal(precision: str, device: str) -> str | None:
+    """fp16 is built for the CUDA provider only: one line saying why, elsewhere."""
+    if precision == "fp16" and device != "cuda":
+        return ("--precision fp16 with --backend onnxruntime runs on ONNX Runtime's CUDA provider only (onnxruntime-gpu on an "
+                f"NVIDIA GPU; this onnxruntime has none): {FP16_CPU_WHY}; use --precision fp32 here, or bf16 with --backend openvino")
+    return None
 
 
 def entry_settings(threads: int | None, device: str) -> dict:
@@ -79,20 +101,67 @@ def entry_settings(threads: int | None, device: str) -> dict:
         from .._cpu import cpu_isa
 
         info["cpu_isa"] = cpu_isa()
+    else:
+        from .onnxruntime_runtime import CUDA_PROVIDER_OPTIONS, MAX_GRAPHS, MAX_STATIC_SESSIONS
+
+        info["cuda_provider_options"] = dict(CUDA_PROVIDER_OPTIONS)
+        info["cuda_graphs"] = {"enable_cuda_graph": f"on when ${CUDA_GRAPHS_ENV}=1 (off until a GPU run validates them)",
+                               "components": [*GRAPH_COMPONENTS, "lcm_step"],
+                               "sessions": "one per fixed input shape (symbolic dimensions pinned), gpu_graph_id per bound-buffer set",
+                               "max_static_sessions": MAX_STATIC_SESSIONS, "max_graphs_per_session": MAX_GRAPHS}
     return info
 
 
+def converts_to_fp16(component: str, precision: str, vae_fp32: bool) -> bool:
+    """Whether a component of an entry is converted to fp16: every one of an fp16 entry but the VAE decoder
+    where it must stay fp32 (``--vae-fp32`` or the VAE's ``force_upcast``, as on TensorRT). Pure."""
+    return precision == "fp16" and not (component == "vae_decoder" and vae_fp32)
+
+
 def build_component(job) -> dict:
-    """Store the ORT-optimized graph of one component; one graph serves every shape plan."""
+    """Store the graph of one component (one graph serves every shape plan): fp32, optimized by ONNX Runtime
+    for the device; fp16 (CUDA only), fused and converted (``onnxruntime_fp16.convert``). A CUDA entry's
+    UNet gets the LCM step graphs beside it (the device loop)."""
     dst = job.out_dir / job.component / "model.onnx"
     device = "cuda" if "CUDAExecutionProvider" in job.section["providers"] else "cpu"
-    optimize_graph(job.onnx, dst, device)
-    files = [f"{job.component}/{f.name}" for f in sorted(dst.parent.iterdir())]
-    return {"engines": {"*": f"{job.component}/model.onnx"}, "files": files, "precision": "fp32"}
+    rec = {"engines": {"*": f"{job.component}/model.onnx"}, "precision": "fp32"}
+    if job.precision == "fp16":
+        refusal = precision_refusal("fp16", device)
+        if refusal:
+            raise UserError(refusal)
+        from .onnxruntime_fp16 import convert
+
+        graph = convert(job.onnx, dst, job.component, fp16=converts_to_fp16(job.component, job.precision, job.vae_fp32))
+        rec.update({"precision": graph["precision"], "graph": graph})
+        if job.component == "vae_decoder" and graph["precision"] == "fp32":
+            rec["fp32_reason"] = "the VAE overflows in fp16 (--vae-fp32 or the VAE's force_upcast)"
+        job.section["stored_optimization"] = "onnxruntime.transformers fusions + fp16 conversion (no ONNX Runtime pass stored)"
+        job.section["runtime_optimization"] = "ORT_ENABLE_ALL"
+    else:
+        optimize_graph(job.onnx, dst, device)
+    if device == "cuda" and job.component == "unet":
+        rec["lcm_step"] = {k: f"{job.component}/{f}" for k, f in write_step_graphs(dst.parent).items()}
+    rec["files"] = [f"{job.component}/{f.name}" for f in sorted(dst.parent.iterdir())]
+    return rec
+
+
+def write_step_graphs(folder: Path) -> dict[str, str]:
+    """The LCM step graphs (``step_graph.py``, fp32, without and with guidance) into ``folder``."""
+    from ..step_graph import write_lcm_step_onnx
+
+    for cfg, name in STEP_FILES.items():
+        write_lcm_step_onnx(folder / name, cfg == "cfg")
+    return dict(STEP_FILES)
 
 
 def check(manifest: dict, engine_dir: Path) -> list[str]:
-    """Graphs stored at ORT_ENABLE_ALL are laid out for one vector ISA: refuse another CPU's."""
+    """fp16 graphs run on the CUDA provider only: refuse them where there is none. Graphs stored at
+    ORT_ENABLE_ALL are laid out for one vector ISA: refuse another CPU's."""
+    comps = manifest.get("components", {})
+    if any(c.get("precision") == "fp16" for c in comps.values()) and not cuda_available():
+        raise UserError(f"{engine_dir} holds ONNX Runtime fp16 graphs for the CUDA provider and this onnxruntime has no "
+                        f"CUDAExecutionProvider: {FP16_CPU_WHY}; run it on an NVIDIA GPU with onnxruntime-gpu, or build a "
+                        "CPU entry (--precision fp32)")
     built_isa = manifest.get("onnxruntime", {}).get("cpu_isa")
     if built_isa:
         from .._cpu import cpu_isa
@@ -105,13 +174,35 @@ def check(manifest: dict, engine_dir: Path) -> list[str]:
 
 
 def load_engine(manifest: dict, engine_dir: Path, component: str, path: Path, threads: int | None = None):
+    """CUDA entries where the CUDA provider exists: a device engine (IO binding, the LCM step engines for the
+    device loop, CUDA graphs when enabled); otherwise a plain session."""
     cfg = manifest.get("onnxruntime", {})
+    if "CUDAExecutionProvider" in cfg.get("providers", []) and cuda_available():
+        graphs = cuda_graphs_enabled(os.environ) and component in GRAPH_COMPONENTS
+        return load_device_engine(manifest, engine_dir, component, path, threads, "cuda", graphs)
     return OrtEngine(path, cfg.get("providers", ["CPUExecutionProvider"]), thread_count(threads, cfg.get("intra_op_threads")),
                      cfg.get("runtime_optimization", "ORT_ENABLE_ALL"), engine_dir, bool(cfg.get("allow_spinning", False)))
 
 
+def load_device_engine(manifest: dict, engine_dir: Path, component: str, path: Path, threads: int | None = None,
+                       device: str = "cuda", graphs: bool = False, steps: dict | None = None):
+    """An ``OrtDeviceEngine`` on ``device`` ("cuda"; "cpu" drives the same code in tests) for one component,
+    with the UNet's LCM step engines (``steps``: {"plain"|"cfg": path}, default the entry's) attached."""
+    from .onnxruntime_runtime import OrtDeviceEngine
+
+    cfg = manifest.get("onnxruntime", {})
+    opts, n = cfg.get("cuda_provider_options"), thread_count(threads, cfg.get("intra_op_threads"))
+    engine = OrtDeviceEngine(path, device, opts, n, cfg.get("runtime_optimization", "ORT_ENABLE_ALL"), engine_dir, graphs)
+    if steps is None:
+        rec = manifest.get("components", {}).get(component, {})
+        steps = {k: Path(engine_dir) / f for k, f in (rec.get("lcm_step") or {}).items()}
+    for kind, file in steps.items():
+        engine.lcm_step[kind == "cfg"] = OrtDeviceEngine(file, device, opts, n, "ORT_ENABLE_ALL", engine_dir, graphs)
+    return engine
+
+
 class OrtEngine:
-    """An ONNX Runtime session over a stored graph. CPU: plain run; CUDA: IO binding."""
+    """An ONNX Runtime session over a stored graph, host arrays in and out (IO binding on CUDA)."""
 
     def __init__(self, path: Path, providers: list[str], threads: int | None = None, opt_level: str = "ORT_ENABLE_ALL",
                  engine_dir: Path | None = None, allow_spinning: bool = False):

@@ -19,14 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EngineError, UserError
-from . import rebuild_hint
-
-CUDA_GRAPHS_ENV = "LCM_EXPORT_CUDA_GRAPHS"  # "1" turns CUDA graphs on (off until a GPU run validates them)
-
-
-def cuda_graphs_enabled(env) -> bool:
-    """CUDA graphs are off unless $LCM_EXPORT_CUDA_GRAPHS is 1/true/on: no GPU run has validated them yet."""
-    return str(env.get(CUDA_GRAPHS_ENV, "")).strip().lower() in ("1", "true", "on", "yes")
+from . import CUDA_GRAPHS_ENV, cuda_graphs_enabled, rebuild_hint  # noqa: F401 (shared with ONNX Runtime's CUDA runtime)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The denoising loop with the latents on the device (GPU engines that offer it: TensorRT).
+"""The denoising loop with the latents on the device (GPU engines that offer it: TensorRT, and ONNX Runtime's
+CUDA provider).
 
 The host loop (``pipeline.py``) copies the latents to the engine and the UNet's output back at every
 step, and does the LCM step in numpy. Here the text embeddings are uploaded once, the latents are
@@ -11,7 +12,8 @@ decoder's output.
 
 An engine offers this by having ``lcm_step`` ({guidance on: step engine}), ``run_device``,
 ``dtypes``, ``outputs`` and a ``device`` (``empty``, ``view``, ``upload``, ``download``,
-``synchronize``, ``free``, ``mark``, ``elapsed``, ``discard``); see ``backends/tensorrt_runtime.py``.
+``synchronize``, ``free``, ``mark``, ``elapsed``, ``discard``); see ``backends/tensorrt_runtime.py`` and
+``backends/onnxruntime_runtime.py``.
 The step engine also flags NaN/inf in the UNet's output, with the first step it happened at, so the
 loop reports them as the host loop does (naming the UNet and the step) with one 4-byte copy after the
 last step.

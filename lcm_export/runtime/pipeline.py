@@ -1,7 +1,8 @@
 """Text -> image around the engines: tokenizer(s) -> text engine(s) -> steps × (UNet engine + numpy
 LCM step) -> VAE engine -> PIL images. numpy, tokenizers, Pillow and the engine backend only.
-Engines that keep tensors on the GPU (TensorRT entries with LCM step engines) run the steps and the
-decoder's input in ``device_loop.py`` instead, with the same noise draws and the same arithmetic.
+Engines that keep tensors on the GPU (TensorRT entries with LCM step engines, ONNX Runtime CUDA entries
+with LCM step graphs) run the steps and the decoder's input in ``device_loop.py`` instead, with the same
+noise draws and the same arithmetic.
 
 SD 1.5 conditions the UNet on the text encoder's last hidden state. SDXL / SSD-1B concatenate the
 penultimate hidden states of both encoders, and add the second encoder's pooled projection and six
@@ -96,7 +97,7 @@ class LCMPipeline:
         """The style adapters this entry holds (``lcm-export adapter add``), applied per call."""
         self.device_loop = True
         """Keep the latents on the GPU between steps where the engines can (TensorRT entries with LCM
-        step engines); False forces the host loop (to compare the two)."""
+        step engines, ONNX Runtime CUDA entries); False forces the host loop (to compare the two)."""
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path, threads: int | None = None) -> "LCMPipeline":

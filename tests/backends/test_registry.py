@@ -48,7 +48,7 @@ def test_auto_on_gpu_is_tensorrt_fp16():
     assert backends.choose("auto", "auto", cpu_bf16=True, statuses=both).backend == "tensorrt"
     no_trt = {**both, "tensorrt": (False, "cuda", "TensorRT is not installed")}
     c = backends.choose("auto", "auto", cpu_bf16=True, statuses=no_trt)
-    assert (c.backend, c.device, c.precision) == ("onnxruntime", "cuda", "fp32")
+    assert (c.backend, c.device, c.precision) == ("onnxruntime", "cuda", "fp16")  # its CUDA fp16 graphs (issue 22)
 
 
 def test_auto_never_picks_the_slower_backend(monkeypatch):
@@ -65,8 +65,8 @@ def test_auto_never_picks_the_slower_backend(monkeypatch):
 @pytest.mark.parametrize("backend, precision, cpu_bf16, statuses, msg", [
     ("tensorrt", "bf16", True, GPU, "--precision bf16 is not built by tensorrt"),
     ("onnxruntime", "bf16", True, CPU_ONLY, "use --backend openvino"),
-    ("onnxruntime", "fp16", True, CPU_ONLY, "use --backend tensorrt"),
-    ("openvino", "fp16", True, CPU_ONLY, "use --backend tensorrt"),
+    ("onnxruntime", "fp16", True, CPU_ONLY, "no fast fp16 kernels"),
+    ("openvino", "fp16", True, CPU_ONLY, "use --backend onnxruntime or tensorrt on an NVIDIA GPU"),
     ("openvino", "bf16", False, CPU_ONLY, "no native bf16"),
     ("auto", "bf16", False, CPU_ONLY, "no native bf16"),
     ("auto", "fp16", True, CPU_ONLY, "--precision fp16 needs a GPU"),
