@@ -1,8 +1,9 @@
 """Seeded random style LoRAs for the side-by-side benchmark (`competitors.py`), for any SD-family UNet.
 
 Three kohya files (diffusers block names: ``lora_unet_down_blocks_0_attentions_0_..._to_q``; diffusers,
-OpenVINO GenAI and ``lcm-export adapter add`` all read them), alpha = rank in each file so the scale is
-the λ each caller gives (the issue's case: λ 0.8):
+OpenVINO GenAI and ``lcm-export adapter add`` all read them), alpha = rank in each file so that the scale
+is the λ each caller gives for every reader (the issue's case: λ 0.8): diffusers and lcm-export apply
+λ·alpha/rank, OpenVINO GenAI 2026.4 ignores the file's alpha and applies its AdapterConfig alpha alone:
 
 - ``style_a.safetensors``, ``style_b.safetensors``: rank 8 over the UNet's attention Linear layers (every
   ``nn.Linear`` inside ``*.attentions.*``: attn1/attn2 q, k, v, out and the feed-forward; 160 in SD 1.5),
@@ -11,7 +12,7 @@ the λ each caller gives (the issue's case: λ 0.8):
   (proj_in/proj_out, resnet shortcuts), seed 3. The shortcuts' keys say ``skip_connection`` (``kohya_key``).
 
 Factors: down ~ N(0, 1/in), up ~ N(0, 0.25/(rank·in)), so each ΔW = up·down has entries of std 0.5/in,
-about 2-3 % of a 1/sqrt(in)-scaled weight at SD 1.5's widths: the image changes, nothing overflows in bf16.
+1.4-2.8 % of a 1/sqrt(in)-scaled weight at SD 1.5's widths (320-1280): the image changes, nothing overflows in bf16.
 Writes ``loras.json`` beside them (layers, ranks, seeds, sha256). Needs torch, diffusers, safetensors.
 
 Usage: python benchmarks/competitors_loras.py --model FUSED_DIFFUSERS_FOLDER --out DIR
