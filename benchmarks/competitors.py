@@ -1,0 +1,424 @@
+"""Competitors side by side, in one run, on the same weights (issues 20 and 21).
+
+One fused diffusers folder (``lcm-export fuse``; with ``--base demo:NAME`` this script makes it with the
+demo's LCM-LoRA) is the source of every path:
+- lcm-export's entries (``--entry LABEL=DIR``, built with ``lcm-export build-engine --base FUSED``), through the
+  lean runtime;
+- OpenVINO GenAI ``Text2ImagePipeline`` on optimum-intel IRs of the folder: fp32 weights run fp32 and bf16
+  (INFERENCE_PRECISION_HINT; bf16 also with static shapes: ``reshape`` to the size, then ``compile``), and an
+  int8-weight IR (``--weight-format int8``, GenAI's fastest documented mode) at the plugin's default precision;
+- optimum-intel ``OVStableDiffusionPipeline`` (+ the folder's LCMScheduler) and ``OVLatentConsistencyModelPipeline``
+  (made for LCM-distilled UNets with a guidance embedding: on an LCM-LoRA model it fails, and the report says so);
+- diffusers, every module in bf16.
+Same prompt, 4 LCM steps, guidance 1, the same thread count for each. Every measurement is a fresh process
+(``competitors_worker.py``, in its own venv where needed): cold start (process start to its first image),
+peak RSS to the first image, then ``--warmup`` images (the first included) and ``--repeats`` timed ones;
+``--rounds`` rounds with the competitors interleaved (each round starts one further along the list); medians.
+A competitor that fails keeps its one-line error in the report and is not tried again.
+
+With ``--adapters`` (issue 20), the style-adapter switches, each competitor in a fresh process: lcm-export's
+adapter entry (``--adapter-entry``, adapters added from the same files), GenAI with ``AdapterConfig`` (every
+adapter registered at construction, chosen per call), diffusers with ``load_lora_weights`` + ``fuse_lora``
+and with ``set_adapters`` unfused. Switch cost = (the switch's own calls +) the first image after the switch
+minus the next image with the same setting. LoRA files: ``competitors_loras.py`` (two rank-8, one rank-64).
+
+Setup: ``bash benchmarks/competitors_setup.sh`` (optimum-intel's venv; openvino-genai).
+Usage:  python benchmarks/competitors.py --base demo:sd15-full --work WORK --resolution 256x256 \\
+            --entry default=ENTRY [--adapter-entry ENTRY] [--adapters] --out OUT
+Writes OUT/report.json and OUT/report.md; WORK keeps the fused folder, LoRAs and IRs between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from competitors_report import aggregate_adapters, aggregate_plain, write_markdown  # noqa: E402
+
+PROMPT = "a photo of an astronaut riding a horse on mars"
+COMPETITORS = {  # name: (kind, IR or folder, precision hint, python)
+    "genai-fp32": ("genai", "ir-fp32", "f32", "genai"),
+    "genai-bf16": ("genai", "ir-fp32", "bf16", "genai"),
+    "genai-bf16-static": ("genai", "ir-fp32", "bf16", "genai"),
+    "genai-int8": ("genai", "ir-int8", None, "genai"),
+    "optimum-sd-bf16": ("optimum-sd", "ir-fp32", "bf16", "optimum"),
+    "optimum-lcm-bf16": ("optimum-lcm", "ir-fp32", "bf16", "optimum"),
+    "diffusers-bf16": ("diffusers", "fused", None, "main"),
+}
+ADAPTER_COMPETITORS = ("lcm", "genai-bf16", "diffusers-fuse", "diffusers-set_adapters")
+ADAPTER_NAMES = {"a": "style_a", "b": "style_b", "c": "style_c_r64"}
+SEQUENCE = [  # (label of the switch that leads to the setting, setting)
+    ("none (start)", {}),
+    ("none → A", {"a": 0.8}),
+    ("A → B", {"b": 0.8}),
+    ("λ change (B 0.8 → 0.5)", {"b": 0.5}),
+    ("B → none", {}),
+    ("none → A+B", {"a": 0.8, "b": 0.8}),
+    ("A+B → C (rank 64)", {"c": 0.8}),
+    ("C → none", {}),
+]
+
+
+def log(msg: str) -> None:
+    print(f"[competitors {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def one_line(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return (lines[-1] if lines else "failed")[:400]
+
+
+def run_cmd(cmd: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[float, str | None]:
+    """(seconds, None) or (seconds, one-line error) for a preparation command."""
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return time.perf_counter() - t0, f"{type(exc).__name__}: {exc}"[:400]
+    dt = time.perf_counter() - t0
+    return dt, None if r.returncode == 0 else one_line(r.stderr or r.stdout)
+
+
+def main_env(threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparation: fused folder, LoRA files, IRs, adapters in the adapter entry (each kept in WORK once made)
+
+def _cli(py: str, *args: str) -> list[str]:
+    return [py, "-c", "import sys; from lcm_export.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+
+
+def prepare(a, py: dict, env: dict) -> dict:
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    steps: dict[str, dict] = {}
+
+    def step(name: str, done: Path, cmd: list[str], penv=None, timeout=None) -> None:
+        if done.exists():
+            steps[name] = {"cached": True, "path": str(done.parent if done.name.endswith(".done") else done)}
+            return
+        log(f"prepare: {name} ...")
+        dt, err = run_cmd(cmd, env=penv or env, timeout=timeout)
+        steps[name] = {"seconds": dt, **({"error": err} if err else {})}
+        if err:
+            log(f"prepare: {name} failed: {err}")
+        else:
+            log(f"prepare: {name} done in {dt:.1f} s")
+
+    if a.model:
+        fused = Path(a.model).resolve()
+        steps["fused"] = {"given": str(fused)}
+    else:
+        fused = work / "fused"
+        if not a.base.startswith("demo:"):
+            raise SystemExit("--base other than demo:NAME: fuse it yourself (lcm-export fuse) and pass --model")
+        name = a.base.split(":", 1)[1]
+        script = ("import sys; from lcm_export.demo import build_demo_pipeline, write_demo_loras; "
+                  "p = write_demo_loras(build_demo_pipeline(sys.argv[1]), name=sys.argv[1]); print(p[0][0])")
+        t0 = time.perf_counter()
+        if not (fused / "model_index.json").exists():
+            log(f"prepare: the demo LCM-LoRA of {a.base} and the fused folder ...")
+            r = subprocess.run([py["main"], "-c", script, name], capture_output=True, text=True, env=env)
+            if r.returncode != 0:
+                raise SystemExit(f"demo LoRA for {a.base}: {one_line(r.stderr)}")
+            lcm_lora = r.stdout.strip().splitlines()[-1]
+            dt, err = run_cmd(_cli(py["main"], "fuse", "--base", a.base, "--lora", f"{lcm_lora}:1.0", "--out", str(fused), "--quiet"))
+            if err:
+                raise SystemExit(f"fuse: {err}")
+            steps["fused"] = {"seconds": time.perf_counter() - t0, "lcm_lora": lcm_lora}
+        else:
+            steps["fused"] = {"cached": True}
+        steps["fused"]["path"] = str(fused)
+    step("loras", work / "loras" / "loras.json",
+         [py["main"], str(HERE / "competitors_loras.py"), "--model", str(fused), "--out", str(work / "loras")])
+    for ir, fmt in (("ir-fp32", "fp32"), ("ir-int8", "int8")):
+        if not any(COMPETITORS[c][1] == ir for c in a.competitors) and not (ir == "ir-fp32" and a.adapters):
+            continue
+        out = work / ir
+        step(ir, out / "export.done", [py["optimum"], "-c",
+             f"import sys, pathlib; from optimum.commands.optimum_cli import main; sys.argv = ['optimum-cli'] + sys.argv[1:]; "
+             f"main(); pathlib.Path({str(out / 'export.done')!r}).write_text('ok')",
+             "export", "openvino", "--model", str(fused), "--task", "text-to-image", "--weight-format", fmt, str(out)])
+    if a.adapter_entry and a.adapters:
+        steps["adapter_add"] = add_adapters(py["main"], env, Path(a.adapter_entry), work / "loras")
+    return {"fused": str(fused), "steps": steps}
+
+
+def add_adapters(py: str, env: dict, entry: Path, loras: Path) -> dict:
+    """``lcm-export adapter add`` of the three files as a, b, c where the entry lacks them (timed)."""
+    r = subprocess.run(_cli(py, "adapter", "list", "--engine-dir", str(entry), "--json"), capture_output=True, text=True, env=env)
+    have = {}
+    if r.returncode == 0:
+        try:
+            data = json.loads(r.stdout)
+            have = data.get("adapters", data) if isinstance(data, dict) else {}
+        except ValueError:
+            have = {}
+    out = {}
+    for name, stem in ADAPTER_NAMES.items():
+        if name in have:
+            out[name] = {"cached": True}
+            continue
+        log(f"prepare: lcm-export adapter add {name} ...")
+        dt, err = run_cmd(_cli(py, "adapter", "add", "--engine-dir", str(entry), str(loras / f"{stem}.safetensors"), "--name", name))
+        out[name] = {"seconds": dt, **({"error": err} if err else {})}
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def same_weights(entry: Path, fused: Path) -> bool | None:
+    """Whether an entry was built from exactly the fused folder's weight files (sha256 in its manifest)."""
+    try:
+        files = json.loads((entry / "manifest.json").read_text())["fusion"]["base"]["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return bool(files) and all((fused / rel).is_file() and _sha256(fused / rel) == digest for rel, digest in files.items())
+
+
+# ----------------------------------------------------------------------------------------------
+
+def run_worker(python: str, spec: dict, env: dict, timeout: float) -> dict:
+    """One fresh process; its result with ``cold_start_s`` (process start -> first image) added."""
+    t_spawn = time.time()
+    try:
+        r = subprocess.run([python, str(HERE / "competitors_worker.py"), json.dumps(spec)], capture_output=True, text=True,
+                           env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    except OSError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        return {"error": one_line(r.stderr) if r.stderr.strip() else f"exit code {r.returncode}, no result"}
+    res = json.loads(lines[-1][len("RESULT "):])
+    if "first_done_at" in res:
+        res["cold_start_s"] = res["first_done_at"] - t_spawn
+    warnings = sorted({ln.strip() for ln in r.stderr.splitlines() if "WARNING" in ln and "LoRA" in ln})
+    if warnings:
+        res["lora_warnings"] = warnings[:5]
+    return res
+
+
+def plan(a, prep: dict) -> list[dict]:
+    """The plain competitors: [{"name", "python", "spec"}]."""
+    work = Path(a.work)
+    base = {"threads": a.threads, "prompt": a.prompt, "steps": a.steps, "guidance": a.guidance, "seed": a.seed,
+            "height": a.hw[0], "width": a.hw[1], "warmup": a.warmup, "repeats": a.repeats}
+    out = []
+    for label, d in a.entry:
+        out.append({"name": f"lcm-export {label}", "python": "main", "spec": {**base, "kind": "lcm", "path": d}})
+    for name in a.competitors:
+        kind, src, prec, pyname = COMPETITORS[name]
+        path = prep["fused"] if src == "fused" else str(work / src)
+        out.append({"name": name, "python": pyname, "spec": {**base, "kind": kind, "path": path, "precision": prec,
+                                                            "static": name.endswith("-static")},
+                    "prep_error": _prep_error(prep, src)})
+    return out
+
+
+def _prep_error(prep: dict, step: str) -> str | None:
+    err = prep["steps"].get(step, {}).get("error")
+    return f"preparing {step} failed: {err}" if err else None
+
+
+def adapter_plan(a, prep: dict) -> list[dict]:
+    work = Path(a.work)
+    files = {n: str(work / "loras" / f"{stem}.safetensors") for n, stem in ADAPTER_NAMES.items()}
+    base = {"threads": a.threads, "prompt": a.prompt, "steps": a.steps, "guidance": a.guidance, "seed": a.seed,
+            "height": a.hw[0], "width": a.hw[1], "warmup": a.warmup, "scenario": "adapters",
+            "passes": a.adapter_passes, "sequence": SEQUENCE, "adapters": files}
+    out = []
+    for name in a.adapter_competitors:
+        if name == "lcm":
+            if not a.adapter_entry:
+                continue
+            errs = [v["error"] for v in prep["steps"].get("adapter_add", {}).values() if v.get("error")]
+            out.append({"name": "lcm-export adapters", "python": "main", "spec": {**base, "kind": "lcm", "path": a.adapter_entry},
+                        "prep_error": f"lcm-export adapter add failed: {errs[0]}" if errs else None})
+        elif name.startswith("genai-"):
+            kind, src, prec, pyname = COMPETITORS[name]
+            out.append({"name": f"{name} adapters", "python": pyname, "prep_error": _prep_error(prep, src),
+                        "spec": {**base, "kind": kind, "path": str(work / src), "precision": prec}})
+        elif name.startswith("diffusers-"):
+            out.append({"name": name, "python": "main", "spec": {**base, "kind": "diffusers", "path": prep["fused"],
+                                                                    "adapter_mode": name.split("-", 1)[1]}})
+        else:
+            raise SystemExit(f"unknown adapter competitor {name!r}; choose from {', '.join(ADAPTER_COMPETITORS)}")
+    return out
+
+
+def run_rounds(jobs: list[dict], rounds: int, py: dict, env: dict, timeout: float, what: str) -> dict[str, list[dict]]:
+    """Each job once per round, interleaved; round r starts r jobs further along. A job that errors is
+    not run again (its error is its row)."""
+    results: dict[str, list[dict]] = {j["name"]: [] for j in jobs}
+    failed: set[str] = set()
+    for r in range(rounds):
+        order = jobs[r % len(jobs):] + jobs[:r % len(jobs)] if jobs else []
+        for j in order:
+            if j["name"] in failed:
+                continue
+            log(f"{what} round {r + 1}/{rounds}: {j['name']} ...")
+            res = {"error": j["prep_error"]} if j.get("prep_error") else run_worker(py[j["python"]], j["spec"], env, timeout)
+            res["round"] = r + 1
+            results[j["name"]].append(res)
+            if "error" in res:
+                failed.add(j["name"])
+                log(f"  {j['name']}: ERROR {res['error']}")
+            else:
+                ts = [x["seconds"] for x in res.get("images", [])]
+                log(f"  {j['name']}: cold {res.get('cold_start_s', 0):.2f} s, first image {res.get('first_image_s', 0):.2f} s"
+                    + (f", warm {min(ts):.3f}-{max(ts):.3f} s" if ts else "") + f", peak RSS to first image "
+                    f"{res.get('peak_rss_first_mb', 0):.0f} MB")
+    return results
+
+
+def machine() -> dict:
+    from lcm_export._cpu import cpu_flags, cpu_name, recorded_flags, usable_cores
+
+    import platform
+
+    mem = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return {"cpu": cpu_name(), "flags_speed": recorded_flags(), "flags": sorted(cpu_flags()), "cores": usable_cores(),
+            "memory_gib": mem, "platform": platform.platform(), "python": platform.python_version()}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--base", help="demo:NAME: fuse it with its demo LCM-LoRA into WORK/fused")
+    src.add_argument("--model", help="a fused diffusers folder (lcm-export fuse --out)")
+    ap.add_argument("--work", required=True, help="folder for the fused model, LoRAs and IRs (kept between runs)")
+    ap.add_argument("--out", default=None, help="folder for report.json and report.md (required unless --prepare-only)")
+    ap.add_argument("--resolution", default="512x512", help="HxW (default 512x512)")
+    ap.add_argument("--entry", action="append", default=[], metavar="LABEL=DIR", help="lcm-export entry to time (repeatable)")
+    ap.add_argument("--adapter-entry", default=None, help="lcm-export entry built with --adapters (adapters a, b, c are added)")
+    ap.add_argument("--competitors", default=",".join(COMPETITORS), help=f"comma list from {', '.join(COMPETITORS)} (default all; '' for none)")
+    ap.add_argument("--adapters", action="store_true", help="also the style-adapter switch runs (issue 20)")
+    ap.add_argument("--adapter-competitors", default=",".join(ADAPTER_COMPETITORS))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed images in each process, the first one (cold) included (min 1)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed images per process and round")
+    ap.add_argument("--adapter-rounds", type=int, default=1)
+    ap.add_argument("--adapter-passes", type=int, default=2, help="passes over the switch sequence per process")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--guidance", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--main-python", default=sys.executable, help="python with lcm-export, diffusers, openvino-genai")
+    ap.add_argument("--genai-python", default=None, help="python with openvino-genai (default --main-python)")
+    ap.add_argument("--optimum-python", default="/work/venvs/optimum/bin/python", help="python of optimum-intel's venv")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per process")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="make WORK's fused folder, LoRAs and IRs, then stop (build the lcm-export entries from WORK/fused next)")
+    a = ap.parse_args(argv)
+    a.hw = tuple(int(v) for v in a.resolution.lower().split("x"))
+    a.work = str(Path(a.work).resolve())
+    a.model = str(Path(a.model).resolve()) if a.model else None
+    a.adapter_entry = str(Path(a.adapter_entry).resolve()) if a.adapter_entry else None
+    a.entry = [tuple(e.split("=", 1)) if "=" in e else (Path(e).name, e) for e in a.entry]
+    a.entry = [(label, str(Path(d).resolve())) for label, d in a.entry]
+    a.competitors = [c for c in a.competitors.split(",") if c]
+    a.adapter_competitors = [c for c in a.adapter_competitors.split(",") if c]
+    bad = [c for c in a.competitors if c not in COMPETITORS]
+    if bad:
+        ap.error(f"unknown competitor(s) {', '.join(bad)}; choose from {', '.join(COMPETITORS)}")
+    a.warmup = max(1, a.warmup)
+    if not a.out and not a.prepare_only:
+        ap.error("--out is required (unless --prepare-only)")
+    return a
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    py = {"main": a.main_python, "genai": a.genai_python or a.main_python, "optimum": a.optimum_python}
+    env = main_env(a.threads)
+    t0 = time.perf_counter()
+    prep = prepare(a, py, env)
+    fused = Path(prep["fused"])
+    if a.prepare_only:
+        print(json.dumps(prep, indent=2))
+        return
+    entries = {label: {"path": str(Path(d).resolve()), "same_weights": same_weights(Path(d), fused)} for label, d in a.entry}
+    if a.adapter_entry:
+        entries["adapters"] = {"path": str(Path(a.adapter_entry).resolve()), "same_weights": same_weights(Path(a.adapter_entry), fused)}
+    for label, e in entries.items():
+        if e["same_weights"] is False:
+            log(f"warning: entry {label} ({e['path']}) was not built from {fused}'s weights")
+
+    jobs = plan(a, prep)
+    plain = run_rounds(jobs, a.rounds, py, env, a.timeout, "plain")
+    adapters = {}
+    if a.adapters:
+        adapters = run_rounds(adapter_plan(a, prep), a.adapter_rounds, py, env, a.timeout, "adapters")
+
+    rep = {
+        "schema": "lcm-export-competitors/1",
+        "settings": {"prompt": a.prompt, "steps": a.steps, "guidance": a.guidance, "resolution": f"{a.hw[0]}x{a.hw[1]}",
+                     "threads": a.threads, "rounds": a.rounds, "warmup": a.warmup, "repeats": a.repeats, "seed": a.seed,
+                     "adapter_rounds": a.adapter_rounds, "adapter_passes": a.adapter_passes,
+                     "adapter_sequence": SEQUENCE if a.adapters else None},
+        "model": {"fused": str(fused), "base": a.base, "fusion": _read_json(fused / "fusion.json").get("loras")},
+        "loras": _read_json(Path(a.work) / "loras" / "loras.json"),
+        "machine": machine(),
+        "pythons": py,
+        "prepare": prep["steps"],
+        "entries": entries,
+        "plain": {name: {"rounds": rows, **aggregate_plain(rows)} for name, rows in plain.items()},
+        "adapters": {name: {"rounds": rows, **aggregate_adapters(rows)} for name, rows in adapters.items()},
+        "wall_s": time.perf_counter() - t0,
+    }
+    rep["versions"] = {}
+    for group in (rep["plain"], rep["adapters"]):
+        for name, row in group.items():
+            v = next((r["versions"] for r in row["rounds"] if r.get("versions")), None)
+            if v:
+                rep["versions"].setdefault(v.get("executable", "?"), v)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
+    (out / "report.md").write_text(write_markdown(rep))
+    log(f"wrote {out / 'report.json'} and {out / 'report.md'} ({rep['wall_s'] / 60:.1f} min)")
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+if __name__ == "__main__":
+    main()

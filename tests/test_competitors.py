@@ -1,0 +1,103 @@
+"""benchmarks/competitors*.py without the competitors' venvs: the LoRA files (layers, the spelling every reader
+maps, diffusers and lcm-export accept them), the worker on a tiny lcm-export entry (cold-start stamp, stages,
+one-line errors) and the report's medians and markdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import competitors_loras as loras  # noqa: E402
+import competitors_report as report  # noqa: E402
+
+
+def test_loras_cover_attention_linears_and_1x1_convs(base_dir, tmp_path):
+    from safetensors import safe_open
+
+    from lcm_export.lora import inspect_lora
+
+    rec = loras.write_loras(base_dir, tmp_path)
+    files = rec["files"]
+    assert files["style_a"]["layers"] == files["style_b"]["layers"] == 60  # tiny demo: 6 transformer blocks x 10
+    assert files["style_c_r64"]["layers"] > files["style_a"]["layers"]
+    assert files["style_a"]["sha256"] != files["style_b"]["sha256"]
+    with safe_open(files["style_c_r64"]["path"], "pt") as f:
+        keys = list(f.keys())
+        assert any("skip_connection" in k for k in keys) and not any("conv_shortcut" in k for k in keys)
+        assert all(f.get_tensor(k).shape[0] == 64 for k in keys if k.endswith("lora_down.weight"))
+        assert all(float(f.get_tensor(k)) == 64.0 for k in keys if k.endswith(".alpha"))  # alpha = rank: scale = λ
+    info = inspect_lora(Path(files["style_a"]["path"]))
+    assert info.format.startswith("kohya") and info.ranks == [8]
+    again = loras.write_loras(base_dir, tmp_path / "again")  # seeded: byte-identical
+    assert again["files"]["style_c_r64"]["sha256"] == files["style_c_r64"]["sha256"]
+
+
+def test_loras_load_in_diffusers_every_layer(base_dir, tmp_path):
+    from lcm_export.fuse import load_lora, unload_loras
+    from lcm_export.lora import inspect_lora
+    from lcm_export.models import load_pipeline, resolve_base
+
+    rec = loras.write_loras(base_dir, tmp_path)
+    pipe = load_pipeline(resolve_base(str(base_dir)))
+    for stem, f in rec["files"].items():
+        touched = load_lora(pipe, inspect_lora(Path(f["path"])), stem)  # refuses a file with a layer left unmatched
+        assert sum(len(v) for v in touched.values()) == f["layers"]
+        unload_loras(pipe)
+
+
+def _worker(spec: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(BENCH.parent))
+    r = subprocess.run([sys.executable, str(BENCH / "competitors_worker.py"), json.dumps(spec)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_worker_times_an_lcm_entry(demo_engine):
+    spec = {"kind": "lcm", "path": str(demo_engine), "threads": 1, "prompt": "a photo of a cat", "steps": 4, "guidance": 1.0,
+            "seed": 0, "height": 64, "width": 64, "warmup": 1, "repeats": 2}
+    res = _worker(spec)
+    assert "error" not in res, res.get("error")
+    assert res["first_done_at"] >= res["started_at"] and res["peak_rss_first_mb"] > 0
+    assert len(res["images"]) == 2 and len(res["images"][0]["stages"]["unet_steps"]) == 4
+    assert res["precision"]["entry"] == "fp32" and res["versions"]["numpy"]
+    agg = report.aggregate_plain([res])
+    assert agg["n_images"] == 2 and agg["unet_step_s"] > 0
+
+
+def test_worker_error_is_one_line(tmp_path):
+    res = _worker({"kind": "lcm", "path": str(tmp_path / "missing"), "threads": 1, "prompt": "x", "steps": 4, "guidance": 1.0,
+                   "seed": 0, "height": 64, "width": 64, "warmup": 1, "repeats": 1})
+    assert "\n" not in res["error"] and len(res["error"]) <= 400
+
+
+def _img(s):
+    return {"seconds": s, "stages": {"text_encoder": 0.01, "unet_steps": [s / 5] * 4, "vae_decoder": s / 10, "total": s}}
+
+
+def test_report_medians_errors_and_markdown():
+    ok = {"load_s": 1.0, "first_image_s": 2.0, "cold_start_s": 3.0, "peak_rss_first_mb": 2048.0, "peak_rss_mb": 2100.0,
+          "images": [_img(1.0), _img(3.0)], "precision": {"entry": "bf16", "backend": "openvino", "unet": "bf16"}}
+    agg = report.aggregate_plain([ok, {**ok, "images": [_img(2.0)]}])
+    assert agg["image_s"] == 2.0 and agg["n_images"] == 3 and agg["cold_start_s"] == 3.0
+    bad = report.aggregate_plain([{"error": "ImportError: no module named openvino_genai"}])
+    row = {"label": "none → A", "setting": {"a": 0.8}, "ops": {}, "ops_s": 0.0, "first": _img(1.2), "warm": _img(1.0),
+           "switch_s": 0.2, "image_vs_none": {"mean_abs": 0.7, "max_abs": 9}, "first_call_error": "RuntimeError: boom"}
+    start = {**row, "label": "none (start)", "setting": {}, "switch_s": 0.0}
+    ad = report.aggregate_adapters([{"load_s": 2.0, "cold_start_s": 4.0, "peak_rss_first_mb": 100.0, "passes": [[start, row]]}])
+    assert ad["passes"][0][1]["first_call_errors"] == ["RuntimeError: boom"]
+    rep = {"settings": {"resolution": "64x64", "prompt": "p", "steps": 4, "guidance": 1.0, "threads": 2, "rounds": 2, "warmup": 1,
+                        "repeats": 2},
+           "machine": {"cpu": "CPU", "flags_speed": ["avx512f"], "cores": 2, "memory_gib": 24},
+           "model": {"base": "demo:sd15", "fused": "/f"}, "entries": {}, "prepare": {"fused": {"cached": True}},
+           "plain": {"lcm-export default": agg, "genai-bf16": bad}, "adapters": {"genai-bf16 adapters": ad},
+           "versions": {"/py": {"openvino": "2026.4.1", "executable": "/py"}}, "wall_s": 60.0}
+    md = report.write_markdown(rep)
+    assert "ImportError: no module named openvino_genai" in md and "| lcm-export default | bf16 entry" in md
+    assert "+0.200 †" in md and "RuntimeError: boom" in md and "openvino 2026.4.1" in md
