@@ -93,9 +93,11 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "outpu
         raise UserError(f"{what} {final} already exists; pass --force to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    prefix = f".{final.name}.partial-{os.getpid()}-"
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -104,8 +106,9 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "outpu
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:  # a signal between mkdtemp and the assignment leaves a folder ``tmp`` never named
+        for p in [tmp] if tmp is not None else final.parent.glob(glob.escape(prefix) + "*"):
+            shutil.rmtree(p, ignore_errors=True)
         raise
 
 
