@@ -57,8 +57,8 @@ def resolve_preset(preset: str, precision: str, vae_decoder: str | None, family:
         notes.append("--preset fast: this CPU has no int8 dot-product instructions (AVX512_VNNI, AVX_VNNI or AMX-INT8), "
                      f"so the UNet is {'bf16' if cpu_bf16 else 'fp32'} instead of int8 (the tiny VAE decoder is still used)")
     elif not int8_builder:
-        notes.append("--preset fast: no usable backend builds int8 here (OpenVINO is missing), so the UNet is "
-                     "built at the auto precision (the tiny VAE decoder is still used)")
+        notes.append("--preset fast: no usable backend here builds int8 (OpenVINO does: is it installed, or was another "
+                     "--backend given?), so the UNet is built at the auto precision (the tiny VAE decoder is still used)")
     else:
         precision = "int8"
     if vae_decoder is None:
