@@ -53,7 +53,7 @@ def refit_blocker(old: dict, keys: dict, graph_inputs: dict, weights_inputs: dic
     if old["graph_key"] != keys["graph_key"]:
         was = old["graph_inputs"]
         now = _jsonable(graph_inputs)
-        changed = [GRAPH_CHANGES.get(k, k) for k in now if was.get(k) != now[k]]
+        changed = [GRAPH_CHANGES.get(k, k) for k in dict.fromkeys([*now, *was]) if was.get(k) != now.get(k)]
         return f"the graph changed ({', '.join(changed) or 'graph key'}), so the engines must be rebuilt"
     if _jsonable(old.get("weights_inputs", {}).get("base")) != _jsonable(weights_inputs["base"]):
         return "the base model's weights changed (a refit only swaps LoRAs and λ)"

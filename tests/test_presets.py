@@ -94,3 +94,69 @@ def test_build_engine_applies_the_preset_with_this_machines_flags(monkeypatch, i
 def test_bad_preset_on_the_command_line(capsys, tmp_path):
     code, _, err = run_cli(["build-engine", "--preset", "turbo", "--engine-dir", tmp_path / "e"], capsys)
     assert code == 2 and "invalid choice: 'turbo'" in err and not (tmp_path / "e").exists()
+
+
+@pytest.fixture(scope="module")
+def fast_entry(tmp_path_factory, cache_env):
+    """`build-engine --preset fast` on the default demo (demo:sd15 + its two LoRAs), through the CLI."""
+    from lcm_export.backends.openvino import status
+
+    if not status()[0]:
+        pytest.skip(status()[2])
+    d = tmp_path_factory.mktemp("fast") / "demo-fast"
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "lcm_export.cli", "build-engine", "--preset", "fast", "--resolution", "64x64",
+                        "--engine-dir", str(d), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return d, r.stdout
+
+
+def test_fast_preset_entry(fast_entry, capsys):
+    """int8 UNet (where this CPU has int8 dot products) + demo:taesd; the preset, the decoder and the image
+    figures (against diffusers with the same decoder, and against the base's own VAE) recorded and shown."""
+    import json
+
+    from lcm_export._cpu import native_bf16, native_int8
+    from lcm_export.verify import INT8_IMAGE_GATE
+
+    d, out = fast_entry
+    m = json.loads((d / "manifest.json").read_text())
+    unet = "int8" if native_int8() else ("bf16" if native_bf16() else "fp32")
+    assert m["precision"] == unet and m["components"]["unet"]["precision"] == unet
+    assert m["vae_decoder"]["source"] == "demo:taesd" and m["preset"]["name"] == "fast"
+    assert m["preset"]["trades"] == TRADES["fast"] and m["graph_inputs"]["preset"] == "fast"
+    fid = m["fidelity"]
+    assert "vs_full_vae" in fid and fid["reference"].startswith("diffusers PyTorch fp32, same fused weights, VAE decoder")
+    if unet == "int8":
+        assert fid["image_psnr_db"] >= INT8_IMAGE_GATE["psnr_db"] and fid["image_ssim"] >= INT8_IMAGE_GATE["ssim"]
+    assert "tiny VAE decoder demo:taesd" in out and "image check at 64x64" in out
+    code, shown, _ = run_cli(["inspect", d], capsys)
+    assert code == 0 and "preset       fast: speed for quality" in shown and "vae decoder  tiny (AutoencoderTiny) demo:taesd" in shown
+    assert "random weights: these figures compare noise images" in shown
+
+
+def test_fast_preset_image_against_diffusers_with_the_tiny_decoder(fast_entry):
+    """Independently of the build's check: the fast entry's image against diffusers' StableDiffusionPipeline
+    fp32 with the same fused weights and an AutoencoderTiny, other prompt and seed."""
+    from diffusers import StableDiffusionPipeline
+
+    from lcm_export.build_engine import _resolve_loras
+    from lcm_export.demo import build_demo_pipeline, build_demo_tiny_vae
+    from lcm_export.fuse import fuse_into
+    from lcm_export.models import resolve_base
+    from lcm_export.runtime import LCMPipeline
+    from lcm_export.verify import INT8_IMAGE_GATE, diffusers_images, psnr, seeded_inputs, ssim
+    from lcm_export.build_engine import BuildOptions
+
+    d, _ = fast_entry
+    pipe = build_demo_pipeline("sd15")
+    fuse_into(pipe, _resolve_loras(BuildOptions(), resolve_base("demo:sd15"), True))
+    ref_pipe = StableDiffusionPipeline(vae=build_demo_tiny_vae("taesd"), text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                       unet=pipe.unet, scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    latents, noise = seeded_inputs(4, (64, 64), steps=4, seed=21)
+    ours = LCMPipeline.from_engine_dir(d)("a green tree", latents=latents, step_noise=noise, output_type="np")
+    ref = diffusers_images(ref_pipe, "a green tree", 4, 1.0, latents, noise)
+    assert psnr(ours, ref) >= INT8_IMAGE_GATE["psnr_db"] and ssim(ours, ref) >= INT8_IMAGE_GATE["ssim"]
