@@ -49,16 +49,17 @@ class BuildOptions:
     """auto | fp32 | fp16 | bf16 | int8. auto: fp16 on TensorRT (2x+ faster, small quality cost); on CPUs bf16 where
     the CPU has native bf16 (AMX / AVX512_BF16: ~2.5x faster UNet, image PSNR ~50 dB against fp32,
     gated at 30 dB), else fp32. int8 (OpenVINO, CPUs with AVX512_VNNI / AVX_VNNI / AMX-INT8): the UNet
-    quantized by NNCF after calibrating on the entry's own LCM trajectories — int8 arithmetic, a quarter of
-    the fp32 weight bytes, a larger quality cost (image gated by PSNR and SSIM, verify.INT8_IMAGE_GATE); the
+    quantized by NNCF after calibrating on the entry's own LCM trajectories — int8 arithmetic and int8
+    weights in the IR, a larger quality cost (image gated by PSNR and SSIM, verify.INT8_IMAGE_GATE); the
     build runs 32 PyTorch fp32 UNet calls and the quantizer on top (minutes for SD 1.5 at 512²)."""
     int8_scheme: str = "auto"
     """int8 only: w8a8 | w8a8-sq | hybrid | w8 (backends/openvino.py: INT8_SCHEMES); auto = the backend's
     DEFAULT_INT8_SCHEME. Fewer int8 products (hybrid, w8) cost less quality and gain less speed."""
     vae_decoder: str | None = None
     """A tiny VAE decoder (diffusers AutoencoderTiny: madebyollin/taesd, /taesdxl, a local folder, demo:taesd)
-    in place of the base's: a few % of the full decoder's compute (the VAE decode is ~40 % of a 512² CPU
-    image), softer fine detail. None: the base's own VAE decoder."""
+    in place of the base's: TAESD's decoder counts 141 GFLOP at 512² against 2515 for SD 1.5's (torch
+    FlopCounterMode, real configs), and approximates it (how closely: ``fidelity.vs_full_vae``). None: the
+    base's own VAE decoder."""
     preset: str = "quality"
     """quality | fast (``presets.py``). fast = int8 UNet where the CPU has int8 dot products + a tiny VAE
     decoder (the family's TAESD, ``demo:taesd*`` for demo bases) unless the flags above say otherwise."""
