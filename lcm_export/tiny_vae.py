@@ -41,6 +41,8 @@ LATENT_FAMILY = {"sd15": "sd15", "sdxl": "sdxl", "ssd1b": "sdxl"}
 _NAMES = (("taesdxl", "sdxl"), ("taesd3", "sd3"), ("taef1", "flux"), ("taeflux", "flux"), ("taesd", "sd15"))
 _LABEL = {"sd15": "SD 1.5", "sdxl": "SDXL / SSD-1B", "sd3": "SD3", "flux": "FLUX"}
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")
+WEIGHTS = "diffusion_pytorch_model"
+"""diffusers' weights file name (``.safetensors``, or shards of it): what ``from_pretrained`` loads and we hash."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ def _download(spec: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(spec, allow_patterns=["config.json", "*.safetensors"],
+        folder = snapshot_download(spec, allow_patterns=["config.json", f"{WEIGHTS}*.safetensors"],
                                    local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"))
     except Exception as exc:  # network, auth, offline cache miss — one line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -140,12 +142,12 @@ def _check_folder(src: DecoderSource) -> None:
         raise UserError(f"{FLAG} {src.spec}: its config is a {cls or 'model of unknown class'}, not an {TINY_CLASS} "
                         "(the TAESD family, e.g. madebyollin/taesd); the base's own VAE is used without this flag")
     if not _weights(src.path):
-        raise UserError(f"{FLAG} {src.spec}: no .safetensors weights in {src.path} (pickle .bin weights are refused: "
+        raise UserError(f"{FLAG} {src.spec}: no {WEIGHTS}.safetensors in {src.path} (pickle .bin weights are refused: "
                         "loading them can run code)")
 
 
 def _weights(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.iterdir() if f.suffix == ".safetensors")
+    return sorted(f for f in folder.iterdir() if f.name.startswith(WEIGHTS) and f.suffix == ".safetensors")
 
 
 def check_latent_channels(src: DecoderSource, channels: int) -> None:

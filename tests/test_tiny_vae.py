@@ -149,7 +149,7 @@ def _bad_sources(tmp):
         (tmp / "empty-taesd", "no config.json in"),
         (tmp / "broken-taesd", "cannot read"),
         (_tiny_folder(tmp / "kl-taesd", cls="AutoencoderKL"), "its config is a AutoencoderKL, not an AutoencoderTiny"),
-        (_tiny_folder(tmp / "bin-taesd", weights=False), "no .safetensors weights"),
+        (_tiny_folder(tmp / "bin-taesd", weights=False), "no diffusion_pytorch_model.safetensors in"),
         (_tiny_folder(tmp / "wide-decoder", latent_channels=16), "decodes 16-channel latents but the base's UNet makes 4"),
     ]
 
