@@ -6,7 +6,7 @@ import datetime as _dt
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import backends
@@ -46,10 +46,24 @@ class BuildOptions:
     """auto | onnxruntime | openvino | tensorrt. auto: TensorRT on NVIDIA GPUs; on CPUs the backend that
     measured fastest for the precision (OpenVINO, for bf16 and fp32)."""
     precision: str = "auto"
-    """auto | fp32 | fp16 | bf16. auto: fp16 on NVIDIA GPUs (TensorRT, else ONNX Runtime's CUDA provider; 2x+
+    """auto | fp32 | fp16 | bf16 | int8. auto: fp16 on NVIDIA GPUs (TensorRT, else ONNX Runtime's CUDA provider; 2x+
     faster on TensorRT, small quality cost; ONNX Runtime fp16 not measured yet, image-gated); on CPUs bf16 where
     the CPU has native bf16 (AMX / AVX512_BF16: ~2.5x faster UNet, image PSNR ~50 dB against fp32,
-    gated at 30 dB), else fp32."""
+    gated at 30 dB), else fp32. int8 (OpenVINO, CPUs with AVX512_VNNI / AVX_VNNI / AMX-INT8): the UNet
+    quantized by NNCF after calibrating on the entry's own LCM trajectories — int8 arithmetic and int8
+    weights in the IR, a larger quality cost (image gated by PSNR and SSIM, verify.INT8_IMAGE_GATE); the
+    build runs 32 PyTorch fp32 UNet calls and the quantizer on top (minutes for SD 1.5 at 512²)."""
+    int8_scheme: str = "auto"
+    """int8 only: w8a8 | w8a8-sq | hybrid | w8 (backends/openvino.py: INT8_SCHEMES); auto = the backend's
+    DEFAULT_INT8_SCHEME. Fewer int8 products (hybrid, w8) cost less quality and gain less speed."""
+    vae_decoder: str | None = None
+    """A tiny VAE decoder (diffusers AutoencoderTiny: madebyollin/taesd, /taesdxl, a local folder, demo:taesd)
+    in place of the base's: TAESD's decoder counts 141 GFLOP at 512² against 2515 for SD 1.5's (torch
+    FlopCounterMode, real configs), and approximates it (how closely: ``fidelity.vs_full_vae``). None: the
+    base's own VAE decoder."""
+    preset: str = "quality"
+    """quality | fast (``presets.py``). fast = int8 UNet where the CPU has int8 dot products + a tiny VAE
+    decoder (the family's TAESD, ``demo:taesd*`` for demo bases) unless the flags above say otherwise."""
     vae_fp32: bool = False
     """fp16 GPU entries (TensorRT, ONNX Runtime): VAE decoder in fp32 (slower; avoids fp16 overflow, which
     TensorRT builds detect anyway)."""
@@ -85,8 +99,14 @@ class BuildResult:
     def summary(self) -> str:
         m = self.manifest
         head = "up to date" if self.reused else (f"refit in {self.seconds:.1f} s" if self.refit else f"built in {self.seconds:.1f} s")
-        lines = [f"{self.engine_dir}: {head} — {m['family']} {m['backend']} {m['precision']}, "
-                 f"resolutions {', '.join(m['resolutions'])}, batch {m['batch']} (guidance {m['guidance']})"]
+        decoder = m.get("vae_decoder", {}).get("source") if isinstance(m.get("vae_decoder"), dict) else None
+        lines = [f"{self.engine_dir}: {head} — {m['family']} {m['backend']} {m['precision']}"
+                 + (f", tiny VAE decoder {decoder}" if decoder else "")
+                 + f", resolutions {', '.join(m['resolutions'])}, batch {m['batch']} (guidance {m['guidance']})"]
+        fid = m.get("fidelity")
+        if isinstance(fid, dict) and isinstance(fid.get("image_psnr_db"), (int, float)):
+            lines.append(f"image check at {fid.get('resolution')}: PSNR {fid['image_psnr_db']:.1f} dB, SSIM "
+                         f"{fid.get('image_ssim', float('nan')):.3f} against PyTorch fp32")
         if m.get("demo"):
             lines.append("note: demo model with random weights: its images are noise")
         return "\n".join(lines + self.messages)
@@ -120,8 +140,18 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     demo_default = opts.base is None and not opts.loras
     src = resolve_base(base)
     family = base_family(src)
+    opts, preset_notes = _apply_preset(opts, family, src.kind == "demo")
     choice = backends.choose(opts.backend, opts.precision)
     backend, device, precision = choice.backend, choice.device, choice.precision
+    scheme = None
+    if precision == "int8":
+        scheme = backends.int8_scheme(backend, opts.int8_scheme)
+        if opts.adapters:
+            raise UserError("--adapters with an int8 UNet is not supported (the quantizer would need the adapter inputs "
+                            "calibrated too); use --precision bf16 or fp32 with --adapters, or bake the LoRAs in with --lora")
+    elif opts.int8_scheme != "auto":
+        raise UserError(f"--int8-scheme {opts.int8_scheme} applies to int8 UNets only (--precision int8 or --preset fast "
+                        f"on a CPU with int8 dot products); this build is {precision}")
     unet_cfg = read_unet_config(src)
     multiple = size_multiple(len(unet_cfg["block_out_channels"]))
     resolutions = list(opts.resolutions) or ([] if opts.dynamic else [DEFAULT_RESOLUTION[family]])
@@ -132,6 +162,14 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     if opts.adapters and not backends.get(backend).ADAPTERS:
         raise UserError(f"--adapters: the {backend} backend does not take run-time adapter inputs yet; use --backend "
                         "onnxruntime or openvino, or bake the LoRAs in with --lora")
+    decoder = None
+    if opts.vae_decoder is not None:
+        from .tiny_vae import check_latent_channels, family_note, resolve_vae_decoder
+
+        decoder = resolve_vae_decoder(opts.vae_decoder, family)
+        check_latent_channels(decoder, int(unet_cfg.get("in_channels", 4)))
+        note = family_note(decoder, family)
+        preset_notes = preset_notes + ((note,) if note else ())
     items = _resolve_loras(opts, src, demo_default)
 
     name = opts.name or default_entry_name(src)
@@ -145,13 +183,25 @@ def build_engine(opts: BuildOptions) -> BuildResult:
         "adapters": opts.adapters,
         "versions": versions,
     }
+    # added only where used, so that entries built without them keep their keys
+    if scheme:
+        from .calibration import CALIBRATION_VERSION
+
+        graph_inputs["int8"] = {"scheme": scheme, "calibration": CALIBRATION_VERSION}
+    if opts.preset != "quality":
+        graph_inputs["preset"] = opts.preset
     weights_inputs = {"base": base_identity(src), "loras": [{"sha256": i.sha256, "weight": s.weight} for s, i in items]}
+    if decoder is not None:
+        from .tiny_vae import decoder_architecture, decoder_identity
+
+        graph_inputs["vae_decoder"] = decoder_architecture(decoder)
+        weights_inputs["vae_decoder"] = decoder_identity(decoder)
     keys = {"graph_key": cache_key(graph_inputs), "weights_key": cache_key(weights_inputs)}
     key = cache_key(keys)
     found = existing_entry(engine_dir, base, key, opts.force)
     if found is not None:
-        return BuildResult(engine_dir, found, True, time.perf_counter() - t0)
-    messages = []
+        return BuildResult(engine_dir, found, True, time.perf_counter() - t0, list(preset_notes))
+    messages = list(preset_notes)
     if not opts.force:
         from .refit_build import refit_blocker, refit_entry
 
@@ -162,19 +212,21 @@ def build_engine(opts: BuildOptions) -> BuildResult:
                 try:
                     manifest, seconds = refit_entry(engine_dir, old, opts, src, plans, items, keys, weights_inputs, key)
                     return BuildResult(engine_dir, manifest, False, time.perf_counter() - t0,
-                                       [f"refit: weights updated in place in {seconds:.1f} s (LoRAs / λ changed; graph unchanged)"],
+                                       messages + [f"refit: weights updated in place in {seconds:.1f} s (LoRAs / λ changed; graph unchanged)"],
                                        refit=True)
                 except backends.RefitImpossible as exc:
                     why = str(exc)
             messages.append(f"full build, not a refit: {why}")
 
     n_comps = 4 if family in ("sdxl", "ssd1b") else 3
-    n_steps = 2 + 2 * len(items) + (2 if backends.get(backend).VERIFY_IN_BUILD else 3) * n_comps + 1 + (precision == "bf16")
+    n_steps = (2 + 2 * len(items) + (2 if backends.get(backend).VERIFY_IN_BUILD else 3) * n_comps + 1
+               + (precision in ("bf16", "int8") or decoder is not None) + (precision == "int8"))
     bar = progress(n_steps, "build", enabled=opts.show_progress)
     try:
         with atomic_dir(engine_dir, force=True, what="engine dir") as tmp:
             manifest = _build_into(tmp, opts, src, family, backend, device, precision, plans, items, key, versions,
-                                   engine_dir, bar, {**keys, "graph_inputs": graph_inputs, "weights_inputs": weights_inputs})
+                                   engine_dir, bar, {**keys, "graph_inputs": graph_inputs, "weights_inputs": weights_inputs},
+                                   decoder, scheme, preset_notes)
             messages += carry_adapters(engine_dir, tmp, manifest)
     except OSError as exc:
         raise disk_error(exc, engine_dir) from None
@@ -183,8 +235,22 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     return BuildResult(engine_dir, manifest, False, time.perf_counter() - t0, messages)
 
 
+def _apply_preset(opts: BuildOptions, family: str, demo: bool) -> tuple[BuildOptions, tuple[str, ...]]:
+    """``opts`` with the preset's precision and VAE decoder filled in (``presets.resolve_preset``), and its notes."""
+    from ._cpu import native_bf16, native_int8
+    from .presets import resolve_preset
+
+    if opts.preset == "quality":
+        return opts, resolve_preset(opts.preset, opts.precision, opts.vae_decoder, family, demo, "cpu", False, False, False).notes
+    probe = backends.choose(opts.backend, "auto")
+    builder = "int8" in backends.get(probe.backend).PRECISIONS if opts.backend != "auto" else backends.builds_int8()
+    pc = resolve_preset(opts.preset, opts.precision, opts.vae_decoder, family, demo, probe.device, native_int8(), builder,
+                        native_bf16())
+    return replace(opts, precision=pc.precision, vae_decoder=pc.vae_decoder), pc.notes
+
+
 def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans, items, key, versions, engine_dir, bar,
-                key_record: dict) -> dict:
+                key_record: dict, decoder=None, scheme=None, notes=()) -> dict:
     from .components import component_io, components_for, decoder_probe_inputs, model_dims
     from .export import export_pipeline
     from .fuse import fuse_into
@@ -197,6 +263,11 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     bar.update()
     fusion = fuse_into(pipe, items, bar)
     fusion = {"base": base_record(src, pipe), **fusion}
+    full_vae = None
+    if decoder is not None:  # as diffusers documents it: pipe.vae = AutoencoderTiny.from_pretrained(...)
+        from .tiny_vae import load_vae_decoder
+
+        full_vae, pipe.vae = pipe.vae, load_vae_decoder(decoder)
 
     work = tmp / ONNX_DIR  # kept in the entry: what a weights-only update (refit) patches
     mod = backends.get(backend)
@@ -213,14 +284,22 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     vae_fp32 = opts.vae_fp32 or bool(getattr(pipe.vae.config, "force_upcast", False))
 
     section = mod.entry_settings(opts.threads, device)
+    calibration, calib_rec = (None, None)
+    if precision == "int8":
+        from .calibration import calibrate
+
+        calibration, calib_rec = calibrate(pipe, plans, bar)
     components = {}
     for comp in comps:
-        bar.set_description_str(f"{backend} {comp}")
+        bar.set_description_str(f"{backend} {comp}" + (" (int8 quantization)" if calibration and comp == "unet" else ""))
         feeds = decoder_probe_inputs(pipe, plans[0].vae_batch[1], plans[0].opt_hw) if comp == "vae_decoder" else {}
         job = backends.ComponentJob(comp, work / comp / "model.onnx", tmp, plans, precision, dims, section,
                                     vae_fp32=vae_fp32, refit=opts.refit, store_root=engine_dir.resolve().parent,
+                                    int8_scheme=scheme, calibration=calibration if comp == "unet" else None,
                                     sample_feeds=feeds)
         rec = mod.build_component(job)
+        if "quantization" in rec:
+            rec["quantization"]["calibration"] = calib_rec
         rec.update(component_io(comp, dims))
         rec["onnx_files"] = [f"{ONNX_DIR}/{f}" for f in exported[comp]["files"]]
         rec["weight_map"] = f"{ONNX_DIR}/{exported[comp]['weight_map']['file']}"
@@ -232,6 +311,7 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
             rec["parity"] = exported[comp]["parity"]
         components[comp] = rec
         bar.update()
+    del calibration
     extra = {backend: section} if section else {}
 
     bar.set_description_str("tokenizer + scheduler")
@@ -265,8 +345,9 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
         "size_multiple": size_multiple(len(pipe.unet.config.block_out_channels)),
         "default_resolution": list(DEFAULT_RESOLUTION[family]),
         "force_zeros_for_empty_prompt": bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
+        # a tiny decoder's shift_factor (0.0) is not applied by diffusers' SD 1.5 / SDXL pipelines: None
         "vae": {"scaling_factor": float(vae_cfg.scaling_factor),
-                "shift_factor": getattr(vae_cfg, "shift_factor", None),
+                "shift_factor": None if decoder is not None else getattr(vae_cfg, "shift_factor", None),
                 "latents_mean": getattr(vae_cfg, "latents_mean", None),
                 "latents_std": getattr(vae_cfg, "latents_std", None),
                 "force_upcast": bool(getattr(vae_cfg, "force_upcast", False)),
@@ -276,6 +357,8 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
         **({"tokenizer_2": _tokenizer_record(pipe.tokenizer_2, "tokenizer_2")} if getattr(pipe, "tokenizer_2", None) is not None else {}),
         "scheduler": {"file": "scheduler/scheduler_config.json", "class": "LCMScheduler"},
         "components": components,
+        "preset": _preset_record(opts.preset, notes),
+        **({"vae_decoder": _decoder_record(decoder, pipe.vae)} if decoder is not None else {}),
         **({"adapters": adapter_spec} if adapter_spec else {}),
         **extra,
         "fusion": fusion,
@@ -288,9 +371,9 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     manifest = record_file_sizes(manifest, tmp)
     write_json(tmp / MANIFEST, manifest)
     bar.update()
-    if precision in REDUCED and mod.VERIFY_IN_BUILD:
+    if (precision in REDUCED or decoder is not None) and mod.VERIFY_IN_BUILD:
         bar.set_description_str("image check against PyTorch fp32")
-        manifest["fidelity"] = image_gate(pipe, tmp, plans, components)
+        manifest["fidelity"] = image_gate(pipe, tmp, plans, components, precision, full_vae)
         write_json(tmp / MANIFEST, record_file_sizes(manifest, tmp))
         bar.update()
     return manifest
@@ -316,6 +399,18 @@ def carry_adapters(old_dir: Path, new_dir: Path, manifest: dict) -> list[str]:
         return [f"adapters kept: {', '.join(names)}"]
     return [f"adapters dropped ({', '.join(names)}): the new entry has other adapter branches; add them again with "
             "`lcm-export adapter add`"]
+
+
+def _preset_record(preset: str, notes) -> dict:
+    from .presets import TRADES
+
+    return {"name": preset, "trades": TRADES[preset], "notes": list(notes)}
+
+
+def _decoder_record(decoder, module) -> dict:
+    from .tiny_vae import decoder_record
+
+    return decoder_record(decoder, module)
 
 
 def _add_adapter_branches(pipe, work: Path, entry: Path, exported: dict) -> dict:

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Chain fuse, export and build. With no --base: the demo model and its two demo LoRAs. "
                                    "Every CPU engine is checked against the fused PyTorch model at each resolution: an fp32 "
                                    "engine against a float64 run of it, passing when its rel-L2 is within max(1e-4, 10 x PyTorch "
-                                   "fp32's own); a bf16 entry by its 4-step image (at least 30 dB PSNR against PyTorch fp32). "
+                                   "fp32's own); a bf16 entry by its 4-step image (at least 30 dB PSNR against PyTorch fp32), an int8 entry "
+                                   "by PSNR and SSIM (at least 25 dB and 0.90). "
                                    "A failing build writes nothing.")
     b.add_argument("--base", default=None, help="hub id, local diffusers folder or demo:NAME (default: demo:sd15 with the demo LoRAs)")
     b.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help=_lora_help())
@@ -82,16 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): TensorRT where it imports and a CUDA GPU exists; else ONNX Runtime on CUDA; "
                         "on CPUs the backend measured fastest for the precision (OpenVINO, for bf16 and fp32; ONNX Runtime "
                         "where OpenVINO is missing)")
-    b.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+    b.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16", "int8"), default="auto",
                    help="auto (default): fp16 on NVIDIA GPUs (TensorRT; ONNX Runtime's CUDA provider without it); on CPUs "
                         "bf16 where the CPU has native bf16 (AMX or AVX512_BF16), else fp32. bf16 needs --backend openvino "
                         "and such a CPU; fp16 needs a GPU: --backend tensorrt, or onnxruntime with onnxruntime-gpu (the "
                         "graph fused and converted as ONNX Runtime's own Stable Diffusion tooling does; refused where "
                         "ONNX Runtime has no CUDA provider: its CPU provider has no fast fp16 kernels). bf16 and ONNX "
-                        "Runtime fp16 entries' 4-step images are checked against PyTorch fp32 and refused below 30 dB PSNR")
+                        "Runtime fp16 entries' 4-step images are checked against PyTorch fp32 and refused below 30 dB PSNR. "
+                        "int8: the UNet quantized by NNCF (OpenVINO), calibrated on the entry's own 4-step LCM trajectories "
+                        "of 8 built-in prompts; text encoder and VAE as in a bf16 entry (fp32 without native bf16); needs a "
+                        "CPU with int8 dot products (AVX512_VNNI, AVX_VNNI or AMX-INT8) and the [build] extra's nncf; its "
+                        "image is refused below 25 dB PSNR or SSIM 0.90")
     b.add_argument("--vae-fp32", action="store_true",
                    help="fp16 GPU entries (TensorRT, ONNX Runtime): keep the VAE decoder in fp32 (always done for VAEs "
                         "marked force_upcast, and on TensorRT when fp16 overflows)")
+    b.add_argument("--int8-scheme", default="auto", metavar="SCHEME",
+                   help="int8 only: what is quantized. w8a8 (auto, provisional): weights and activations of every "
+                        "convolution and matrix product; w8a8-sq: the same with SmoothQuant; hybrid: int8 weights only "
+                        "for the linear layers, full int8 for convolutions and attention; w8: int8 weights only (smaller, "
+                        "not faster). Recorded in the manifest")
+    b.add_argument("--vae-decoder", default=None, metavar="SRC",
+                   help="decode with a tiny VAE decoder (diffusers AutoencoderTiny, the TAESD family) instead of the "
+                        "base's: a hub id (madebyollin/taesd for SD 1.5, madebyollin/taesdxl for SDXL / SSD-1B), a local "
+                        "AutoencoderTiny folder, or demo:taesd / demo:taesdxl (random weights). About 1/18 of the SD 1.5 "
+                        "decoder's FLOPs at 512² (141 vs 2515 GFLOP); it approximates the full decoder: its image is compared with diffusers using the same decoder, and with the base's VAE "
+                        "(manifest, inspect). A decoder for another family is refused")
+    b.add_argument("--preset", choices=("quality", "fast"), default="quality",
+                   help="quality (default): the entry described above. fast: an int8 UNet where the CPU has int8 dot "
+                        "products (else the auto precision, said in one line) and a tiny VAE decoder (--vae-decoder, "
+                        "default the family's TAESD: madebyollin/taesd(xl), demo:taesd(xl) for demo bases). Explicit "
+                        "--precision / --vae-decoder win over the preset")
     b.add_argument("--refit", action="store_true",
                    help="TensorRT: build refittable engines (slightly slower), so a later change of LoRAs or λ is refit "
                         "into them instead of rebuilt. CPU entries are always refittable")
@@ -261,7 +282,8 @@ def _dispatch(a) -> int:
 
         opts = BuildOptions(
             base=a.base, loras=tuple(a.lora), resolutions=tuple(a.resolution), dynamic=a.dynamic, batch=a.batch,
-            guidance=a.guidance, backend=a.backend, precision=a.precision, vae_fp32=a.vae_fp32, refit=a.refit, no_refit=a.no_refit,
+            guidance=a.guidance, backend=a.backend, precision=a.precision, int8_scheme=a.int8_scheme, vae_decoder=a.vae_decoder,
+            preset=a.preset, vae_fp32=a.vae_fp32, refit=a.refit, no_refit=a.no_refit,
             adapters=a.adapters, engine_dir=a.engine_dir, name=a.name, threads=a.threads, force=a.force, show_progress=not a.quiet,
         )
         result = build_engine(opts)

@@ -12,6 +12,15 @@ export, build, runtime, bench) can run and be tested without downloading anythin
                       layout described by ``reverse_transformer_layers_per_block``.
 - ``demo:sdxl-full``  the real SDXL-base UNet / VAE / text-encoder configs, random weights (speed only).
 
+Tiny VAE decoders (``build-engine --vae-decoder``), diffusers ``AutoencoderTiny`` with seeded random weights:
+
+- ``demo:taesd``      for SD 1.5 latents (stands in for ``madebyollin/taesd``)
+- ``demo:taesdxl``    for SDXL / SSD-1B latents (stands in for ``madebyollin/taesdxl``)
+
+Both use TAESD's real layout (64 channels, 3+3+3+1 decoder blocks, x8 upsampling) except where a
+``-full`` base is not in play: they are small (about 1.2 M parameters each, as the real ones), so the
+same configs serve tests and speed measurements.
+
 Also the two demo LoRAs ``make demo`` fuses: an LCM-LoRA-shaped kohya LoCon file (linear + conv
 layers, alpha != rank) and a small diffusers/PEFT style LoRA (UNet attention + text encoder).
 """
@@ -23,6 +32,8 @@ import os
 from pathlib import Path
 
 DEMO_NAMES = ("sd15", "sd15-full", "sdxl", "ssd1b", "sdxl-full")
+TINY_VAE_DEMOS = {"taesd": "sd15", "taesdxl": "sdxl"}
+"""Demo tiny VAE decoders and the latent family each decodes."""
 DEMO_NOTICE = "demo model with random weights: its images are noise, not pictures"
 # The demo prompt's words get BPE merges so the tokenizer exercises merging, not just bytes.
 _MERGE_WORDS = ("a", "photo", "of", "an", "astronaut", "riding", "horse", "cat", "dog", "the", "in", "style")
@@ -153,6 +164,43 @@ def _configs(name: str, vocab_size: int) -> dict:
     else:
         raise KeyError(name)
     return {"unet": unet, "vae": vae, "text_encoder": text}
+
+
+def tiny_vae_config() -> dict:
+    """The AutoencoderTiny config of madebyollin/taesd and /taesdxl (both the same architecture; their weights
+    differ): 64 channels per block, encoder 1+3+3+3 and decoder 3+3+3+1 blocks, latents / 1.0."""
+    return dict(in_channels=3, out_channels=3, encoder_block_out_channels=(64, 64, 64, 64),
+                decoder_block_out_channels=(64, 64, 64, 64), act_fn="relu", latent_channels=4, upsampling_scaling_factor=2,
+                num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1), latent_magnitude=3, latent_shift=0.5,
+                scaling_factor=1.0)
+
+
+def build_demo_tiny_vae(name: str):
+    """``demo:taesd`` / ``demo:taesdxl``: a diffusers AutoencoderTiny with seeded random weights (its images are noise)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    if name not in TINY_VAE_DEMOS:
+        raise KeyError(name)
+    with torch.random.fork_rng():
+        torch.manual_seed(10 + list(TINY_VAE_DEMOS).index(name))
+        vae = AutoencoderTiny(**tiny_vae_config()).eval()
+        # PyTorch's default init fades to a constant through the decoder's 35 convolutions (images all
+        # black): LeCun-normal weights instead, then the last convolution scaled so that N(0, 1) latents
+        # decode to images centred in [-1, 1] (per channel mean 0, std 0.4) — noise, but with contrast
+        convs = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+        for m in convs:
+            torch.nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            probe = torch.randn(4, int(vae.config.latent_channels), 32, 32)
+            raw = vae.decoder.layers(torch.tanh(probe / 3) * 3)
+            mean, std = raw.mean(dim=(0, 2, 3)), raw.std(dim=(0, 2, 3)).clamp_min(1e-6)
+            k = 0.2 / std
+            convs[-1].weight.mul_(k.view(-1, 1, 1, 1))
+            convs[-1].bias.copy_(0.5 - mean * k)
+    return vae
 
 
 # diffusers' LCMScheduler config as shipped with the LCM-LoRA-accelerated SD 1.5 pipelines.

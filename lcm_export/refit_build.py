@@ -11,7 +11,9 @@ base weights, other LoRAs or λ: the entry is refit instead of rebuilt.
    entry's exported graph is patched (no torch export).
 3. Each changed component is re-derived by its backend from the patched graph (ONNX Runtime:
    re-optimized; OpenVINO: new IR + compiled blob; TensorRT: refit through its refitter) and checked
-   against PyTorch exactly as a fresh build checks it (and the image gate for bf16).
+   against PyTorch exactly as a fresh build checks it (and the image gate for bf16 and int8). An int8
+   UNet is re-quantized: calibrated again on the new weights' own LCM trajectories, with the entry's
+   scheme, as a fresh build does (the old scales would be wrong for new weights).
 4. It all happens in a temp folder holding hard links to the old entry's files (changed files are
    new files, never written through a link) that replaces the entry in one rename: a crash or a
    failed check leaves the old entry as it was.
@@ -32,7 +34,8 @@ from .store import MANIFEST, record_file_sizes
 GRAPH_CHANGES = {"plans": "resolutions or shape plans", "batch": "batch", "guidance": "guidance shapes",
                  "backend": "backend", "device": "device", "precision": "precision", "vae_fp32": "--vae-fp32",
                  "refit": "--refit", "versions": "tool versions", "architecture": "base architecture",
-                 "family": "family", "recipe": "lcm-export build recipe", "schema": "manifest schema"}
+                 "family": "family", "recipe": "lcm-export build recipe", "schema": "manifest schema",
+                 "int8": "int8 scheme or calibration", "vae_decoder": "tiny VAE decoder", "preset": "preset"}
 
 
 def _jsonable(x):
@@ -48,10 +51,12 @@ def refit_blocker(old: dict, keys: dict, graph_inputs: dict, weights_inputs: dic
     if old["graph_key"] != keys["graph_key"]:
         was = old["graph_inputs"]
         now = _jsonable(graph_inputs)
-        changed = [GRAPH_CHANGES.get(k, k) for k in now if was.get(k) != now[k]]
+        changed = [GRAPH_CHANGES.get(k, k) for k in dict.fromkeys([*now, *was]) if was.get(k) != now.get(k)]
         return f"the graph changed ({', '.join(changed) or 'graph key'}), so the engines must be rebuilt"
     if _jsonable(old.get("weights_inputs", {}).get("base")) != _jsonable(weights_inputs["base"]):
         return "the base model's weights changed (a refit only swaps LoRAs and λ)"
+    if _jsonable(old.get("weights_inputs", {}).get("vae_decoder")) != _jsonable(weights_inputs.get("vae_decoder")):
+        return "the tiny VAE decoder's weights changed (a refit only swaps LoRAs and λ)"
     mod = backends.get(old["backend"])
     if not getattr(mod, "REFIT", False):
         return f"the {old['backend']} backend cannot refit"
@@ -119,6 +124,12 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
     lap("link + load base")
     fusion = {"base": base_record(src, pipe), **fuse_into(pipe, items, bar)}
     lap("fuse LoRAs (PyTorch)")
+    full_vae = None
+    if isinstance(old.get("vae_decoder"), dict) and opts.vae_decoder:  # the same decoder (its weights are in the key)
+        from .tiny_vae import load_vae_decoder, resolve_vae_decoder
+
+        full_vae, pipe.vae = pipe.vae, load_vae_decoder(resolve_vae_decoder(opts.vae_decoder, old["family"]))
+    calibration = None
     touched_old, touched_new = _modules(old.get("fusion", {})), _modules(fusion)
     mod = backends.get(old["backend"])
     section = dict(old.get(old["backend"], {}))
@@ -153,11 +164,20 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
         for f in rec["files"]:  # the engine files are re-derived: drop the links first, never write through them
             (tmp / f).unlink(missing_ok=True)
         bar.set_description_str(f"{old['backend']} {comp}")
+        quant = rec.get("quantization") if isinstance(rec.get("quantization"), dict) else None
+        if quant is not None and calibration is None:  # re-quantize on the new weights' own trajectories
+            from .calibration import calibrate
+
+            calibration = calibrate(pipe, plans)
+            lap("int8 calibration (PyTorch)")
         job = backends.ComponentJob(comp, tmp / graph, tmp, plans, old["precision"], dims, section,
                                     vae_fp32=bool(old["graph_inputs"].get("vae_fp32")), refit=bool(old["graph_inputs"].get("refit")),
-                                    store_root=engine_dir.resolve().parent, previous=engine_dir)
+                                    store_root=engine_dir.resolve().parent, previous=engine_dir,
+                                    int8_scheme=quant["scheme"] if quant else None, calibration=calibration[0] if quant else None)
         refit_fn = getattr(mod, "refit_component", None)
         new = refit_fn(job, rec) if refit_fn else mod.build_component(job)
+        if quant is not None and "quantization" in new:
+            new["quantization"]["calibration"] = calibration[1]
         new_rec = {**rec, **new}
         lap(f"{old['backend']} re-derive")
         if mod.VERIFY_IN_BUILD:  # checked exactly as a fresh build checks it
@@ -177,9 +197,9 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
                          "seconds": round(time.perf_counter() - t0, 2), "previous_weights_key": old.get("weights_key"),
                          **({f"{old['backend']}_weights": engine_weights} if engine_weights else {})}
     write_json(tmp / MANIFEST, record_file_sizes(manifest, tmp))
-    if old["precision"] in REDUCED and mod.VERIFY_IN_BUILD and changed_comps:
+    if (old["precision"] in REDUCED or full_vae is not None) and mod.VERIFY_IN_BUILD and changed_comps:
         bar.set_description_str("image check against PyTorch fp32")
-        manifest["fidelity"] = image_gate(pipe, tmp, plans, components)
+        manifest["fidelity"] = image_gate(pipe, tmp, plans, components, old["precision"], full_vae)
         lap("image gate vs PyTorch fp32")
     manifest["refit"]["seconds"] = round(time.perf_counter() - t0, 2)
     manifest["refit"]["phases_s"] = phases

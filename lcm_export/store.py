@@ -252,10 +252,37 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
     if isinstance(r, dict):
         rows.append(("refit", f"{r.get('at')}: {r.get('weights_changed')} weights in {', '.join(r.get('components', [])) or 'no component'} "
                               f"({r.get('seconds')} s)"))
+    pre = m.get("preset")
+    if isinstance(pre, dict) and pre.get("name"):
+        rows.append(("preset", f"{pre['name']}: {pre.get('trades', '')}"))
+        rows += [("", f"note: {n}") for n in pre.get("notes", []) if isinstance(n, str)]
+    dec = m.get("vae_decoder")
+    if isinstance(dec, dict):
+        sha = dec.get("sha256") or {}
+        sha = next(iter(sha.values()), "") if isinstance(sha, dict) else ""
+        sha = sha or dec.get("state_dict_sha256") or ""
+        rows.append(("vae decoder", f"tiny ({dec.get('class')}) {dec.get('source')}  for {dec.get('family') or 'an unchecked family'} "
+                                    f"latents ({dec.get('family_from')})  sha256 {sha[:12]}…"))
+    for comp, c in m.get("components", {}).items():
+        q = c.get("quantization") if isinstance(c, dict) else None
+        if isinstance(q, dict):
+            cal = q.get("calibration") or {}
+            rows.append(("int8", f"{comp}: scheme {q.get('scheme')} ({q.get('tool')}), rest of the graph in "
+                                  f"{c.get('inference_precision')}; calibrated on {cal.get('samples')} UNet calls "
+                                  f"({cal.get('prompts')} prompts x {cal.get('steps')} LCM steps at {cal.get('resolution')})"))
     fid = m.get("fidelity")
     if isinstance(fid, dict) and isinstance(fid.get("image_psnr_db"), (int, float)):
-        rows.append(("image check", f"4-step image vs PyTorch fp32 at {fid.get('resolution')}: PSNR {fid['image_psnr_db']:.1f} dB "
-                                    f"(gate {fid.get('gate_db')} dB)"))
+        ssim = fid.get("image_ssim")
+        gate = "not gated" if fid.get("gate_db") is None else \
+            f"gate {fid.get('gate_db')} dB" + (f", SSIM {fid['gate_ssim']}" if fid.get("gate_ssim") is not None else "")
+        rows.append(("image check", f"4-step image vs PyTorch fp32 at {fid.get('resolution')}: PSNR {fid['image_psnr_db']:.1f} dB"
+                                    + (f", SSIM {ssim:.3f}" if isinstance(ssim, (int, float)) else "") + f" ({gate})"))
+        full = fid.get("vs_full_vae")
+        if isinstance(full, dict) and isinstance(full.get("image_psnr_db"), (int, float)):
+            rows.append(("", f"vs the base's own VAE decoder: PSNR {full['image_psnr_db']:.1f} dB, SSIM "
+                             f"{full.get('image_ssim', float('nan')):.3f} (what the tiny decoder trades)"))
+        if m.get("demo"):
+            rows.append(("", "random weights: these figures compare noise images, not pictures (README, int8 UNet)"))
     for l in m.get("fusion", {}).get("loras", []):
         rows.append(("lora", f"{Path(l['path']).name}  λ={l['weight']:g}  {l['format']}  rank {','.join(map(str, l['ranks']))}  "
                               f"layers {sum(l['layers'].values())}  sha256 {l['sha256'][:12]}…"))
@@ -265,6 +292,7 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
     if hw:
         rows.append(("hardware", "  ".join(f"{k}: {val}" for k, val in hw.items() if val)))
     w = max(len(r[0]) for r in rows)
+    rows = [(k, "" if v is None else v) for k, v in rows]
     out = [f"{k:<{w}}  {val}" for k, val in rows]
     out.append("")
     out.append(f"{'component':<13} {'precision':<9} {'inputs':<60} parity @ size")

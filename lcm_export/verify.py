@@ -13,9 +13,12 @@ i.e. the engine is about as accurate as PyTorch fp32. A failure therefore always
 is more than FP32_FACTOR times further from the exact answer than PyTorch fp32 is: the message may
 call that a bug. Both figures are recorded per component and size (manifest, ``inspect``).
 
-Reduced precision (bf16, fp16): each component gets a sanity limit against PyTorch fp32 (REDUCED_LIMIT),
+Reduced precision (bf16, fp16, int8): each component gets a sanity limit against PyTorch fp32 (REDUCED_LIMIT),
 and the entry gets the image gate: its 4-step LCM image against diffusers' PyTorch fp32 pipeline,
-same fused weights, latents and step noise, as PSNR (IMAGE_PSNR_GATE_DB).
+same fused weights, latents and step noise, as PSNR and SSIM (IMAGE_GATES: bf16 by PSNR,
+IMAGE_PSNR_GATE_DB; int8 by PSNR and SSIM). An entry with a tiny VAE decoder gets the same image check
+at any precision (against diffusers with that decoder; gated only for reduced precision), plus the
+figures against the base's own VAE decoder: what the tiny decoder trades.
 
 PyTorch's answers are computed once per component and size (:class:`References`) and shared by the
 exported-graph check and the engine check.
@@ -44,15 +47,24 @@ weight, a wrong op) 1,200x to 65,000x. 10 refused none of the 96 correct checks 
 magnitude below every bug (README, "Fidelity gates")."""
 CONFIRM_INPUTS = 3
 """Seeded inputs that decide when the first one fails the fp32 rule."""
-REDUCED = ("bf16", "fp16")
-"""Precisions gated by the image check instead of the fp32 rule: OpenVINO bf16, ONNX Runtime fp16 on its CUDA
-provider (checked in the build, on the GPU). TensorRT fp16 is not verified in the build (VERIFY_IN_BUILD
+REDUCED = ("bf16", "fp16", "int8")
+"""Precisions gated by the image check instead of the fp32 rule: OpenVINO bf16 and int8, ONNX Runtime fp16 on its
+CUDA provider (checked in the build, on the GPU). TensorRT fp16 is not verified in the build (VERIFY_IN_BUILD
 False); benchmarks/gpu_check.py checks it on a GPU."""
 REDUCED_LIMIT = 0.5
-"""Per-component sanity limit for reduced precision against PyTorch fp32 (measured bf16: 1e-2 to 6e-2);
+"""Per-component sanity limit for reduced precision against PyTorch fp32 (measured bf16: 1e-2 to 6e-2;
+the tiny demo's int8 UNet: 0.1 on the seeded random inputs, which lie outside its calibrated ranges);
 the real gate is the image."""
 IMAGE_PSNR_GATE_DB = 30.0
-"""Smallest PSNR a reduced-precision entry's 4-step image may have against PyTorch fp32."""
+"""Smallest PSNR a bf16 entry's 4-step image may have against PyTorch fp32."""
+INT8_IMAGE_GATE = {"psnr_db": 25.0, "ssim": 0.90}
+"""Smallest PSNR and SSIM an int8 entry's 4-step image may have against PyTorch fp32. Provisional, set
+from the tiny demo (64x64, random weights; README, "int8 UNet"): a correct int8 UNet measured 43.8 dB /
+SSIM 0.998 (bf16: 51.1 dB), one calibrated on wrong data (inputs at 1/20 of their scale, timestep 0)
+23.2 dB / 0.836, an unrelated image of the same model 15.5 dB / 0.24. The gate refuses a quantization
+that lost the model, not a slightly different picture; benchmarks/cpu_fast.py measures the real SD 1.5
+configs, where it is to be confirmed."""
+IMAGE_GATES = {"bf16": {"psnr_db": IMAGE_PSNR_GATE_DB}, "int8": INT8_IMAGE_GATE}
 PROMPT = "a photo of an astronaut riding a horse"
 
 
@@ -277,6 +289,37 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
 
 
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of two images in [0, 1] (HWC or NHWC), as Wang et al. 2004 define it: an 11x11 Gaussian
+    window (sigma 1.5), K1 = 0.01, K2 = 0.03, data range 1, the window at every position where it fits
+    (their reference code's ``filter2(..., 'valid')``), averaged over positions, channels and images.
+    1 for equal images; about 0 for unrelated ones."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"ssim: shapes differ ({x.shape} vs {y.shape})")
+    x, y = (x[None], y[None]) if x.ndim == 3 else (x, y)
+    if x.ndim != 4 or min(x.shape[1:3]) < SSIM_WINDOW:
+        raise ValueError(f"ssim: needs HWC or NHWC images at least {SSIM_WINDOW} pixels on a side, got {a.shape}")
+    r = np.arange(SSIM_WINDOW) - SSIM_WINDOW // 2
+    g = np.exp(-(r ** 2) / (2 * SSIM_SIGMA ** 2))
+    g /= g.sum()
+
+    def blur(img):  # separable Gaussian over H then W, 'valid' positions only
+        img = sliding_window_view(img, SSIM_WINDOW, axis=1) @ g
+        return sliding_window_view(img, SSIM_WINDOW, axis=2) @ g
+
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
 def seeded_inputs(latent_channels: int, hw: tuple[int, int], steps: int = 4, seed: int = 42, batch: int = 1):
     """Latents and the noise of every step but the last, from one seeded numpy generator."""
     rng = np.random.default_rng(seed)
@@ -285,8 +328,9 @@ def seeded_inputs(latent_channels: int, hw: tuple[int, int], steps: int = 4, see
 
 
 def diffusers_images(pipe, prompt: str, steps: int, guidance: float, latents: np.ndarray, noise: list[np.ndarray],
-                     scheduler_config: dict | None = None) -> np.ndarray:
-    """diffusers' pipeline with LCMScheduler, our latents and step noise injected; NHWC floats in [0, 1].
+                     scheduler_config: dict | None = None, output_type: str = "np") -> np.ndarray:
+    """diffusers' pipeline with LCMScheduler, our latents and step noise injected; NHWC floats in [0, 1]
+    (``output_type="latent"``: the final latents, NCHW, no decoding).
 
     The pipeline's scheduler and diffusers' noise function are restored afterwards.
     """
@@ -304,12 +348,12 @@ def diffusers_images(pipe, prompt: str, steps: int, guidance: float, latents: np
         with torch.no_grad():
             out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                        latents=torch.from_numpy(latents).to(param.device, param.dtype),
-                       height=latents.shape[2] * 8, width=latents.shape[3] * 8, output_type="np").images
+                       height=latents.shape[2] * 8, width=latents.shape[3] * 8, output_type=output_type).images
     finally:
         pipe.scheduler, lcm_mod.randn_tensor = original_sched, original_randn
     if queue:
         raise RuntimeError(f"diffusers used {len(noise) - len(queue)} of {len(noise)} step-noise tensors")
-    return np.asarray(out, np.float32)
+    return np.asarray(out.float().numpy() if hasattr(out, "numpy") else out, np.float32)
 
 
 def image_psnr(pipe, engine_dir: Path, hw: tuple[int, int], steps: int = 4, guidance: float = 1.0, seed: int = 42) -> float:
@@ -326,17 +370,53 @@ def image_psnr(pipe, engine_dir: Path, hw: tuple[int, int], steps: int = 4, guid
     return psnr(ours, ref)
 
 
-def image_gate(pipe, entry: Path, plans, components: dict) -> dict:
+def image_fidelity(pipe, entry: Path, hw: tuple[int, int], full_vae=None, steps: int = 4, guidance: float = 1.0,
+                   seed: int = 42) -> dict:
+    """PSNR and SSIM of the entry's 4-step image (lean runtime) against ``pipe`` (diffusers PyTorch fp32, same
+    latents and step noise). ``full_vae``: where the entry decodes with a tiny decoder (``pipe.vae`` is it),
+    the base's own VAE; the image is then also compared with diffusers decoding through that one."""
+    from .runtime import LCMPipeline
+
+    runtime = LCMPipeline.from_engine_dir(entry)
+    latents, noise = seeded_inputs(runtime.latent_channels, hw, steps, seed)
+    ours = runtime(PROMPT, steps=steps, guidance=guidance, height=hw[0], width=hw[1], latents=latents,
+                   step_noise=noise, output_type="np")
+    del runtime
+    sched = json.loads((Path(entry) / "scheduler" / "scheduler_config.json").read_text())
+    ref = diffusers_images(pipe, PROMPT, steps, guidance, latents, noise, sched)
+    rec = {"image_psnr_db": psnr(ours, ref), "image_ssim": ssim(ours, ref), "resolution": f"{hw[0]}x{hw[1]}",
+           "steps": steps, "guidance": guidance,
+           "reference": "diffusers PyTorch fp32, same fused weights, VAE decoder, latents and step noise"}
+    if full_vae is not None:
+        tiny, pipe.vae = pipe.vae, full_vae
+        try:
+            full = diffusers_images(pipe, PROMPT, steps, guidance, latents, noise, sched)
+        finally:
+            pipe.vae = tiny
+        rec["vs_full_vae"] = {"image_psnr_db": psnr(ours, full), "image_ssim": ssim(ours, full),
+                              "reference": "diffusers PyTorch fp32 decoding with the base's own VAE (what the tiny decoder trades)"}
+    return rec
+
+
+def image_gate(pipe, entry: Path, plans, components: dict, precision: str = "bf16", full_vae=None) -> dict:
     """A 4-step LCM image from the new entry against the PyTorch fp32 pipeline, same latents and step
-    noise, as PSNR; refuse the entry below IMAGE_PSNR_GATE_DB."""
+    noise, as PSNR and SSIM (:func:`image_fidelity`); refuse the entry below IMAGE_GATES[precision]
+    (precisions without a gate, e.g. fp32 with a tiny decoder, are recorded, not gated)."""
     hw = min((p.opt_hw for p in plans), key=lambda hw: hw[0] * hw[1])
-    value = image_psnr(pipe, entry, hw)
-    rec = {"image_psnr_db": value, "resolution": f"{hw[0]}x{hw[1]}", "steps": 4, "guidance": 1.0,
-           "reference": "diffusers PyTorch fp32, same fused weights, latents and step noise", "gate_db": IMAGE_PSNR_GATE_DB}
-    if not value >= IMAGE_PSNR_GATE_DB:
+    rec = image_fidelity(pipe, entry, hw, full_vae)
+    gate = IMAGE_GATES.get(precision)
+    if gate is None:
+        return {**rec, "gate": None}
+    rec["gate_db"] = gate["psnr_db"]
+    if "ssim" in gate:
+        rec["gate_ssim"] = gate["ssim"]
+    value, s = rec["image_psnr_db"], rec["image_ssim"]
+    if not (value >= gate["psnr_db"] and s >= gate.get("ssim", -1.0)):
         figures = "; ".join(f"{c} {r['precision']} rel-L2 {max(p['rel_l2'] for p in r['parity']):.1e}"
                             for c, r in components.items())
-        raise UserError(f"the entry's 4-step image differs from PyTorch fp32 by PSNR {value:.1f} dB at {hw[0]}x{hw[1]} "
-                        f"(gate {IMAGE_PSNR_GATE_DB:g} dB; components: {figures}); nothing was written. "
-                        "Build with --precision fp32")
+        want = f"gate {gate['psnr_db']:g} dB" + (f", SSIM {gate['ssim']:g}" if "ssim" in gate else "")
+        fix = ("Try another --int8-scheme (w8a8-sq, hybrid, w8) or build with --precision bf16 / fp32"
+               if precision == "int8" else "Build with --precision fp32")
+        raise UserError(f"the entry's 4-step image differs from PyTorch fp32 by PSNR {value:.1f} dB, SSIM {s:.3f} at "
+                        f"{hw[0]}x{hw[1]} ({want}; components: {figures}); nothing was written. {fix}")
     return rec

@@ -201,3 +201,63 @@ def test_planted_backend_bug_names_the_backend(base_dir, tmp_path, capsys, monke
     assert "vae_decoder: the onnxruntime engine does not match PyTorch (rel-L2 1.0e-03 to the float64 answer at 64x64 over 3 inputs" in err
     assert "bug in onnxruntime (the exported graph itself passes in ONNX Runtime)" in err
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# SSIM (the image check's second figure)
+
+def _ssim_torch(a: np.ndarray, b: np.ndarray) -> float:
+    """An independent SSIM: Wang et al.'s formula with the 2-D 11x11 Gaussian window as one torch conv2d per
+    statistic (no separable filtering, no sliding windows), 'valid' positions, channels and images averaged."""
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.asarray(a, np.float64)).permute(0, 3, 1, 2)
+    y = torch.from_numpy(np.asarray(b, np.float64)).permute(0, 3, 1, 2)
+    c = x.shape[1]
+    r = torch.arange(11, dtype=torch.float64) - 5
+    g1 = torch.exp(-r ** 2 / (2 * 1.5 ** 2))
+    win = torch.outer(g1, g1)
+    win = (win / win.sum()).expand(c, 1, 11, 11)
+    f = lambda t: F.conv2d(t, win, groups=c)
+    mx, my = f(x), f(y)
+    sxx, syy, sxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    m = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return float(m.mean())
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 64, 3), (2, 40, 57, 3), (1, 16, 16, 1)])
+def test_ssim_matches_an_independent_implementation(shape):
+    from lcm_export.verify import ssim
+
+    rng = np.random.default_rng(3)
+    a = rng.random(shape)
+    for b in (np.clip(a + 0.05 * rng.standard_normal(shape), 0, 1), 0.6 * a + 0.3, rng.random(shape)):
+        assert abs(ssim(a, b) - _ssim_torch(a, b)) < 1e-9
+    assert ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+    assert ssim(a, rng.random(shape)) < 0.1  # unrelated images
+    if shape[0] == 1:
+        assert ssim(a[0], b[0]) == pytest.approx(ssim(a, b))  # HWC too
+
+
+def test_ssim_equals_scikit_image_where_installed():
+    """Where scikit-image is installed: its structural_similarity with Wang et al.'s settings (it averages over
+    the same 'valid' positions: it crops (11 - 1) / 2 pixels of its reflect-padded map)."""
+    skm = pytest.importorskip("skimage.metrics")
+    from lcm_export.verify import ssim
+
+    rng = np.random.default_rng(4)
+    a = rng.random((48, 52, 3))
+    b = np.clip(a * 0.7 + 0.2 * rng.random(a.shape), 0, 1)
+    want = skm.structural_similarity(a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=False)
+    assert ssim(a, b) == pytest.approx(want, abs=1e-12)
+
+
+def test_ssim_refuses_what_it_cannot_measure():
+    from lcm_export.verify import ssim
+
+    with pytest.raises(ValueError, match="shapes differ"):
+        ssim(np.zeros((16, 16, 3)), np.zeros((16, 17, 3)))
+    with pytest.raises(ValueError, match="at least 11 pixels"):
+        ssim(np.zeros((8, 8, 3)), np.zeros((8, 8, 3)))

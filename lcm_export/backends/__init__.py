@@ -4,7 +4,7 @@ The orchestrator (``build_engine``), the runtime, the CLI and bench never name a
 this registry. A backend module defines
 
     NAME            its name on the command line and in manifests
-    PRECISIONS      the precisions it builds, e.g. ("fp32", "bf16")
+    PRECISIONS      the precisions it builds, e.g. ("fp32", "bf16", "int8")
     SPEED_RANK      {precision: rank}: lower is faster, from our measurements (README, Benchmarks);
                     ``auto`` never picks a backend that measured slower for the same precision
     VERIFY_IN_BUILD whether its engines can run during the build (then each component is checked
@@ -25,6 +25,9 @@ this registry. A backend module defines
     refit_component(job, record) -> dict         optional: new weights into existing engines; without
                                                  it a refit re-derives the component from the patched ONNX
     refit_weight_count(weight_map, modules) -> int  optional: engine weights a refit sets (recorded)
+    INT8_SCHEMES    optional, where "int8" is in PRECISIONS: {scheme: what it quantizes}, and
+    DEFAULT_INT8_SCHEME  the one ``--int8-scheme auto`` takes; an int8 component's job carries the
+                    scheme and its calibration feeds (``calibration.py``)
 
 Modules are imported lazily: the lean runtime imports only the backend an entry uses, and no
 backend imports torch at module level.
@@ -45,7 +48,7 @@ REGISTRY = {
     "openvino": "lcm_export.backends.openvino",
     "tensorrt": "lcm_export.backends.tensorrt",
 }
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 GPU_ORDER = ("tensorrt", "onnxruntime")
 """On a GPU, TensorRT first (the fast path), then ONNX Runtime's CUDA provider."""
 
@@ -89,21 +92,24 @@ def _statuses() -> dict[str, tuple[bool, str, str]]:
 
 
 def choose(backend: str = "auto", precision: str = "auto", cpu_bf16: bool | None = None,
-           statuses: dict[str, tuple[bool, str, str]] | None = None) -> Choice:
+           statuses: dict[str, tuple[bool, str, str]] | None = None, cpu_int8: bool | None = None) -> Choice:
     """Pick (backend, device, precision) for ``--backend`` / ``--precision``. Pure given ``statuses``
-    ({name: (usable, device, reason)}) and ``cpu_bf16`` (whether the CPU has native bf16).
+    ({name: (usable, device, reason)}), ``cpu_bf16`` (whether the CPU has native bf16) and ``cpu_int8``
+    (whether it has int8 dot-product instructions).
 
     auto precision: fp16 on a GPU backend; on CPU bf16 where the CPU has native bf16 (AMX or
     AVX512_BF16) and a usable backend builds it, else fp32. auto backend: a usable GPU backend
     first (TensorRT, then ONNX Runtime on CUDA); on CPU, among the usable backends that build the
-    precision, the one with the best measured SPEED_RANK.
+    precision, the one with the best measured SPEED_RANK. auto precision never picks int8 (a quality
+    trade: ``--preset fast`` or ``--precision int8`` asks for it).
     """
-    from .._cpu import native_bf16
+    from .._cpu import native_bf16, native_int8
 
     if precision not in ("auto", *PRECISIONS):
         raise UserError(f"--precision {precision!r}: choose auto, {', '.join(PRECISIONS)}")
     statuses = _statuses() if statuses is None else statuses
     cpu_bf16 = native_bf16() if cpu_bf16 is None else cpu_bf16
+    cpu_int8 = native_int8() if cpu_int8 is None else cpu_int8
     mods = {n: get(n) for n in REGISTRY}
 
     if backend != "auto":
@@ -122,6 +128,7 @@ def choose(backend: str = "auto", precision: str = "auto", cpu_bf16: bool | None
         if refusal:
             raise UserError(refusal)
         _check_bf16(precision, device, cpu_bf16)
+        _check_int8(precision, device, cpu_int8)
         return Choice(backend, device, precision)
 
     usable = {n: s for n, s in statuses.items() if s[0]}
@@ -135,6 +142,7 @@ def choose(backend: str = "auto", precision: str = "auto", cpu_bf16: bool | None
     if precision == "auto":
         precision = "bf16" if cpu_bf16 and any("bf16" in mods[n].PRECISIONS for n in cpu) else "fp32"
     _check_bf16(precision, "cpu", cpu_bf16)
+    _check_int8(precision, "cpu", cpu_int8)
     serving = [n for n in cpu if precision in mods[n].PRECISIONS]
     if not serving:
         builders = [n for n in REGISTRY if precision in mods[n].PRECISIONS]
@@ -151,6 +159,30 @@ def _check_bf16(precision: str, device: str, cpu_bf16: bool) -> None:
     if precision == "fp16" and device == "cpu":
         raise UserError("--precision fp16 needs a GPU (--backend tensorrt, or onnxruntime with its CUDA provider: "
                         "onnxruntime-gpu); on CPUs use --precision bf16 (native bf16 CPUs) or fp32")
+
+
+def _check_int8(precision: str, device: str, cpu_int8: bool) -> None:
+    if precision == "int8" and device == "cpu" and not cpu_int8:
+        raise UserError("--precision int8: this CPU has no int8 dot-product instructions (neither AVX512_VNNI, AVX_VNNI nor "
+                        "AMX-INT8), so an int8 UNet would run no faster than fp32 and lose quality; use --precision auto "
+                        "(bf16 or fp32), or --preset fast (it falls back to that UNet with the tiny VAE decoder)")
+
+
+def builds_int8(statuses: dict[str, tuple[bool, str, str]] | None = None) -> bool:
+    """Whether a usable CPU backend here builds int8 engines."""
+    statuses = _statuses() if statuses is None else statuses
+    return any(s[0] and s[1] == "cpu" and "int8" in get(n).PRECISIONS for n, s in statuses.items())
+
+
+def int8_scheme(backend: str, scheme: str) -> str:
+    """``--int8-scheme`` resolved for ``backend``: ``auto`` is its DEFAULT_INT8_SCHEME (UserError for an unknown one)."""
+    mod = get(backend)
+    schemes = getattr(mod, "INT8_SCHEMES", {})
+    if scheme == "auto":
+        return mod.DEFAULT_INT8_SCHEME
+    if scheme not in schemes:
+        raise UserError(f"--int8-scheme {scheme!r}: choose auto, {', '.join(schemes)}")
+    return scheme
 
 
 def thread_count(explicit: int | None, recorded: int | None) -> int | None:
@@ -194,6 +226,10 @@ class ComponentJob:
     vae_fp32: bool = False
     refit: bool = False
     store_root: Path | None = None
+    int8_scheme: str | None = None
+    """int8 entries: the quantization scheme (one of the backend's INT8_SCHEMES)."""
+    calibration: list | None = None
+    """int8 entries: the UNet's feeds along the entry's own LCM trajectories (``calibration.py``)."""
     sample_feeds: dict = field(default_factory=dict)
     """Seeded real inputs at the first plan's size (TensorRT's fp16 overflow probe)."""
     previous: Path | None = None

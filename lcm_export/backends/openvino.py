@@ -14,6 +14,13 @@ explicitly (``INFERENCE_PRECISION_HINT=f32``). In a bf16 entry, every component 
 A bf16 entry loaded on a CPU without native bf16 runs in fp32 (the runtime asks for f32 there rather
 than let OpenVINO emulate bf16 on AVX-512 CPUs), with a warning: the IR's weights are fp32, so the
 images are as good or better, only not faster.
+
+int8 (``--precision int8``, CPUs with int8 dot products: AVX512_VNNI, AVX_VNNI, AMX-INT8): the UNet is
+quantized after training with NNCF (the quantizer OpenVINO's own Stable Diffusion recipes use),
+calibrated on the entry's own LCM trajectories (``calibration.py``); its IR then holds int8 weights
+and FakeQuantize nodes, which the CPU plugin runs as int8 kernels, with the rest of the graph in bf16
+(native-bf16 CPUs) or fp32. The other components run as in a bf16 entry (bf16 where native, else fp32).
+The scheme is one of ``INT8_SCHEMES``, recorded in the component's ``quantization``.
 """
 
 from __future__ import annotations
@@ -29,8 +36,8 @@ from . import rebuild_hint, thread_count
 ADAPTER_INPUTS = INPUT_PREFIX + "."
 
 NAME = "openvino"
-PRECISIONS = ("fp32", "bf16")
-SPEED_RANK = {"fp32": 1, "bf16": 0}
+PRECISIONS = ("fp32", "bf16", "int8")
+SPEED_RANK = {"fp32": 1, "bf16": 0, "int8": 0}
 """bf16: only OpenVINO builds it. fp32: faster than ONNX Runtime for every SD 1.5 component at 256² and
 512² (UNet 952 vs 998 ms and 4.56 vs 4.86 s; VAE decoder 2.91 vs 3.06 s and 12.2 vs 12.4 s; 2 cores of an
 AMD EPYC, reports cpu-backends-256/512)."""
@@ -50,6 +57,26 @@ reports/cpu-backends-512: SD 1.5 configs at 512², AVX512_BF16 CPU): bf16 is 1.9
 2.05x (UNet) and 1.9x (VAE decoder) faster than fp32; the 4-step image is at 49.6 dB PSNR against
 all-fp32 with every component in bf16, and keeping one in fp32 buys 0.1 dB (text encoder), 1.5 dB
 (VAE: +5.2 s) or 5.6 dB (UNet: +7.7 s). Every component pays, so all run in bf16."""
+INT8_COMPONENTS = ("unet",)
+"""Components quantized in an int8 entry: the UNet is ~90 % of an image's compute (4 calls); the text
+encoder runs once and the VAE decoder's quality shows directly in the pixels, so both stay as in a
+bf16 entry (the tiny decoder, ``--vae-decoder``, is the VAE's speed option)."""
+INT8_SCHEMES = {
+    "w8a8": "full int8: weights and activations of every convolution and matrix product (nncf.quantize, "
+            "ModelType.TRANSFORMER, SmoothQuant and bias correction off, as OpenVINO's Stable Diffusion recipes)",
+    "w8a8-sq": "full int8 with SmoothQuant on the matrix products (alpha 0.95, NNCF's transformer default)",
+    "hybrid": "optimum-intel's hybrid mode: int8 weights only for the matrix products with weights (they compute in "
+              "bf16/fp32), full int8 for convolutions and the attention products",
+    "w8": "int8 weights only (nncf.compress_weights INT8_ASYM): every product computes in bf16/fp32; smaller, "
+          "not faster on a compute-bound UNet",
+}
+DEFAULT_INT8_SCHEME = "w8a8"
+"""Provisional. The speed target (an int8 UNet step >= 1.6x the bf16 one) needs int8 arithmetic in both the
+convolutions and the matrix products, which only w8a8(-sq) give; on the tiny demo (64x64, 4-step image
+against PyTorch fp32) w8a8 measured PSNR 43.8 dB / SSIM 0.998, w8a8-sq 44.4 dB, hybrid 43.7 dB, w8 50.9 dB
+(bf16 UNet: 51.1 dB). Random-weight images say little about real ones: benchmarks/cpu_fast.py compares the
+schemes on demo:sd15-full (step time, image PSNR/SSIM) and decides."""
+NNCF_HINT = "pip install nncf (part of lcm-export's [build] extra)"
 INSTALL_HINT = "pip install 'openvino>=2024.0' (part of lcm-export's base install)"
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 
@@ -86,19 +113,108 @@ def compile_config(precision: str, threads: int | None) -> dict:
     return cfg
 
 
+def component_precision(entry_precision: str, comp: str, cpu_bf16: bool) -> str:
+    """What ``comp`` runs in, in an entry of ``entry_precision`` (bf16 / int8 entries: see BF16_COMPONENTS,
+    INT8_COMPONENTS; an int8 entry's other components are bf16 where the CPU has native bf16, else fp32)."""
+    if entry_precision == "int8" and comp in INT8_COMPONENTS:
+        return "int8"
+    if entry_precision in ("bf16", "int8") and comp in BF16_COMPONENTS and (entry_precision == "bf16" or cpu_bf16):
+        return "bf16"
+    return "fp32"
+
+
+def quantize(model, scheme: str, calibration: list):
+    """``model`` (an ov.Model of the fp32 graph) quantized by NNCF with ``scheme`` (INT8_SCHEMES), calibrated
+    on ``calibration`` (the graph's feeds, one dict per UNet call); returns (model, record)."""
+    try:
+        import nncf
+        from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
+    except ImportError:
+        raise UserError(f"--precision int8 needs NNCF to quantize the UNet: {NNCF_HINT}") from None
+    if scheme not in INT8_SCHEMES:
+        raise UserError(f"int8 scheme {scheme!r}: choose {', '.join(INT8_SCHEMES)}")
+    if not calibration:
+        raise ValueError("int8 quantization needs calibration feeds")
+    rec = {"scheme": scheme, "what": INT8_SCHEMES[scheme], "tool": f"nncf {nncf.__version__}"}
+    with _quiet_nncf():
+        return _quantize(nncf, AdvancedSmoothQuantParameters, model, scheme, calibration, rec)
+
+
+def _quantize(nncf, AdvancedSmoothQuantParameters, model, scheme, calibration, rec):
+    if scheme == "w8":
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM), {**rec, "weights": "int8_asym per channel"}
+    ignored = None
+    if scheme == "hybrid":
+        names = _weighted_matmuls(model)  # before compression: then their weights are plain constants
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                      ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
+        ignored = nncf.IgnoredScope(names=names)
+        rec["weights_only_matmuls"] = len(names)
+    alpha = 0.95 if scheme == "w8a8-sq" else -1
+    adv = nncf.AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha),
+                                              disable_bias_correction=True)
+    model = nncf.quantize(model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
+                          subset_size=len(calibration), ignored_scope=ignored, advanced_parameters=adv)
+    return model, {**rec, "smooth_quant_alpha": alpha, "bias_correction": False, "subset_size": len(calibration),
+                   "model_type": "transformer", "fake_quantize_nodes": sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())}
+
+
+class _quiet_nncf:
+    """NNCF logs every quantizer it places (INFO, to stdout) and draws rich progress bars on stdout: the build
+    shows its own progress, so both are held back (errors still raise)."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+        import logging
+
+        self.logger = logging.getLogger("nncf")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+        self.redirect = contextlib.redirect_stdout(io.StringIO())
+        self.redirect.__enter__()
+
+    def __exit__(self, *exc):
+        self.redirect.__exit__(*exc)
+        self.logger.setLevel(self.level)
+
+
+def _weighted_matmuls(model) -> list[str]:
+    """Names of the MatMuls with a constant (weight) input: the layers hybrid mode keeps weights-only."""
+    out = []
+    for op in model.get_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        for i in range(2):
+            src = op.input_value(i).get_node()
+            if src.get_type_name() == "Convert":
+                src = src.input_value(0).get_node()
+            if src.get_type_name() == "Constant":
+                out.append(op.get_friendly_name())
+                break
+    return out
+
+
 def build_component(job) -> dict:
-    """ONNX -> IR (fp32 weights) + the compiled blob for this CPU and precision."""
+    """ONNX -> IR + the compiled blob for this CPU and precision (int8: the IR is NNCF's quantized model)."""
     import openvino as ov
 
+    from .._cpu import native_bf16
+
     comp = job.component
-    precision = "bf16" if job.precision == "bf16" and comp in BF16_COMPONENTS else "fp32"
+    precision = component_precision(job.precision, comp, native_bf16())
+    runs_in = precision
     folder = job.out_dir / comp
     folder.mkdir(parents=True, exist_ok=True)
     core = ov.Core()
     model = core.read_model(str(job.onnx))
+    extra = {}
+    if precision == "int8":
+        model, extra["quantization"] = quantize(model, job.int8_scheme or DEFAULT_INT8_SCHEME, job.calibration)
+        runs_in = extra["inference_precision"] = "bf16" if native_bf16() else "fp32"
     ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
     del model
-    compiled = core.compile_model(str(folder / "model.xml"), "CPU", compile_config(precision, job.section["inference_num_threads"]))
+    compiled = core.compile_model(str(folder / "model.xml"), "CPU", compile_config(runs_in, job.section["inference_num_threads"]))
     stream = compiled.export_model()  # a BytesIO in current releases (bytes in some older ones)
     del compiled
     with open(folder / "model.blob", "wb") as f:
@@ -106,11 +222,11 @@ def build_component(job) -> dict:
     del stream
     files = [f"{comp}/model.xml", f"{comp}/model.bin", f"{comp}/model.blob"]
     return {"engines": {"*": f"{comp}/model.xml"}, "files": files, "precision": precision,
-            "compiled_blob": f"{comp}/model.blob"}
+            "compiled_blob": f"{comp}/model.blob", **extra}
 
 
 def check(manifest: dict, engine_dir: Path) -> list[str]:
-    from .._cpu import native_bf16
+    from .._cpu import native_bf16, native_int8
 
     ok, _, reason = status()
     if not ok:
@@ -121,6 +237,11 @@ def check(manifest: dict, engine_dir: Path) -> list[str]:
         warnings.append(f"{engine_dir} was built for bf16 ({', '.join(bf16)}), but this CPU has no native bf16 "
                         "(AMX / AVX512_BF16): it runs in fp32, correct but no faster; for the fastest entry here, "
                         f"{rebuild_hint(engine_dir)}")
+    int8 = [c for c, r in manifest.get("components", {}).items() if r.get("precision") == "int8"]
+    if int8 and not native_int8():
+        warnings.append(f"{engine_dir} has an int8 {', '.join(int8)}, but this CPU has no int8 dot-product instructions "
+                        "(AVX512_VNNI / AVX_VNNI / AMX-INT8): it runs, with the same images, but slower than a bf16 or fp32 "
+                        f"entry; for the fastest entry here, {rebuild_hint(engine_dir)} --precision auto")
     return warnings
 
 
@@ -137,11 +258,19 @@ def load_engine(manifest: dict, engine_dir: Path, component: str, path: Path, th
     section = manifest.get("openvino", {})
     rec = manifest["components"][component]
     n = thread_count(threads, section.get("inference_num_threads"))
-    precision = rec.get("precision", "fp32")
+    built = run_precision(rec)
+    precision = built
     if precision == "bf16" and not native_bf16():  # OpenVINO would emulate bf16 on AVX-512 CPUs without it: run fp32
         precision = "fp32"
-    usable = rec.get("compiled_blob") and _blob_usable(manifest) and precision == rec.get("precision", "fp32")
+    usable = rec.get("compiled_blob") and _blob_usable(manifest) and precision == built
     return OvEngine(path, precision, n, engine_dir, engine_dir / rec["compiled_blob"] if usable else None)
+
+
+def run_precision(rec: dict) -> str:
+    """The inference precision a component was compiled with: its precision, or for an int8 component the
+    precision of its unquantized operations (``inference_precision``)."""
+    precision = rec.get("precision", "fp32")
+    return rec.get("inference_precision", "fp32") if precision == "int8" else precision
 
 
 class OvEngine:

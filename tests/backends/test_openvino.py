@@ -137,6 +137,7 @@ def test_bf16_entry_within_its_gate(ov_bf16, fused_pipe):
     assert m["precision"] == "bf16"
     fid = m["fidelity"]
     assert fid["gate_db"] == 30 and fid["image_psnr_db"] >= 30
+    assert "gate_ssim" not in fid and 0.9 < fid["image_ssim"] <= 1  # SSIM recorded, the bf16 gate is PSNR only
     from lcm_export.backends.openvino import BF16_COMPONENTS
 
     for comp, c in m["components"].items():
@@ -156,7 +157,7 @@ def test_bf16_entry_within_its_gate(ov_bf16, fused_pipe):
 def test_fidelity_failure_writes_nothing(base_dir, tmp_path, monkeypatch, capsys):
     from lcm_export import verify as fidelity
 
-    monkeypatch.setattr(fidelity, "image_psnr", lambda *a, **k: 21.5)
+    monkeypatch.setattr(fidelity, "image_fidelity", lambda *a, **k: {"image_psnr_db": 21.5, "image_ssim": 0.95})
     d = tmp_path / "e"
     code, _, err = run_cli(["build-engine", "--base", base_dir, "--resolution", "64x64", "--backend", "openvino",
                             "--precision", "bf16", "--engine-dir", d, "--quiet"], capsys)

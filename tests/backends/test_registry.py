@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lcm_export import backends
-from lcm_export._cpu import cpu_isa, native_bf16, recorded_flags
+from lcm_export._cpu import cpu_isa, native_bf16, native_int8, recorded_flags
 from lcm_export.errors import UserError
 
 CPU_ONLY = {"onnxruntime": (True, "cpu", "ok"), "openvino": (True, "cpu", "ok"),
@@ -17,6 +17,15 @@ SAPPHIRE_RAPIDS = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8",
 ZEN4 = {"avx512f", "avx512_bf16", "avx2", "fma"}
 ZEN3 = {"avx2", "avx", "fma", "sse4_1"}
 SKYLAKE_X = {"avx512f", "avx2", "fma"}
+ZEN4_FULL = ZEN4 | {"avx512_vnni"}  # as /proc/cpuinfo lists a Zen 4
+CASCADE_LAKE = SKYLAKE_X | {"avx512_vnni"}
+ALDER_LAKE = ZEN3 | {"avx_vnni"}
+
+
+@pytest.mark.parametrize("flags, expected", [(SAPPHIRE_RAPIDS, True), (ZEN4_FULL, True), (CASCADE_LAKE, True), (ALDER_LAKE, True),
+                                             (ZEN4, False), (ZEN3, False), (SKYLAKE_X, False), (set(), False)])
+def test_native_int8_from_flags(flags, expected):
+    assert native_int8(flags) is expected
 
 
 @pytest.mark.parametrize("flags, expected", [(SAPPHIRE_RAPIDS, True), (ZEN4, True), (ZEN3, False), (SKYLAKE_X, False), (set(), False)])
@@ -27,6 +36,7 @@ def test_native_bf16_from_flags(flags, expected):
 def test_recorded_flags_and_isa():
     assert recorded_flags(SAPPHIRE_RAPIDS | {"sse2", "pni"}) == sorted(["amx_bf16", "amx_int8", "amx_tile", "avx2", "avx512_bf16", "avx512f", "fma"])
     assert cpu_isa(ZEN3) == "avx2" and cpu_isa(SAPPHIRE_RAPIDS) == "avx512f"
+    assert "avx_vnni" in recorded_flags(ALDER_LAKE) and "avx512_vnni" in recorded_flags(CASCADE_LAKE)  # int8 speed
 
 
 @pytest.mark.parametrize("flags, want", [(SAPPHIRE_RAPIDS, ("openvino", "bf16")), (ZEN4, ("openvino", "bf16")),
@@ -79,6 +89,43 @@ def test_bad_choices_are_one_line_errors(backend, precision, cpu_bf16, statuses,
     with pytest.raises(UserError) as e:
         backends.choose(backend, precision, cpu_bf16=cpu_bf16, statuses=statuses)
     assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_int8_is_openvino_on_cpus_with_int8_dot_products():
+    for backend in ("auto", "openvino"):
+        c = backends.choose(backend, "int8", cpu_bf16=False, cpu_int8=native_int8(CASCADE_LAKE), statuses=CPU_ONLY)
+        assert (c.backend, c.device, c.precision) == ("openvino", "cpu", "int8")
+    # on a GPU machine too: int8 is a CPU entry (TensorRT builds no int8 here)
+    assert backends.choose("auto", "int8", cpu_bf16=True, cpu_int8=True, statuses=GPU).backend == "openvino"
+    # auto never picks int8: it is a quality trade asked for by --precision int8 or --preset fast
+    assert backends.choose("auto", "auto", cpu_bf16=True, cpu_int8=True, statuses=CPU_ONLY).precision == "bf16"
+
+
+@pytest.mark.parametrize("backend, flags, statuses, msg", [
+    ("auto", ZEN3, CPU_ONLY, "no int8 dot-product instructions (neither AVX512_VNNI, AVX_VNNI nor AMX-INT8)"),
+    ("openvino", SKYLAKE_X, CPU_ONLY, "--precision int8: this CPU has no int8 dot-product instructions"),
+    ("auto", ZEN4, CPU_ONLY, "--preset fast"),  # AVX512_BF16 without VNNI: the message names the fallback
+    ("onnxruntime", ZEN4_FULL, CPU_ONLY, "--precision int8 is not built by onnxruntime"),
+    ("tensorrt", ZEN4_FULL, GPU, "--precision int8 is not built by tensorrt"),
+    ("auto", ZEN4_FULL, NO_OV, "no usable backend builds int8 on this machine (openvino: the openvino package is not installed"),
+])
+def test_int8_refusals_are_one_line(backend, flags, statuses, msg):
+    with pytest.raises(UserError) as e:
+        backends.choose(backend, "int8", cpu_bf16=native_bf16(flags), cpu_int8=native_int8(flags), statuses=statuses)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_int8_scheme_resolution():
+    ov = backends.get("openvino")
+    assert backends.int8_scheme("openvino", "auto") == ov.DEFAULT_INT8_SCHEME in ov.INT8_SCHEMES
+    for scheme in ov.INT8_SCHEMES:
+        assert backends.int8_scheme("openvino", scheme) == scheme
+    with pytest.raises(UserError, match=r"--int8-scheme 'w4': choose auto, w8a8"):
+        backends.int8_scheme("openvino", "w4")
+
+
+def test_builds_int8_follows_the_usable_backends():
+    assert backends.builds_int8(CPU_ONLY) and not backends.builds_int8(NO_OV)
 
 
 def test_explicit_backend_auto_precision():
