@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ._cpu import usable_cores
-from ._util import progress, tool_versions, write_json, write_text
+from ._util import progress, tool_versions, write_json, write_text, writing
 from .bench_torch import (BASELINES, PROMPT, SOLVERS, StageTimer, baseline_setup, measure_peak, reference_pipeline,
                           scheduler_for, stats, time_torch, torch_call, unet_flops)
 from .errors import UserError
@@ -375,10 +375,11 @@ def run_bench(o: BenchOptions) -> dict:
         parts.append(f"{ratios['reduce-overhead']['unet_step']:.2f}x the CUDA-graph baseline's")
     parts.append(f"{flop['engine']['fraction_of_peak'] * 100:.0f}% of measured {flop['engine']['precision']} peak")
     report["summary_line"] = f"{report['resolution']}: " + ", ".join(parts)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "report.json", report)
     from .bench_report import write_charts, write_markdown
 
-    write_charts(report, out)
-    write_text(out / "report.md", write_markdown(report))
+    with writing(out):  # each file atomic; a failed write is the one-line disk error
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "report.json", report)
+        write_charts(report, out)
+        write_text(out / "report.md", write_markdown(report))
     return report

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._util import atomic_dir, check_dir_path, disk_error, progress, sha256_file, tool_versions, write_json
+from ._util import atomic_dir, check_dir_path, disk_error, progress, sha256_file, tool_versions, write_json, writing
 from .errors import EngineError, UserError
 from .models import base_family, base_record, load_pipeline, resolve_base
 
@@ -231,7 +231,7 @@ def fuse(base: str, loras: list[LoraSpec], out: str | Path, force: bool = False,
     }
     bar.set_description_str(f"save {out}")
     try:
-        with atomic_dir(out, force=force) as tmp:
+        with atomic_dir(out, force=force) as tmp, writing(tmp):  # safetensors: SafetensorError, not OSError
             pipe.save_pretrained(str(tmp), safe_serialization=True)
             write_json(tmp / "fusion.json", record)
     except OSError as exc:
