@@ -269,10 +269,17 @@ def tool_versions(*extra: str) -> dict[str, str]:
 
 
 def progress(total: int, desc: str, enabled: bool = True):
-    """A tqdm bar on stderr (a no-op stand-in when tqdm is missing or progress is off)."""
+    """A tqdm bar on the real stderr (``_stderr.console()``: also while a command's stderr is spooled),
+    drawn on a terminal only and erased when it closes, so that an error after it is the one line left
+    (a no-op stand-in when tqdm is missing, progress is off or stderr is not a terminal)."""
+    from ._stderr import console
+
+    out = console()
     try:
         from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm ships with the build extra
+
+        enabled = enabled and out.isatty()
+    except (ImportError, AttributeError, ValueError):  # tqdm ships with the build extra
         enabled = False
     if not enabled:
         class _Null:
@@ -282,4 +289,4 @@ def progress(total: int, desc: str, enabled: bool = True):
             def __enter__(self): return self
             def __exit__(self, *a): ...
         return _Null()
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False, file=out)
