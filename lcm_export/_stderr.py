@@ -65,9 +65,10 @@ class Spool:
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
-        spooled, sys.stderr = sys.stderr, self._saved_stream
+        sys.stderr = self._saved_stream
         os.dup2(self._saved_fd, 2)
-        spooled.close()
+        # the spool's sys.stderr stays open: a logging handler made meanwhile (Ray's) may hold it, and it
+        # writes to fd 2, the real stderr again from here on
         self._file.seek(0)
         self.text = self._file.read().decode("utf-8", "replace")
         self._close_quietly()
@@ -110,7 +111,10 @@ def replayable(text: str, quiet: bool) -> str:
 
 
 def release(quiet: bool = False) -> None:
-    """End the active spool early and replay it (``serve``, once the server runs: its logs go to
-    stderr from then on)."""
-    if _active is not None:
-        sys.stderr.write(replayable(_active.stop(), quiet))
+    """End the active spool early and replay it (``serve``, once its flags are checked and before Ray
+    starts processes, which would inherit the spool as their stderr)."""
+    spool = _active
+    if spool is not None:
+        text = spool.stop()  # first: sys.stderr is the real one again only after this
+        spool.text = ""  # shown once: the command's end has nothing left to replay
+        sys.stderr.write(replayable(text, quiet))

@@ -707,3 +707,35 @@ def test_full_disk_during_a_refit_leaves_the_entry_intact(ctx, capsys, small_dis
     assert code == 2, (out, err)
     assert err.count("\n") == 1 and err.startswith(f"error: no space left on device while writing {e}"), err
     assert snapshot(e) == before and [p.name for p in disk.iterdir()] == ["E"]
+
+
+def test_spool_release_replays_once_and_restores_stderr(capfd):
+    """`serve` ends the spool early (before Ray starts processes): what was spooled shows once, and
+    stderr works again at once."""
+    import sys
+
+    from lcm_export import _stderr
+
+    spool = _stderr.Spool().start()
+    os.write(2, b"native line\n")
+    print("python line", file=sys.stderr)
+    _stderr.release()
+    print("after", file=sys.stderr)
+    spool.stop()
+    assert spool.text == "" and not spool.active
+    assert capfd.readouterr().err == "native line\npython line\nafter\n"
+
+
+def test_a_handler_made_while_spooled_writes_to_stderr_after(capfd):
+    """A library that kept the spool's sys.stderr (Ray's logging handler, made at import) still writes
+    to the real stderr once the spool ends, instead of failing on a closed file."""
+    import sys
+
+    from lcm_export import _stderr
+
+    spool = _stderr.Spool().start()
+    kept = sys.stderr
+    spool.stop()
+    print("from a kept handle", file=kept)
+    kept.flush()
+    assert capfd.readouterr().err == "from a kept handle\n"

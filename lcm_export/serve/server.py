@@ -166,12 +166,12 @@ def serve_forever(o: ServeOptions) -> int:
     started_ray = not ray.is_initialized()
     try:
         check_options(o)
+        from .._stderr import release
+
+        release()  # before Ray starts processes: they would inherit the spool as their stderr
         init_ray(o)
         _stop_on_signals()  # Ray's driver installs a handler that aborts on SIGTERM: put ours back
         start(o)
-        from .._stderr import release
-
-        release()  # running: what was spooled during start-up goes out, and Ray's logs from now on
         url = f"http://{o.host}:{o.port}"
         print(f"serving {o.engine_dir} on {url} ({o.replicas} replica(s)); POST {url}/generate, "
               f"GET {url}/health, docs {url}/docs; logs under /tmp/ray/session_latest/logs/serve; Ctrl-C stops",
