@@ -2,12 +2,12 @@
 
 A CLI command runs with the process's stderr (file descriptor 2, so native code too: OpenVINO's
 frontends log through absl, ONNX Runtime and TensorRT through their own loggers) and ``sys.stderr``
-spooled into a temporary file. Progress bars draw on the real stderr (``console()``), only on a
-terminal, and erase themselves when they close. When the command ends:
+spooled into memory (a temporary file where the OS has no memfd). Progress bars draw on the real
+stderr (``console()``), only on a terminal, and erase themselves when they close. When the command ends:
 
 - with an error (``UserError``, ``EngineError``, a signal): the spool is dropped, and the error is the
   only line the user sees;
-- successfully: the spool is replayed (each line's last progress-bar frame only), so warnings are not
+- successfully: the spool is replayed (the libraries' progress bars left out), so warnings are not
   lost; with ``--quiet`` only lcm-export's own ``warning:`` lines are;
 - with an unexpected exception (a bug): the spool is replayed before the traceback.
 
@@ -35,7 +35,7 @@ class Spool:
         global _active
         try:
             sys.stderr.flush()
-            self._file = tempfile.TemporaryFile()
+            self._file = _spool_file()
             self._saved_fd = os.dup(2)
             os.dup2(self._file.fileno(), 2)
         except (OSError, ValueError, AttributeError):  # no fd 2, or no room for the spool: run unspooled
@@ -92,6 +92,16 @@ class Spool:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _spool_file():
+    """Memory, where the OS offers it (Linux memfd: a full disk cannot make stderr fail), else a temp file."""
+    if hasattr(os, "memfd_create"):
+        try:
+            return os.fdopen(os.memfd_create("lcm-export-stderr"), "w+b")
+        except OSError:
+            pass
+    return tempfile.TemporaryFile()
 
 
 def console():
