@@ -31,12 +31,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically (temp file in the same folder, then rename), mode 0666 & ~umask."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file atomically (temp file in the same folder, then rename), mode 0666 & ~umask."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -175,13 +180,94 @@ def termination_as_interrupt() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def disk_error(exc: OSError, where: str | os.PathLike) -> UserError:
-    """Turn an OSError from writing ``where`` into a one-line user error."""
+def final_path(where: str | os.PathLike) -> Path:
+    """``where`` with a ``.NAME.partial-PID-*`` folder (``atomic_dir``'s temp folder) replaced by the
+    ``NAME`` it becomes: the path the user asked for, not ours."""
+    parts = list(Path(where).parts)
+    for i, part in enumerate(parts):
+        if part.startswith(".") and ".partial-" in part:
+            parts[i] = part[1:part.index(".partial-")]
+    return Path(*parts) if parts else Path(where)
+
+
+_FULL_BYTES = 1 << 20
+"""A filesystem with less free space than this after a failed write is taken to be full."""
+_WRITE_WORDS = ("no space", "disk quota", "iostream", "write", "serializ", "save")
+"""Words of libraries' own write-failure messages (OpenVINO: "basic_ios::clear: iostream error"; ONNX
+Runtime: "Protobuf serialization failed")."""
+
+
+def free_bytes(where: str | os.PathLike) -> int | None:
+    """Free bytes on the filesystem that holds ``where`` (its nearest existing ancestor)."""
+    p = Path(where)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def no_space_left(exc: BaseException) -> bool:
+    """Whether an exception says the disk is full (errno 28, or a library's words for it)."""
     import errno
 
-    if exc.errno == errno.ENOSPC:
+    return getattr(exc, "errno", None) == errno.ENOSPC or any(
+        w in str(exc).lower() for w in ("no space left", "os error 28", "errno 28"))
+
+
+def disk_error(exc: BaseException, where: str | os.PathLike, need: int = 0) -> UserError:
+    """Turn a failed write of ``where`` (an OSError, or a library's own exception) into a one-line user
+    error. A library's exception counts as a full disk when less than ``need`` bytes (what the write
+    needed, where known) or 1 MiB are free."""
+    import errno
+
+    code = getattr(exc, "errno", None)
+    if code is None:
+        free = free_bytes(where)
+        code = errno.ENOSPC if no_space_left(exc) or (free is not None and free < max(_FULL_BYTES, need)) else None
+    where = final_path(where)
+    if code == errno.ENOSPC:
         return UserError(f"no space left on device while writing {where}; free disk space or choose another --out/--engine-dir")
-    return UserError(f"could not write {where}: {exc.strerror or exc}")
+    if code == errno.EDQUOT:
+        return UserError(f"disk quota exceeded while writing {where}; free space or choose another --out/--engine-dir")
+    text = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return UserError(f"could not write {where}: {text}; check free space and permissions, or choose another --out/--engine-dir")
+
+
+def is_write_failure(exc: BaseException, where: str | os.PathLike, need: int = 0) -> bool:
+    """Whether a library's exception from a call that writes ``where`` is a failed write: an OSError, the
+    filesystem (nearly) full, or the library's message saying a write failed."""
+    if isinstance(exc, OSError):
+        return True
+    free = free_bytes(where)
+    if free is not None and free < max(_FULL_BYTES, need):
+        return True
+    text = str(exc).lower()
+    return any(w in text for w in _WRITE_WORDS)
+
+
+@contextlib.contextmanager
+def writing(where: str | os.PathLike, need: int = 0) -> Iterator[None]:
+    """Around every call that writes a file (ours or a library's): a failed write becomes the one-line
+    disk error (``disk_error``) whatever the library raises — OSError from Python, RuntimeError
+    ("basic_ios::clear: iostream error") from OpenVINO, InvalidProtobuf ("Protobuf serialization
+    failed") from ONNX Runtime. ``need``: about how many bytes the write takes, where known. Anything
+    else propagates unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified below; the rest is re-raised as it was
+        if is_write_failure(exc, where, need):
+            raise disk_error(exc, where, need) from None
+        raise
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    """The size of the files in ``path``'s folder (a graph and the data files beside it)."""
+    return sum(f.stat().st_size for f in Path(path).parent.iterdir() if f.is_file())
 
 
 def tool_versions(*extra: str) -> dict[str, str]:
@@ -201,10 +287,17 @@ def tool_versions(*extra: str) -> dict[str, str]:
 
 
 def progress(total: int, desc: str, enabled: bool = True):
-    """A tqdm bar on stderr (a no-op stand-in when tqdm is missing or progress is off)."""
+    """A tqdm bar on the real stderr (``_stderr.console()``: also while a command's stderr is spooled),
+    drawn on a terminal only and erased when it closes, so that an error after it is the one line left
+    (a no-op stand-in when tqdm is missing, progress is off or stderr is not a terminal)."""
+    from ._stderr import console
+
+    out = console()
     try:
         from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm ships with the build extra
+
+        enabled = enabled and out.isatty()
+    except (ImportError, AttributeError, ValueError):  # tqdm ships with the build extra
         enabled = False
     if not enabled:
         class _Null:
@@ -214,4 +307,4 @@ def progress(total: int, desc: str, enabled: bool = True):
             def __enter__(self): return self
             def __exit__(self, *a): ...
         return _Null()
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False, file=out)

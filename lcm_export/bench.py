@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ._cpu import usable_cores
-from ._util import progress, tool_versions, write_json, write_text
+from ._util import progress, tool_versions, write_json, write_text, writing
 from .bench_torch import (BASELINES, PROMPT, SOLVERS, measure_peak, reference_pipeline, stats, time_baselines, time_solvers,
                           unet_flops)
 from .errors import UserError
@@ -345,10 +345,11 @@ def run_bench(o: BenchOptions) -> dict:
     report["summary_line"] = f"{report['resolution']}: " + ", ".join(parts)
     if report["failures"]:
         report["summary_line"] = f"FAILED ({', '.join(f['row'] for f in report['failures'])}) " + report["summary_line"]
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "report.json", report)
     from .bench_report import write_charts, write_markdown
 
-    write_charts(report, out)
-    write_text(out / "report.md", write_markdown(report))
+    with writing(out):  # each file atomic; a failed write is the one-line disk error
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "report.json", report)
+        write_charts(report, out)
+        write_text(out / "report.md", write_markdown(report))
     return report

@@ -116,7 +116,7 @@ def write_charts(r: dict, out: Path) -> None:
     ax.set_title(f"{r['model']['family']} {r['resolution']}, guidance {r['guidance']:g} — {r['machine']['cores']} cores")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "stages.png", dpi=110)
+    _save(fig, out / "stages.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -129,5 +129,16 @@ def write_charts(r: dict, out: Path) -> None:
     for i, v in enumerate(vals):
         ax.text(v, i, f" {v:.2f}s", va="center", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "solvers.png", dpi=110)
+    _save(fig, out / "solvers.png")
     plt.close(fig)
+
+
+def _save(fig, path: Path) -> None:
+    """The chart as PNG, written atomically (rendered in memory, then temp file and rename)."""
+    import io
+
+    from ._util import write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_bytes(path, buf.getvalue())

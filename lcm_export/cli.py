@@ -32,13 +32,25 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+_QUIET_HELP = ("no progress bars (drawn only on a terminal anyway), and no other library's messages on stderr "
+               "(lcm-export's own warning: lines stay)")
+
+
 def _lora_help() -> str:
     return ("LoRA file (.safetensors; diffusers/PEFT or kohya, LoCon convs included) with optional λ: PATH[:WEIGHT]; "
             "WEIGHT is any real number (default 1.0; the paper uses 1.0 for LCM-LoRA, 0.8 for style LoRAs). Repeatable.")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is bad input like any other: one ``error:`` line, exit 2 (argparse would print its
+    usage block first)."""
+
+    def error(self, message):
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="lcm-export",
         description="Fuse LCM-LoRA + style LoRAs into Stable Diffusion, export to ONNX, build TensorRT / OpenVINO / "
                     "ONNX Runtime engines and run 4-step LCM generation with a lean numpy runtime.",
@@ -51,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help=_lora_help())
     f.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
     f.add_argument("--force", action="store_true", help="replace --out if it exists")
-    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
 
     e = sub.add_parser("export", help="export a fused model's text encoder, UNet and VAE decoder to ONNX",
                        description="Export text encoder, UNet and VAE decoder to ONNX and check each against PyTorch in ONNX Runtime.")
@@ -59,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output folder for the ONNX files and export.json")
     e.add_argument("--resolution", type=_resolution, default=None, metavar="HxW", help="resolution of the parity check inputs (default: the family's: 512x512 for SD 1.5, 1024x1024 for SDXL / SSD-1B)")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
-    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
 
     b = sub.add_parser("build-engine", help="fuse → export → build an engine-store entry (the common case)",
                        description="Chain fuse, export and build. With no --base: the demo model and its two demo LoRAs. "
@@ -76,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "for SDXL / SSD-1B")
     b.add_argument("--dynamic", type=_dynamic, default=None, metavar="HxW-HxW",
                    help="one dynamic-shape engine over this range instead of static ones per resolution")
-    b.add_argument("--batch", type=int, default=1, help="images per call, B (UNet runs at B, or 2B with guidance)")
+    b.add_argument("--batch", type=int, default=1, help="images per call, B, 1 to 64 (UNet runs at B, or 2B with guidance)")
     b.add_argument("--guidance", choices=("auto", "on", "off"), default="auto",
                    help="classifier-free guidance shapes: off = UNet batch B, on = 2B, auto = both (default)")
     b.add_argument("--backend", choices=("auto", *backend_names()), default="auto",
@@ -127,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--engine-dir", default=None, help="engine-store entry to write (default: engines/<name>)")
     b.add_argument("--name", default=None, help="entry name under engines/ (default: derived from the base)")
     b.add_argument("--threads", type=int, default=None,
-                   help="CPU threads recorded as the entry's default (default: all cores; $LCM_EXPORT_THREADS overrides at run time)")
+                   help="CPU threads recorded as the entry's default (default: all cores; $LCM_EXPORT_THREADS overrides at run time; "
+                        "any count is capped at the cores of the machine that runs the entry)")
     b.add_argument("--force", action="store_true", help="rebuild even when the entry is up to date; replace an entry that holds another model")
-    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
 
     i = sub.add_parser("inspect", help="show an engine-store entry's manifest", description="Print an engine-store entry's manifest.")
     i.add_argument("engine_dir", help="engine-store entry (folder with manifest.json); its schema and file sizes are checked")
@@ -138,12 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text → image with the lean runtime (numpy + engines; no torch)",
                        description="Generate images with the lean runtime around a built engine.")
     g.add_argument("--engine-dir", required=True, help="engine-store entry built by build-engine")
-    g.add_argument("--prompt", required=True, help="text prompt (may be empty: unconditional)")
+    g.add_argument("--prompt", required=True, help="text prompt (may be empty: unconditional); UTF-8 text")
     g.add_argument("--negative-prompt", default=None, help="negative prompt (used when --guidance > 1)")
     g.add_argument("--steps", type=int, default=4, help="LCM steps, 1-50 (default 4)")
-    g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale; > 1 runs the UNet at 2B (default 1.0)")
+    g.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale, 0 to 30; > 1 runs the UNet at 2B (default 1.0; LCM-LoRA works best at 1-2)")
     g.add_argument("--seed", type=int, default=0, help="seed of numpy's Generator for latents and step noise (a whole number >= 0)")
-    g.add_argument("--batch", type=int, default=1, help="images per call")
+    g.add_argument("--batch", type=int, default=1, help="images per call, 1 to 64 (default 1)")
     g.add_argument("--resolution", type=_resolution, default=None, metavar="HxW", help="one the engine was built for (default: its first)")
     g.add_argument("--adapter", action="append", default=[], metavar="NAME[:WEIGHT]",
                    help="apply a style adapter the entry holds (`lcm-export adapter list`) at WEIGHT (default 1.0; "
@@ -183,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, help="threads for ONNX Runtime and torch (default: all cores)")
     s.add_argument("--no-cold-start", action="store_true", help="skip the cold-start (fresh process) measurement")
     s.add_argument("--out", required=True, help="report folder (report.json, report.md, *.png)")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
 
     v = sub.add_parser("serve", help="HTTP text → image on Ray Serve: replicas, batching, backpressure (needs [serve])",
                        description="Serve an engine-store entry over HTTP with Ray Serve: POST /generate, GET /health, "
@@ -201,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images merged into one engine call, at most the entry's --batch (default: the entry's --batch on "
                         "ONNX Runtime entries, where merged images were measured byte-equal to solo ones; 1 on others)")
     v.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a replica waits for requests to merge (default 5; only when merging is possible)")
-    v.add_argument("--threads", type=int, default=None, help="engine threads per replica (default: cores / replicas)")
+                   help="how long a replica waits for requests to merge, 0 to 1000 (default 5; only when merging is possible)")
+    v.add_argument("--threads", type=int, default=None, help="engine threads per replica (default: cores / replicas; at most the cores)")
     v.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto, or HOST:6379) instead of starting one")
     return p
 
@@ -210,13 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 2 bad input (``UserError``); 1 an engine or the runtime failed
     (``EngineError``); 130 / 143 interrupted by SIGINT / SIGTERM (nothing half-written is kept).
-    Each failure prints one line, ``error: <message>``, on stderr."""
-    args = build_parser().parse_args(argv)
-    from ._util import Terminated, termination_as_interrupt
+    Each failure prints one line, ``error: <message>``, on stderr: what the libraries print meanwhile is
+    spooled (``_stderr.py``) and shown only after a success."""
+    from ._stderr import Spool, replayable
+    from ._util import Terminated, no_space_left, termination_as_interrupt
 
+    spool, quiet = Spool(), False
     try:
-        with termination_as_interrupt():
-            return _dispatch(args)
+        with spool:
+            args = build_parser().parse_args(argv)
+            quiet = bool(getattr(args, "quiet", False))
+            with termination_as_interrupt():
+                code = _dispatch(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -231,6 +250,18 @@ def main(argv: list[str] | None = None) -> int:
         # the reader of our stdout went away (`lcm-export inspect DIR | head -1`): nothing left to say
         _silence_stdout()
         return 0
+    except Exception as exc:
+        if no_space_left(exc):  # a library's write failure that no writing() guard named: still one line
+            print(f"error: no space left on device ({str(exc).strip().splitlines()[0][:200]}); free disk space or "
+                  "choose another --out/--engine-dir", file=sys.stderr)
+            return EXIT_USER_ERROR
+        sys.stderr.write(replayable(spool.text, False))  # a bug: everything, then the traceback
+        raise
+    except BaseException:  # SystemExit (--help), ...
+        sys.stderr.write(replayable(spool.text, False))
+        raise
+    sys.stderr.write(replayable(spool.text, quiet))
+    return code
 
 
 def _silence_stdout() -> None:

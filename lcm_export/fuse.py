@@ -14,7 +14,7 @@ import logging
 import warnings
 from pathlib import Path
 
-from ._util import atomic_dir, check_dir_path, disk_error, progress, tool_versions, write_json
+from ._util import atomic_dir, check_dir_path, disk_error, progress, tool_versions, write_json, writing
 from .errors import EngineError, UserError
 from .lora import LORA_COMPONENTS, LoraInfo, LoraSpec, finite_tensor, inspect_lora, lora_has_bias  # noqa: F401 (fuse's API takes them)
 from .models import base_family, base_record, load_pipeline, resolve_base
@@ -111,7 +111,7 @@ def fuse(base: str, loras: list[LoraSpec], out: str | Path, force: bool = False,
     }
     bar.set_description_str(f"save {out}")
     try:
-        with atomic_dir(out, force=force) as tmp:
+        with atomic_dir(out, force=force) as tmp, writing(tmp):  # safetensors: SafetensorError, not OSError
             pipe.save_pretrained(str(tmp), safe_serialization=True)
             write_json(tmp / "fusion.json", record)
     except OSError as exc:

@@ -15,6 +15,10 @@ from .errors import UserError
 LATENT_FACTOR = 8
 MAX_SIDE = 4096
 """Largest image side accepted (SD 1.5 is trained at 512, SDXL at 1024; 4096 is 4x the largest)."""
+MAX_BATCH = 64
+"""Most images in one call (engine builds and runtime calls): a call holds every image's latents,
+step noise and decoded pixels at once, and a build's shapes grow with it. Checked before anything
+is allocated (a batch of 10^12 once asked numpy for 58 PiB)."""
 TEXT_LEN = 77
 GUIDANCE_MODES = ("auto", "on", "off")
 
@@ -103,8 +107,8 @@ def check_memory(plans: list["ShapePlan"], unet_config: dict, available: int | N
 def unet_batch_range(batch: int, guidance: str) -> tuple[int, int, int]:
     """(min, opt, max) UNet batch: B without guidance, 2B with it; ``auto`` covers both, opt at B
     (LCM-LoRA's usual guidance is <= 1, i.e. off)."""
-    if batch < 1:
-        raise UserError(f"--batch {batch}: must be at least 1")
+    if not 1 <= batch <= MAX_BATCH:
+        raise UserError(f"--batch {batch}: must be from 1 to {MAX_BATCH} (images per engine call)")
     if guidance not in GUIDANCE_MODES:
         raise UserError(f"--guidance {guidance!r}: choose auto, on or off")
     return {"off": (batch, batch, batch), "on": (2 * batch,) * 3, "auto": (batch, batch, 2 * batch)}[guidance]

@@ -15,6 +15,17 @@ SCHEMA_VERSION = 2
 """2: ``file_sizes`` (every file of the entry, in bytes) and ``size_multiple`` are recorded and checked."""
 MANIFEST = "manifest.json"
 DEFAULT_ROOT = Path("engines")
+FAMILY_COMPONENTS = {
+    "sd15": ("text_encoder", "unet", "vae_decoder"),
+    "sdxl": ("text_encoder", "text_encoder_2", "unet", "vae_decoder"),
+    "ssd1b": ("text_encoder", "text_encoder_2", "unet", "vae_decoder"),
+}
+"""The components an entry of each family holds, no more, no fewer (``export.components_for`` exports
+exactly these; a test checks that the two agree)."""
+PRECISIONS = ("fp32", "fp16", "bf16")
+SHARED_ENGINE_KEYS = ("*", "all")
+"""Engine-map keys that are not a shape plan's name: one engine for every plan ("*": CPU backends;
+"all": TensorRT's text encoders)."""
 
 
 def cache_key(inputs: dict) -> str:
@@ -56,11 +67,11 @@ def read_manifest(engine_dir: str | Path, check_files: bool = True) -> dict:
         )
     problems = manifest_problems(m)
     if problems:
-        raise UserError(f"{p}: {problems[0]}; {_rebuild(d)}")
+        raise UserError(f"{p}: damaged entry: {problems[0]}; {_rebuild(d)}")
     if check_files:
         problems = file_problems(m, d)
         if problems:
-            raise UserError(f"engine dir {d}: {problems[0]}; {_rebuild(d)}")
+            raise UserError(f"engine dir {d}: damaged entry: {problems[0]}; {_rebuild(d)}")
     return m
 
 
@@ -87,16 +98,32 @@ def _is_relpath(v) -> bool:
     return isinstance(v, str) and bool(v) and not Path(v).is_absolute() and ".." not in Path(v).parts
 
 
+def _is_str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_io(v) -> bool:
+    """Inputs/outputs as recorded: [[name, dtype, shape], ...]."""
+    return isinstance(v, list) and all(isinstance(x, list) and len(x) == 3 and isinstance(x[0], str) and isinstance(x[1], str)
+                                       and isinstance(x[2], list) for x in v)
+
+
+def _backends() -> tuple[str, ...]:
+    from .backends import names
+
+    return names()
+
+
 _TOP = {
-    "schema_version": _is_int, "name": lambda v: isinstance(v, str), "family": lambda v: isinstance(v, str),
-    "backend": lambda v: isinstance(v, str) and bool(v), "precision": lambda v: isinstance(v, str),
+    "schema_version": _is_int, "name": lambda v: isinstance(v, str), "family": lambda v: v in FAMILY_COMPONENTS,
+    "backend": lambda v: v in _backends(), "precision": lambda v: v in PRECISIONS,
     "cache_key": lambda v: isinstance(v, str), "base_source": lambda v: isinstance(v, str),
     "resolutions": lambda v: isinstance(v, list) and bool(v) and all(_is_res(r) for r in v),
     "shape_plans": lambda v: isinstance(v, list) and bool(v),
     "batch": lambda v: _is_int(v) and v >= 1,
     "size_multiple": lambda v: _is_int(v) and v >= 8 and v % 8 == 0,
     "latent_channels": lambda v: _is_int(v) and v >= 1,
-    "text_encoders": lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v),
+    "text_encoders": lambda v: _is_str_list(v) and bool(v),
     "vae": lambda v: isinstance(v, dict) and isinstance(v.get("scaling_factor"), (int, float)) and not isinstance(v.get("scaling_factor"), bool),
     "scheduler": lambda v: isinstance(v, dict) and _is_relpath(v.get("file")),
     "tokenizer": lambda v: isinstance(v, dict) and _is_relpath(v.get("file")) and _is_int(v.get("max_length")) and _is_int(v.get("pad_id")),
@@ -109,8 +136,10 @@ _PLAN = {"name": lambda v: isinstance(v, str), "min_hw": _is_hw, "opt_hw": _is_h
 
 
 def manifest_problems(m) -> list[str]:
-    """What is wrong with a manifest's structure ([] when nothing): missing fields, wrong types,
-    components without files or engines, paths leaving the entry."""
+    """What is wrong with a manifest ([] when nothing): missing fields, wrong types or values, a
+    component the family needs missing or one it does not have, components without files or engines,
+    an engine that is not among its component's files, paths leaving the entry, and the values only
+    the entry's backend reads (``backends.manifest_problems``)."""
     if not isinstance(m, dict):
         return ["the manifest is not a JSON object"]
     out = []
@@ -129,18 +158,50 @@ def manifest_problems(m) -> list[str]:
         bad = [k for k, ok in _PLAN.items() if not isinstance(p, dict) or not ok(p.get(k))]
         if bad:
             out.append(f"the manifest's shape_plans[{i}] has a missing or malformed {', '.join(bad)}")
-    for comp, c in m["components"].items():
-        if not isinstance(c, dict):
-            out.append(f"the manifest's component {comp!r} is not an object")
-            continue
-        files, engines = c.get("files"), c.get("engines")
-        if not (isinstance(files, list) and files and all(_is_relpath(f) for f in files)):
-            out.append(f"component {comp!r} has a missing or malformed 'files' list")
-        if not (isinstance(engines, dict) and engines and all(_is_relpath(f) for f in engines.values())):
-            out.append(f"component {comp!r} has a missing or malformed 'engines' map")
-    for f in manifest_files(m) if not out else []:
+    family, comps = m["family"], m["components"]
+    need = FAMILY_COMPONENTS[family]
+    out += [f"the manifest has no component {c!r}, which a {family} entry needs" for c in need if c not in comps]
+    out += [f"the manifest names a component {c!r}, which a {family} entry does not have" for c in comps if c not in need]
+    encoders = [c for c in need if c.startswith("text_encoder")]
+    if m["text_encoders"] != encoders:
+        out.append(f"the manifest's 'text_encoders' is {json.dumps(m['text_encoders'])[:80]}; a {family} entry has {encoders}")
+    if "text_encoder_2" in need and "tokenizer_2" not in m:
+        out.append(f"the manifest has no 'tokenizer_2', which a {family} entry needs")
+    plans = {p.get("name") for p in m["shape_plans"] if isinstance(p, dict)}
+    for comp, c in comps.items():
+        out += _component_problems(comp, c, plans)
+    if out:
+        return out
+    for f in manifest_files(m):
         if f not in m["file_sizes"]:
             out.append(f"the manifest records no size for {f}")
+    if not out:
+        from .backends import manifest_problems as backend_problems
+
+        out += backend_problems(m)
+    return out
+
+
+def _component_problems(comp: str, c, plans: set) -> list[str]:
+    if not isinstance(c, dict):
+        return [f"the manifest's component {comp!r} is not an object"]
+    out = []
+    files, engines = c.get("files"), c.get("engines")
+    if not (isinstance(files, list) and files and all(_is_relpath(f) for f in files)):
+        out.append(f"component {comp!r} has a missing or malformed 'files' list")
+        files = []
+    if not (isinstance(engines, dict) and engines and all(_is_relpath(f) for f in engines.values())):
+        return out + [f"component {comp!r} has a missing or malformed 'engines' map"]
+    for key, f in engines.items():
+        if key not in SHARED_ENGINE_KEYS and key not in plans:
+            out.append(f"component {comp!r} has an engine for plan {key!r}, which is not among the manifest's shape_plans")
+        if files and f not in files:
+            out.append(f"component {comp!r} runs engine {f}, which is not among its files (the entry does not hold it)")
+    if "precision" in c and c["precision"] not in (*PRECISIONS, "mixed"):
+        out.append(f"component {comp!r} has precision {json.dumps(c['precision'])[:40]}; expected one of {', '.join(PRECISIONS)}")
+    for k in ("inputs", "outputs"):
+        if k in c and not _is_io(c[k]):
+            out.append(f"component {comp!r} has a malformed {k!r} list")
     return out
 
 
@@ -283,14 +344,16 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
                              f"{full.get('image_ssim', float('nan')):.3f} (what the tiny decoder trades)"))
         if m.get("demo"):
             rows.append(("", "random weights: these figures compare noise images, not pictures (README, int8 UNet)"))
-    for l in m.get("fusion", {}).get("loras", []):
-        rows.append(("lora", f"{Path(l['path']).name}  λ={l['weight']:g}  {l['format']}  rank {','.join(map(str, l['ranks']))}  "
-                              f"layers {sum(l['layers'].values())}  sha256 {l['sha256'][:12]}…"))
+    fusion = m.get("fusion")
+    for l in fusion.get("loras", []) if isinstance(fusion, dict) and isinstance(fusion.get("loras"), list) else []:
+        rows.append(("lora", _shown(lambda: f"{Path(l['path']).name}  λ={l['weight']:g}  {l['format']}  rank "
+                                            f"{','.join(map(str, l['ranks']))}  layers {sum(l['layers'].values())}  "
+                                            f"sha256 {l['sha256'][:12]}…")))
     v = m.get("versions", {})
-    rows.append(("versions", "  ".join(f"{k} {val}" for k, val in v.items())))
+    rows.append(("versions", _shown(lambda: "  ".join(f"{k} {val}" for k, val in v.items()))))
     hw = m.get("hardware", {})
     if hw:
-        rows.append(("hardware", "  ".join(f"{k}: {val}" for k, val in hw.items() if val)))
+        rows.append(("hardware", _shown(lambda: "  ".join(f"{k}: {val}" for k, val in hw.items() if val))))
     w = max(len(r[0]) for r in rows)
     rows = [(k, "" if v is None else v) for k, v in rows]
     out = [f"{k:<{w}}  {val}" for k, val in rows]
@@ -298,7 +361,7 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
     out.append(f"{'component':<13} {'precision':<9} {'inputs':<60} parity @ size")
     for name, c in m.get("components", {}).items():
         ins = ", ".join(f"{i[0]}:{i[1]}{list(i[2])}" for i in c.get("inputs", []))
-        par = "; ".join(f"{describe_parity(p)} @ {p.get('resolution')}" for p in c.get("parity", []) if isinstance(p, dict))
+        par = _shown(lambda: "; ".join(f"{describe_parity(p)} @ {p.get('resolution')}" for p in c.get("parity", []) if isinstance(p, dict)))
         out.append(f"{name:<13} {c.get('precision', m.get('precision')):<9} {ins:<60} {par}")
     plans = m.get("shape_plans", [])
     if plans:
@@ -318,3 +381,12 @@ def describe_parity(p: dict) -> str:
         return f"rel-L2 to PyTorch fp32 {p['rel_l2']:.1e}, max-abs {p['max_abs']:.1e}"
     except (KeyError, TypeError, ValueError):
         return "(malformed parity record)"
+
+
+def _shown(render) -> str:
+    """One informational cell of ``inspect`` (fields the runtime never reads, so outside the schema): a
+    malformed one is shown as such instead of ending the listing."""
+    try:
+        return render()
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return "(malformed in the manifest)"

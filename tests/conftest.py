@@ -98,3 +98,52 @@ def fused_pipe(tmp_path_factory, base_dir, demo_loras):
     pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def ov_engine(tmp_path_factory, base_dir, demo_loras):
+    """An OpenVINO fp32 entry of the same model (IR + compiled blob per component), at one resolution."""
+    from lcm_export.build_engine import BuildOptions, build_engine
+
+    d = tmp_path_factory.mktemp("engines") / "tiny-ov"
+    build_engine(BuildOptions(base=str(base_dir), loras=tuple(f"{p}:{w}" for p, w in demo_loras), resolutions=((64, 64),),
+                              engine_dir=str(d), backend="openvino", precision="fp32", show_progress=False))
+    return d
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(bytes)`` -> a folder on a tmpfs of that size (unmounted afterwards): a disk that fills
+    up. Skips, saying why, where mounting is impossible (not root, no tmpfs)."""
+    import subprocess
+
+    mounts = []
+
+    def mount(size: int):
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
+        d = tmp_path / f"disk{len(mounts)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={max(size // 1024, 64)}k", "tmpfs", str(d)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounts.append(d)
+        return d
+
+    yield mount
+    for d in mounts:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def subprocess_cli(args, env_drop=("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"), timeout=300, **kw):
+    """The CLI in a fresh process, as a user runs it (stderr at the file-descriptor level, libraries' logging
+    at their defaults): a CompletedProcess with bytes stdout/stderr."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in env_drop}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    argv = [a if isinstance(a, bytes) else str(a) for a in args]
+    return subprocess.run([PY, "-m", "lcm_export.cli", *argv], env=env, capture_output=True, timeout=timeout, **kw)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import RESOLUTIONS, run_cli
+from conftest import RESOLUTIONS, run_cli, subprocess_cli
 from lcm_export.errors import EngineError, UserError
 
 WT = Path(__file__).resolve().parents[1]
@@ -42,19 +42,19 @@ def leftovers(root: Path) -> list[Path]:
 
 
 class Ctx:
-    def __init__(self, tmp: Path, demo_engine: Path, base_dir: Path, demo_loras):
-        self.tmp, self._engine, self.base, self.loras = tmp, demo_engine, base_dir, demo_loras
+    def __init__(self, tmp: Path, demo_engine: Path, base_dir: Path, demo_loras, ov_engine: Path):
+        self.tmp, self._engine, self.base, self.loras, self._ov = tmp, demo_engine, base_dir, demo_loras, ov_engine
         self.entry = tmp / "entry"
         self.out = tmp / "out"
         self.png = tmp / "o.png"
 
-    def copy_entry(self) -> Path:
-        shutil.copytree(self._engine, self.entry)
+    def copy_entry(self, ov: bool = False) -> Path:
+        shutil.copytree(self._ov if ov else self._engine, self.entry)
         return self.entry
 
-    def manifest(self, edit) -> Path:
-        """Copy the entry and apply ``edit`` to its manifest (a dict -> dict function)."""
-        self.copy_entry()
+    def manifest(self, edit, ov: bool = False) -> Path:
+        """Copy the entry (ONNX Runtime, or OpenVINO with ``ov``) and apply ``edit`` to its manifest (a dict -> dict function)."""
+        self.copy_entry(ov)
         p = self.entry / "manifest.json"
         m = edit(json.loads(p.read_text()))
         p.write_text(m if isinstance(m, str) else json.dumps(m))
@@ -103,6 +103,13 @@ def _truncate(d: Path, rel: str = "unet/model.onnx") -> None:
     f.write_bytes(f.read_bytes()[:5000])
 
 
+def _zero(d: Path, rel: str) -> Path:
+    """Overwrite a file of the entry with zeros, keeping its size (the size check cannot see it)."""
+    f = d / rel
+    f.write_bytes(bytes(f.stat().st_size))
+    return d
+
+
 def _gen(entry, ctx, *extra):
     return ["generate", "--engine-dir", entry, "--prompt", "x", "--out", ctx.png, *extra]
 
@@ -119,11 +126,26 @@ def _set(key, value):
     return lambda m: {**m, key: value}
 
 
-def _comp(edit):
+def _comp(edit, comp="unet"):
     def f(m):
-        edit(m["components"]["unet"])
+        edit(m["components"][comp])
         return m
     return f
+
+
+def _components(edit):
+    def f(m):
+        edit(m["components"])
+        return m
+    return f
+
+
+def _section(backend, key, value):
+    return lambda m: {**m, backend: {**m[backend], key: value}}
+
+
+def _engines(value):
+    return _comp(lambda u: u.update(engines=value))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,12 +237,81 @@ CLI_ROWS = [
     ("export-out-exists", lambda c: (c.out.mkdir(), ["export", "--model", "demo:sd15", "--out", c.out])[1], {}, 2,
      ["already exists"]),
     ("build-unsupported-multiple", lambda c: _build(c, "--resolution", "72x64", "--engine-dir", c.out), {}, 2, ["multiples of 16"]),
+    # -- issue 19, damaged entries: the schema requires the family's components, the engines an entry holds, valid values
+    ("store-no-unet (issue 19)", lambda c: _gen(c.manifest(_components(lambda cs: cs.pop("unet"))), c), {}, 2,
+     ["damaged entry", "no component 'unet'", "sd15", "--force"]),
+    ("store-no-vae", lambda c: _gen(c.manifest(_components(lambda cs: cs.pop("vae_decoder"))), c), {}, 2,
+     ["no component 'vae_decoder'"]),
+    ("store-component-of-another-family", lambda c: _gen(c.manifest(_components(lambda cs: cs.update(text_encoder_2=cs["text_encoder"]))), c),
+     {}, 2, ["'text_encoder_2'", "a sd15 entry does not have"]),
+    ("store-family-says-sdxl", lambda c: _gen(c.manifest(_set("family", "sdxl")), c), {}, 2, ["no component 'text_encoder_2'"]),
+    ("store-family-unknown", lambda c: _gen(c.manifest(_set("family", "sd2")), c), {}, 2, ["'family' is malformed", "sd2"]),
+    ("store-backend-unknown", lambda c: _gen(c.manifest(_set("backend", "coreml")), c), {}, 2, ["'backend' is malformed"]),
+    ("store-text-encoders-mismatch", lambda c: _gen(c.manifest(_set("text_encoders", ["text_encoder", "text_encoder_2"])), c), {}, 2,
+     ["'text_encoders'"]),
+    ("store-engine-not-held", lambda c: _gen(c.manifest(_engines({"*": "unet/other.onnx"})), c), {}, 2,
+     ["unet/other.onnx", "the entry does not hold it"]),
+    ("store-engine-for-unknown-plan", lambda c: _gen(c.manifest(_engines({"512x512": "unet/model.onnx"})), c), {}, 2,
+     ["plan '512x512'", "shape_plans"]),
+    ("store-precision-int4-ort", lambda c: _gen(c.manifest(_comp(lambda u: u.update(precision="int4"))), c), {}, 2,
+     ['precision "int4"']),
+    ("store-precision-int4-openvino (issue 19)", lambda c: _gen(c.manifest(_comp(lambda u: u.update(precision="int4")), ov=True), c),
+     {}, 2, ['precision "int4"', "damaged entry"]),
+    ("store-precision-fp16-openvino", lambda c: _gen(c.manifest(_comp(lambda u: u.update(precision="fp16")), ov=True), c), {}, 2,
+     ['precision "fp16"', "openvino does not run"]),
+    ("store-openvino-blob-not-held", lambda c: _gen(c.manifest(_comp(lambda u: u.update(compiled_blob="unet/x.blob")), ov=True), c),
+     {}, 2, ["'compiled_blob'"]),
+    ("store-openvino-threads-text", lambda c: _gen(c.manifest(_section("openvino", "inference_num_threads", "all"), ov=True), c),
+     {}, 2, ["openvino.inference_num_threads is malformed"]),
+    ("store-ort-optimization-level", lambda c: _gen(c.manifest(_section("onnxruntime", "runtime_optimization", "FAST")), c), {}, 2,
+     ["onnxruntime.runtime_optimization is malformed"]),
+    ("store-ort-threads-zero", lambda c: _gen(c.manifest(_section("onnxruntime", "intra_op_threads", 0)), c), {}, 2,
+     ["onnxruntime.intra_op_threads"]),
+    ("store-outputs-malformed", lambda c: _gen(c.manifest(_comp(lambda u: u.update(outputs="out_sample"))), c), {}, 2, ["'outputs'"]),
+    ("store-scheduler-zeroed", lambda c: _gen(_zero(c.copy_entry(), "scheduler/scheduler_config.json"), c), {}, 2,
+     ["scheduler_config.json is damaged", "--force"]),
+    ("store-tokenizer-zeroed", lambda c: _gen(_zero(c.copy_entry(), "tokenizer/tokenizer.json"), c), {}, 2,
+     ["tokenizer.json is damaged", "--force"]),
+    ("store-openvino-xml-zeroed", lambda c: _gen(_zero(c.manifest(_section("openvino", "version", "2020.1"), ov=True),
+                                                     "unet/model.xml"), c), {}, 2,  # another version: the IR is read
+     ["unet/model.xml", "corrupt or truncated", "Unable to read the model", "!Exception from"]),
+    ("store-inspect-no-unet", lambda c: ["inspect", c.manifest(_components(lambda cs: cs.pop("unet")))], {}, 2,
+     ["no component 'unet'"]),
+    # -- issue 19, limits on everything that sizes memory, checked before anything is allocated
+    ("generate-batch-1e12 (issue 19)", lambda c: _gen(c.copy_entry(), c, "--batch", "1000000000000"), {}, 2,
+     ["batch 1000000000000", "from 1 to 64"]),
+    ("generate-batch-2**63", lambda c: _gen(c.copy_entry(), c, "--batch", str(2**63)), {}, 2, ["from 1 to 64"]),
+    ("build-batch-huge", lambda c: _build(c, "--resolution", "64x64", "--batch", "1000000", "--engine-dir", c.out), {}, 2,
+     ["--batch 1000000", "from 1 to 64"]),
+    ("generate-guidance-1e308 (issue 19)", lambda c: _gen(c.copy_entry(), c, "--guidance", "1e308"), {}, 2,
+     ["guidance 1e+308", "from 0 to 30", "!fp16", "!--precision"]),
+    ("generate-guidance-1e30", lambda c: _gen(c.copy_entry(), c, "--guidance", "1e30"), {}, 2, ["from 0 to 30"]),
+    ("generate-guidance-nan", lambda c: _gen(c.copy_entry(), c, "--guidance", "nan"), {}, 2, ["guidance nan", "finite"]),
+    ("generate-resolution-0x0 (issue 19)", lambda c: _gen(c.copy_entry(), c, "--resolution", "0x0"), {}, 2,
+     ["height 0 and width 0", "positive", "!--resolution 0x0"]),
+    ("generate-resolution-negative", lambda c: _gen(c.copy_entry(), c, "--resolution=-512x-512"), {}, 2,
+     ["positive", "!--resolution -512x-512"]),
+    ("generate-resolution-unbuildable", lambda c: _gen(c.copy_entry(), c, "--resolution", "99984x99984"), {}, 2,
+     ["was not built", "at most 4096", "!rebuild with --resolution"]),
+    ("generate-resolution-not-a-multiple", lambda c: _gen(c.copy_entry(), c, "--resolution", "72x64"), {}, 2,
+     ["was not built", "multiples of 16", "!rebuild with --resolution"]),
+    ("generate-prompt-lone-surrogate", lambda c: _gen(c.copy_entry(), c)[:-2] + ["--prompt", "a\ud800b", "--out", c.png], {}, 2,
+     ["prompt holds a lone surrogate U+D800", "UTF-8"]),
+    ("generate-prompt-undecodable-byte", lambda c: _gen(c.copy_entry(), c)[:-2] + ["--prompt", "a\udcffb", "--out", c.png], {}, 2,
+     ["prompt holds the byte 0xFF", "UTF-8"]),
+    ("generate-negative-prompt-surrogate", lambda c: _gen(c.copy_entry(), c, "--negative-prompt", "\udfff"), {}, 2,
+     ["negative_prompt holds a lone surrogate"]),
+    # -- flags argparse refuses: one line too (no usage block)
+    ("flag-steps-text", lambda c: _gen(c.copy_entry(), c, "--steps", "four"), {}, 2, ["--steps", "invalid int value", "--help"]),
+    ("flag-unknown", lambda c: _gen(c.copy_entry(), c, "--stepz", "4"), {}, 2, ["unrecognized arguments: --stepz"]),
+    ("flag-missing-prompt", lambda c: ["generate", "--engine-dir", c.copy_entry(), "--out", c.png], {}, 2, ["--prompt"]),
+    ("flag-backend-choice", lambda c: _build(c, "--backend", "coreml"), {}, 2, ["invalid choice: 'coreml'"]),
 ]
 
 
 @pytest.fixture
-def ctx(tmp_path, demo_engine, base_dir, demo_loras):
-    return Ctx(tmp_path, demo_engine, base_dir, demo_loras)
+def ctx(tmp_path, demo_engine, base_dir, demo_loras, ov_engine):
+    return Ctx(tmp_path, demo_engine, base_dir, demo_loras, ov_engine)
 
 
 @pytest.mark.parametrize("row", CLI_ROWS, ids=[r[0] for r in CLI_ROWS])
@@ -236,8 +327,8 @@ def test_cli_catalogue(row, ctx, capsys, monkeypatch):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+    for n in needles:  # "!words": words the message must not hold (a fix it must not suggest)
+        assert (n[1:] not in lines[0]) if n.startswith("!") else (n in lines[0]), (n, lines[0])
     assert not leftovers(ctx.tmp), leftovers(ctx.tmp)
     assert {p for p in (ctx.out, ctx.png) if p.exists()} == outputs_before
     assert snapshot(ctx.entry) == before  # the existing entry, byte for byte
@@ -375,6 +466,16 @@ API_ROWS = [
     ("batch-float", {"batch": 1.5}, "batch 1.5"),
     ("output-type", {"output_type": "jpg"}, "output_type 'jpg'"),
     ("resolution-not-built", {"height": 128, "width": 128}, "was not built"),
+    # issue 19: bounded before anything is allocated, ranges documented, text that tokenizers can take
+    ("batch-1e12", {"batch": 10**12}, "from 1 to 64"),
+    ("batch-2**63", {"batch": 2**63}, "from 1 to 64"),
+    ("batch-bool", {"batch": True}, "batch True"),
+    ("guidance-1e308", {"guidance": 1e308}, "from 0 to 30"),
+    ("guidance-above-range", {"guidance": 30.5}, "from 0 to 30"),
+    ("height-zero", {"height": 0, "width": 0}, "must be positive"),
+    ("height-negative", {"height": -512, "width": 64}, "must be positive"),
+    ("prompt-lone-surrogate", {"prompt": "a\ud800b"}, "lone surrogate U+D800 at position 1"),
+    ("prompt-list-surrogate", {"prompt": ["a", "\udc80"], "batch": 2}, "prompt[1] holds the byte 0x80"),
 ]
 
 
@@ -400,6 +501,16 @@ def test_api_catalogue(row, runtime, monkeypatch):
         runtime(**kwargs)
     msg = str(info.value)
     assert needle in msg and "\n" not in msg, msg
+
+
+def test_batch_is_bounded_by_memory_before_any_allocation(runtime, monkeypatch):
+    """Within MAX_BATCH, a call whose own arrays exceed this machine's memory is refused up front."""
+    from lcm_export.runtime import validate
+
+    monkeypatch.setattr(validate, "machine_memory", lambda: 1 << 20)  # a 1 MiB machine
+    with pytest.raises(UserError, match=r"batch 64 at 64x64 needs at least .* GiB .* use a smaller batch"):
+        runtime("x", batch=64)
+    assert runtime("x", steps=1, output_type="np").shape == (1, 64, 64, 3)  # 1 image fits in 1 MiB
 
 
 def test_numpy_integers_are_accepted(runtime):
@@ -469,3 +580,162 @@ def test_write_text_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         _util.write_text(p, "new")
     assert p.read_text() == "old" and [x.name for x in tmp_path.iterdir()] == ["report.md"]
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 19: the same guarantees in a real process, where libraries write to file descriptor 2 (absl,
+# OpenVINO), transformers warns at its default verbosity and argv holds bytes, not str
+
+def _foreign_lora(c) -> Path:
+    from lcm_export.demo import build_demo_pipeline, write_demo_loras
+
+    return write_demo_loras(build_demo_pipeline("sdxl"), c.tmp / "sdxl-loras", "sdxl")[1][0]
+
+
+PROCESS_ROWS = [
+    ("openvino-xml-zeroed-native-noise", lambda c: _gen(_zero(c.manifest(_section("openvino", "version", "2020.1"), ov=True),
+                                                              "unet/model.xml"), c), ["corrupt or truncated"]),
+    ("build-foreign-lora-no-quiet", lambda c: ["build-engine", "--base", c.base, "--lora", f"{_foreign_lora(c)}:0.8",
+                                               "--resolution", "64x64", "--backend", "onnxruntime", "--engine-dir", c.out],
+     ["another model family"]),
+    ("build-lambda-1e30-over-entry", lambda c: ["build-engine", "--base", c.base, "--lora", f"{c.loras[1][0]}:1e30", "--resolution",
+                                                "64x64", "--backend", "onnxruntime", "--engine-dir", c.copy_entry(), "--force"],
+     ["λ=1e+30", "smaller λ"]),
+    ("build-lambda-1e30-quiet", lambda c: _build(c, "--base", c.base, "--lora", f"{c.loras[1][0]}:1e30", "--resolution", "64x64",
+                                                 "--engine-dir", c.out), ["λ=1e+30"]),
+    ("generate-prompt-invalid-utf8-bytes", lambda c: _gen(c.copy_entry(), c)[:-2] + ["--prompt", b"a\xffb", "--out", c.png],
+     ["prompt holds the byte 0xFF, which is not UTF-8"]),
+    ("generate-batch-1e12-fails-fast", lambda c: _gen(c.copy_entry(), c, "--batch", "1000000000000"), ["from 1 to 64"]),
+    ("generate-bad-steps", lambda c: _gen(c.copy_entry(), c, "--steps", "0"), ["steps 0"]),
+]
+
+
+@pytest.mark.parametrize("row", PROCESS_ROWS, ids=[r[0] for r in PROCESS_ROWS])
+def test_process_catalogue(row, ctx):
+    """Exactly one stderr line, ``error: ...``, exit 2, in a fresh process: no absl / TensorFlow-frontend
+    parser lines, no transformers or torchvision warnings, no progress bar before it."""
+    name, setup, needles = row
+    argv = setup(ctx)
+    before = snapshot(ctx.entry)
+    r = subprocess_cli(argv, timeout=240)
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "\r" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    assert not leftovers(ctx.tmp) and not ctx.out.exists() and not ctx.png.exists()
+    assert snapshot(ctx.entry) == before
+
+
+def test_quiet_success_leaves_stderr_empty(tmp_path):
+    """--quiet: no progress bars and no third-party messages (transformers warned twice about torchvision
+    on every build)."""
+    r = subprocess_cli(["fuse", "--base", "demo:sd15", "--out", tmp_path / "f", "--quiet"], timeout=240)
+    assert r.returncode == 0 and r.stderr == b"", r.stderr.decode()
+
+
+def test_inspect_shows_malformed_informational_fields(ctx, capsys):
+    """Fields outside the schema (the runtime never reads them) cannot end `inspect` in a traceback."""
+    def damage(m):
+        m["fusion"]["loras"] = [{"path": 3}]
+        m["components"]["unet"]["parity"] = [{"rel_l2": "x"}]
+        return m
+
+    code, out, err = run_cli(["inspect", ctx.manifest(damage)], capsys)
+    assert code == 0 and "(malformed in the manifest)" in out, err
+
+
+def test_huge_thread_counts_are_clamped_to_the_cores(demo_engine):
+    """LCM_EXPORT_THREADS=1000 on an ONNX Runtime entry: the generate process stays near its usual thread
+    count (each session had started 1000 threads: 10,000 made ~28,700) and still writes its image."""
+    import textwrap
+
+    from lcm_export._cpu import usable_cores
+
+    code = textwrap.dedent(f"""
+        import os, sys
+        from lcm_export.runtime import LCMPipeline
+        pipe = LCMPipeline.from_engine_dir({str(demo_engine)!r})
+        pipe("x", steps=1, output_type="np")
+        print(len(os.listdir("/proc/self/task")))
+    """)
+    env = {**os.environ, "LCM_EXPORT_THREADS": "1000", "PYTHONPATH": str(WT)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    threads = int(r.stdout.strip().splitlines()[-1])
+    assert threads < 3 * usable_cores() + 40, threads
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 19: a disk that fills up, for each CPU backend and at several points of the build: the one-line
+# disk error naming the destination, exit 2, nothing half-written, an existing entry byte for byte intact
+
+def _entry_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.85])
+def test_full_disk_during_a_build(ctx, capsys, small_disk, backend, fraction):
+    full = _entry_bytes(ctx._engine if backend == "onnxruntime" else ctx._ov)
+    disk = small_disk(int(full * fraction))
+    e = disk / "E"
+    code, _, err = run_cli(["build-engine", "--base", ctx.base, "--resolution", "64x64", "--backend", backend,
+                            "--precision", "fp32", "--engine-dir", e, "--quiet"], capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith(f"error: no space left on device while writing {e}"), err
+    assert ".partial-" not in err  # the destination, not our temp folder
+    assert list(disk.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend, room", [("onnxruntime", 0.1), ("onnxruntime", 0.55), ("openvino", 0.1), ("openvino", 0.5)])
+def test_full_disk_during_a_refit_leaves_the_entry_intact(ctx, capsys, small_disk, backend, room):
+    """The issue's case: a refit (λ changed) of an entry on a nearly full disk ended in OpenVINO's
+    ``RuntimeError: basic_ios::clear: iostream error`` traceback. The smaller room fills up while the
+    patched ONNX graphs are written; the larger one (measured here) inside the backend's own write: ONNX
+    Runtime's optimized graph (``InvalidProtobuf``), OpenVINO's IR (``basic_ios::clear``)."""
+    src = ctx._engine if backend == "onnxruntime" else ctx._ov
+    disk = small_disk(int(_entry_bytes(src) * (1 + room)))
+    e = disk / "E"
+    shutil.copytree(src, e)
+    before = snapshot(e)
+    m = json.loads((e / "manifest.json").read_text())
+    res = [a for r in m["resolutions"] for a in ("--resolution", r)]
+    (lcm, w1), (style, _) = ctx.loras
+    code, out, err = run_cli(["build-engine", "--base", ctx.base, "--lora", f"{lcm}:{w1}", "--lora", f"{style}:0.5", *res,
+                              "--backend", backend, "--precision", "fp32", "--engine-dir", e, "--quiet"], capsys)
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and err.startswith(f"error: no space left on device while writing {e}"), err
+    assert snapshot(e) == before and [p.name for p in disk.iterdir()] == ["E"]
+
+
+def test_spool_release_replays_once_and_restores_stderr(capfd):
+    """`serve` ends the spool early (before Ray starts processes): what was spooled shows once, and
+    stderr works again at once."""
+    import sys
+
+    from lcm_export import _stderr
+
+    spool = _stderr.Spool().start()
+    os.write(2, b"native line\n")
+    print("python line", file=sys.stderr)
+    _stderr.release()
+    print("after", file=sys.stderr)
+    spool.stop()
+    assert spool.text == "" and not spool.active
+    assert capfd.readouterr().err == "native line\npython line\nafter\n"
+
+
+def test_a_handler_made_while_spooled_writes_to_stderr_after(capfd):
+    """A library that kept the spool's sys.stderr (Ray's logging handler, made at import) still writes
+    to the real stderr once the spool ends, instead of failing on a closed file."""
+    import sys
+
+    from lcm_export import _stderr
+
+    spool = _stderr.Spool().start()
+    kept = sys.stderr
+    spool.stop()
+    print("from a kept handle", file=kept)
+    kept.flush()
+    assert capfd.readouterr().err == "from a kept handle\n"

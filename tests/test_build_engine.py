@@ -126,7 +126,8 @@ def test_another_models_entry_is_refused(tmp_path, demo_engine, capsys):
     (["--resolution", "256x256", "--dynamic", "64x64-128x128"], "outside the dynamic range"),
     (["--lora", "nope.safetensors"], "not found"),
     (["--precision", "fp16", "--backend", "onnxruntime"], "no fast fp16 kernels"),
-    (["--batch", "0"], "at least 1"),
+    (["--batch", "0"], "from 1 to 64"),
+    (["--batch", "1000000"], "from 1 to 64"),
 ])
 def test_bad_input(tmp_path, capsys, args, needle):
     d = tmp_path / "e"

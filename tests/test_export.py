@@ -27,3 +27,16 @@ def test_export_cli(tmp_path, base_dir, capsys):
     assert dims == ["B", 4, "h", "w"]  # dynamic batch and spatial axes
     code, _, err = run_cli(["export", "--model", base_dir, "--out", out, "--quiet"], capsys)
     assert code == 2 and "already exists" in err
+
+
+def test_the_store_knows_each_familys_components():
+    """The manifest schema requires exactly the components export writes for each family (issue 19: an
+    entry without its UNet got past the schema and ended in a KeyError at generate time)."""
+    from lcm_export.demo import build_demo_pipeline
+    from lcm_export.export import components_for
+    from lcm_export.models import SUPPORTED_FAMILIES
+    from lcm_export.store import FAMILY_COMPONENTS
+
+    assert set(FAMILY_COMPONENTS) == set(SUPPORTED_FAMILIES)
+    for family in SUPPORTED_FAMILIES:
+        assert components_for(build_demo_pipeline(family)) == FAMILY_COMPONENTS[family], family

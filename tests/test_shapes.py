@@ -56,8 +56,10 @@ def test_bad_resolutions(res, dyn, needle):
 
 
 def test_bad_batch_and_guidance():
-    with pytest.raises(UserError, match="at least 1"):
+    with pytest.raises(UserError, match="from 1 to 64"):
         unet_batch_range(0, "auto")
+    with pytest.raises(UserError, match="from 1 to 64"):  # bounded: a build's shapes grow with it
+        unet_batch_range(1_000_000, "auto")
     with pytest.raises(UserError, match="auto, on or off"):
         unet_batch_range(1, "sometimes")
     validate_resolution(64, 64, 64)

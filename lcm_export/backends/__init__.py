@@ -36,6 +36,7 @@ backend imports torch at module level.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,11 +187,15 @@ def int8_scheme(backend: str, scheme: str) -> str:
 
 
 def thread_count(explicit: int | None, recorded: int | None) -> int | None:
-    """Threads for an engine: the caller's, else $LCM_EXPORT_THREADS, else the entry's recorded default."""
+    """Threads for an engine: the caller's, else $LCM_EXPORT_THREADS, else the entry's recorded default;
+    at most this machine's usable cores (for every backend: more threads than cores only time-slice the
+    same cores, and ONNX Runtime would start every one of them — 10,000 asked for became ~28,700 threads)."""
+    from .._cpu import usable_cores
+
     if explicit is not None:
         if not isinstance(explicit, int) or isinstance(explicit, bool) or explicit < 1:
             raise UserError(f"threads {explicit!r}: must be a whole number >= 1")
-        return explicit
+        return min(explicit, usable_cores())
     env = os.environ.get(THREADS_ENV, "").strip()
     if env:
         try:
@@ -199,8 +204,42 @@ def thread_count(explicit: int | None, recorded: int | None) -> int | None:
             n = 0
         if n < 1:
             raise UserError(f"{THREADS_ENV}={env!r}: must be a whole number >= 1 (or unset it to use the entry's default)")
-        return n
-    return recorded
+        return min(n, usable_cores())
+    return min(recorded, usable_cores()) if recorded else recorded
+
+
+def manifest_problems(m: dict) -> list[str]:
+    """The values only the entry's backend reads (``store.manifest_problems`` calls this once the common
+    fields are sound): each component's precision among those the backend builds
+    (``COMPONENT_PRECISIONS``, else ``PRECISIONS``), its own component fields (``COMPONENT_FIELDS``) and
+    its manifest section (``SECTION``: {key: check}; a key may be absent, a present one must pass)."""
+    mod = get(m["backend"])
+    allowed = getattr(mod, "COMPONENT_PRECISIONS", mod.PRECISIONS)
+    out = []
+    for comp, c in m["components"].items():
+        p = c.get("precision", "fp32")
+        if p not in allowed:
+            out.append(f"component {comp!r} has precision {json.dumps(p)[:40]}, which {mod.NAME} does not run (it runs "
+                       f"{', '.join(allowed)})")
+        for key, ok in getattr(mod, "COMPONENT_FIELDS", {}).items():
+            if key in c and not ok(c[key], c):
+                out.append(f"component {comp!r} has a malformed {key!r}: {json.dumps(c[key])[:60]}")
+    section = m.get(mod.NAME, {})
+    if not isinstance(section, dict):
+        return out + [f"the manifest's {mod.NAME!r} section is not an object"]
+    for key, ok in getattr(mod, "SECTION", {}).items():
+        if key in section and not ok(section[key]):
+            out.append(f"the manifest's {mod.NAME}.{key} is malformed: {json.dumps(section[key])[:60]}")
+    return out
+
+
+def is_threads(v) -> bool:
+    """A recorded thread count: a whole number >= 1."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def is_str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
 def rebuild_hint(engine_dir: Path) -> str:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .._util import folder_bytes, writing
 from ..errors import UserError
-from . import CUDA_GRAPHS_ENV, cuda_graphs_enabled, rebuild_hint, thread_count
+from . import CUDA_GRAPHS_ENV, cuda_graphs_enabled, is_str_list, is_threads, rebuild_hint, thread_count
 
 NAME = "onnxruntime"
 PRECISIONS = ("fp32", "fp16")
@@ -56,6 +57,12 @@ LEVELS = {  # device -> (stored graph level, level applied at load)
     "cuda": ("ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"),
 }
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+OPT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_LAYOUT", "ORT_ENABLE_ALL")
+SECTION = {  # the manifest section's values the runtime reads (checked with the manifest's schema)
+    "providers": lambda v: is_str_list(v) and bool(v), "runtime_optimization": lambda v: v in OPT_LEVELS,
+    "stored_optimization": lambda v: v in OPT_LEVELS, "intra_op_threads": is_threads,
+    "allow_spinning": lambda v: isinstance(v, bool), "cpu_isa": lambda v: isinstance(v, str),
+}
 
 
 def providers_for(device: str) -> list[str]:
@@ -258,12 +265,13 @@ def optimize_graph(src: Path, dst: Path, device: str) -> dict:
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, stored)
     so.log_severity_level = 3  # ORT warns that ENABLE_ALL graphs are hardware-specific: we record and check that
     so.optimized_model_filepath = str(dst)
-    size = sum(f.stat().st_size for f in src.parent.iterdir() if f.is_file())  # the graph + any data it references
+    size = folder_bytes(src)  # the graph + any data it references
     if size > EXTERNAL_DATA_THRESHOLD:
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    ort.InferenceSession(str(src), so, providers=providers)
+    with writing(dst, size):  # a full disk: InvalidProtobuf "Protobuf serialization failed", not an OSError
+        ort.InferenceSession(str(src), so, providers=providers)
     info = {"stored_optimization": stored, "runtime_optimization": at_load, "providers": providers, "allow_spinning": False}
     if device == "cpu":
         info["cpu_isa"] = cpu_isa()

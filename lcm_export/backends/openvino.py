@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .._util import folder_bytes, writing
 from ..adapter_graph import INPUT_PREFIX
 from ..errors import UserError
-from . import rebuild_hint, thread_count
+from . import is_str_list, is_threads, rebuild_hint, thread_count
 
 ADAPTER_INPUTS = INPUT_PREFIX + "."
 
@@ -79,6 +80,10 @@ schemes on demo:sd15-full (step time, image PSNR/SSIM) and decides."""
 NNCF_HINT = "pip install nncf (part of lcm-export's [build] extra)"
 INSTALL_HINT = "pip install 'openvino>=2024.0' (part of lcm-export's base install)"
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+SECTION = {  # the manifest section's values the runtime reads (checked with the manifest's schema)
+    "version": lambda v: isinstance(v, str), "inference_num_threads": is_threads, "cpu_flags": is_str_list,
+}
+COMPONENT_FIELDS = {"compiled_blob": lambda v, c: isinstance(v, str) and v in c.get("files", [])}
 
 
 def status() -> tuple[bool, str, str]:
@@ -212,17 +217,26 @@ def build_component(job) -> dict:
     if precision == "int8":
         model, extra["quantization"] = quantize(model, job.int8_scheme or DEFAULT_INT8_SCHEME, job.calibration)
         runs_in = extra["inference_precision"] = "bf16" if native_bf16() else "fp32"
-    ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
+    need = int(folder_bytes(job.onnx) * 1.3)  # IR = the fp32 weights (.bin) + a text graph (.xml; measured <= 1.3x the ONNX)
+    with writing(folder / "model.xml", need):  # a full disk: RuntimeError "basic_ios::clear: iostream error"
+        ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
     del model
     compiled = core.compile_model(str(folder / "model.xml"), "CPU", compile_config(runs_in, job.section["inference_num_threads"]))
     stream = compiled.export_model()  # a BytesIO in current releases (bytes in some older ones)
     del compiled
-    with open(folder / "model.blob", "wb") as f:
+    with writing(folder / "model.blob"), open(folder / "model.blob", "wb") as f:
         f.write(stream.getbuffer() if hasattr(stream, "getbuffer") else stream)
     del stream
     files = [f"{comp}/model.xml", f"{comp}/model.bin", f"{comp}/model.blob"]
     return {"engines": {"*": f"{comp}/model.xml"}, "files": files, "precision": precision,
             "compiled_blob": f"{comp}/model.blob", **extra}
+
+
+def ov_message(exc: Exception) -> str:
+    """The line of an OpenVINO error that says what is wrong (its first lines are C++ source locations)."""
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    said = [l for l in lines if not l.startswith("Exception from ")]
+    return ((said or lines or [type(exc).__name__])[0])[:200]
 
 
 def check(manifest: dict, engine_dir: Path) -> list[str]:
@@ -301,7 +315,7 @@ class OvEngine:
                 self.compiled = core.compile_model(str(xml), "CPU", cfg)
                 self.source = "ir"
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line C++ traces
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            first = ov_message(exc)
             raise UserError(f"engine file {xml} (or its .bin/.blob) is corrupt or truncated ({first}); {rebuild_hint(engine_dir)}") from None
         self.request = self.compiled.create_infer_request()
         self.outputs = list(self.compiled.outputs)

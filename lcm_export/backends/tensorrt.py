@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._util import writing
 from ..errors import UserError
 from ..shapes import ShapePlan, component_profiles
 from ..step_graph import COEF, write_lcm_step_onnx
@@ -35,6 +36,13 @@ from .tensorrt_runtime import (  # noqa: F401 (the runtime half; check_feeds & c
 
 NAME = "tensorrt"
 PRECISIONS = ("fp16", "fp32")
+COMPONENT_PRECISIONS = ("fp16", "fp32", "mixed")
+"""An fp16 entry's VAE decoder may be rebuilt in fp32 (overflow): that component records "mixed"."""
+SECTION = {  # the manifest section's values the runtime reads (checked with the manifest's schema)
+    "tensorrt": lambda v: isinstance(v, str),
+    "builds": lambda v: isinstance(v, list) and all(isinstance(i, dict) and isinstance(i.get("file"), str) for i in v),
+    "compute_capability": lambda v: v is None or isinstance(v, str),
+}
 SPEED_RANK = {"fp16": 0, "fp32": 0}
 VERIFY_IN_BUILD = False  # parity is ONNX vs PyTorch; benchmarks/gpu_check.py checks the engines on a GPU
 REFIT = True
@@ -98,7 +106,7 @@ def refit_component(job, record: dict) -> dict:
             raise RefitImpossible(f"TensorRT could not refit {file}" + (f" (weights missing: {', '.join(missing[:5])})" if missing else ""))
         out = job.out_dir / file
         out.parent.mkdir(parents=True, exist_ok=True)
-        with engine.serialize() as blob, open(out, "wb") as f:
+        with writing(out), engine.serialize() as blob, open(out, "wb") as f:
             f.write(blob)
     relink_weightless(record, job.previous, job.out_dir)
     return {"refitted": True}
@@ -344,8 +352,9 @@ def fp16_onnx(src: Path, dst: Path) -> Path:
     model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=_over_2gb(src))
     data = dst.with_name(dst.name + ".data")
     data.unlink(missing_ok=True)
-    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    with writing(dst):
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
     return dst
 
 
@@ -376,8 +385,12 @@ def build_engine_file(onnx_path: Path, out_path: Path, item: dict, timing_cache:
         raise UserError(f"TensorRT could not build {item['file']} from {onnx_path}: {first} (TensorRT's log is above)") from None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
+    try:
+        with writing(out_path), open(tmp, "wb") as f:
+            f.write(data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out_path)
 
 

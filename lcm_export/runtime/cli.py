@@ -7,8 +7,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from .._util import file_parent
+from .._util import disk_error, file_parent
 from ..errors import UserError
+from .validate import check_batch
 
 
 def output_paths(out: str, batch: int) -> list[Path]:
@@ -63,17 +64,21 @@ def parse_adapters(items: list[str]) -> dict[str, float] | None:
 def generate_cmd(a) -> int:
     from .pipeline import LCMPipeline
 
-    paths = output_paths(a.out, a.batch)
+    paths = output_paths(a.out, check_batch(a.batch))  # bounded first: it sizes the list of paths and every array
     height, width = a.resolution if a.resolution else (None, None)
     adapters = parse_adapters(a.adapter)
     pipe = LCMPipeline.from_engine_dir(a.engine_dir)
     images = pipe(a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance, seed=a.seed,
                   batch=a.batch, height=height, width=width, adapters=adapters)
+    written = []
     try:
         for img, p in zip(images, paths):
             save_png_atomic(img, p)
+            written.append(p)
     except OSError as exc:
-        raise UserError(f"could not write {a.out}: {exc.strerror or exc}") from None
+        for p in written:  # all of the batch or none of it
+            p.unlink(missing_ok=True)
+        raise disk_error(exc, a.out) from None
     t = pipe.last_timings
     print(f"wrote {', '.join(map(str, paths))}")
     print(f"timing: {t.line()}")

@@ -28,7 +28,7 @@ from .device_loop import decoder_affine, device_loop_for
 from .engines import load_engines
 from .scheduler import LCMScheduler
 from .tokenizer import ClipTokenizer
-from .validate import check_latents, check_scalars
+from .validate import check_call_memory, check_latents, check_scalars
 
 MAX_STEPS = 50
 
@@ -75,6 +75,25 @@ class Timings:
                 f"postprocess {self.postprocess * 1e3:.2f})")
 
 
+def _tokenizer(path: Path, record: dict, engine_dir: Path) -> ClipTokenizer:
+    try:
+        return ClipTokenizer(path, record["max_length"], record["pad_id"])
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception for an unreadable file
+        first = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is damaged ({first}); rebuild it with `lcm-export build-engine --engine-dir {engine_dir} --force`") from None
+
+
+def _scheduler_config(path: Path, engine_dir: Path) -> dict:
+    """The entry's LCMScheduler config (a damaged one: one-line UserError)."""
+    try:
+        cfg = json.loads(path.read_text())
+        LCMScheduler.from_config(cfg)
+    except (ValueError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as exc:
+        raise UserError(f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}); "
+                        f"rebuild it with `lcm-export build-engine --engine-dir {engine_dir} --force`") from None
+    return cfg
+
+
 class LCMPipeline:
     """The lean runtime: ``LCMPipeline.from_engine_dir(DIR)(prompt)`` -> list of PIL images."""
 
@@ -108,8 +127,8 @@ class LCMPipeline:
         for p in [sched_path] + [d / t["file"] for t in toks.values()]:
             if not p.is_file():
                 raise UserError(f"{p} is missing from the engine dir; rebuild it with `lcm-export build-engine --engine-dir {d} --force`")
-        tokenizers = {k: ClipTokenizer(d / t["file"], t["max_length"], t["pad_id"]) for k, t in toks.items()}
-        return cls(m, d, load_engines(m, d, threads), tokenizers, json.loads(sched_path.read_text()))
+        tokenizers = {k: _tokenizer(d / t["file"], t, d) for k, t in toks.items()}
+        return cls(m, d, load_engines(m, d, threads), tokenizers, _scheduler_config(sched_path, d))
 
     # ------------------------------------------------------------------------------------------
     def _plan_for(self, comp: str, h: int, w: int):
@@ -124,11 +143,17 @@ class LCMPipeline:
         raise self._resolution_error(h, w)
 
     def _resolution_error(self, h: int, w: int) -> UserError:
+        from ..shapes import MAX_SIDE
+
         built = ", ".join(self.manifest["resolutions"])
         dyn = [p["name"] for p in self.manifest["shape_plans"] if not p["static"]]
         extra = f" (dynamic range {', '.join(dyn)})" if dyn else ""
-        return UserError(f"resolution {h}x{w} was not built into {self.engine_dir}; built: {built}{extra}; "
-                         f"rebuild with --resolution {h}x{w}")
+        multiple = int(self.manifest.get("size_multiple", 64))
+        if h <= MAX_SIDE and w <= MAX_SIDE and not h % multiple and not w % multiple:
+            fix = f"use one of those, or rebuild with --resolution {h}x{w}"
+        else:  # no entry can hold it: do not suggest building one
+            fix = f"use one of those (this model takes sides that are multiples of {multiple}, at most {MAX_SIDE})"
+        return UserError(f"resolution {h}x{w} was not built into {self.engine_dir}; built: {built}{extra}; {fix}")
 
     def _check_resolution(self, h: int, w: int) -> None:
         if (h, w) in self.resolutions:
@@ -246,6 +271,7 @@ class LCMPipeline:
             prompt, negative_prompt, steps, guidance, seed, batch, height, width, output_type, MAX_STEPS)
         h, w = (height, width) if height is not None else self._default_hw()
         self._check_resolution(h, w)
+        check_call_memory(batch, steps, h, w, self.latent_channels)
         self.adapters.check(adapters)
         return steps, guidance, seed, batch, h, w
 

@@ -1,13 +1,19 @@
-"""The HTTP API's shape: request/response models, error mapping and the body-size guard (FastAPI and
-Starlette only; the Ray deployment in ``deployment.py`` mounts it).
+"""The HTTP API's shape: request/response models and error mapping (FastAPI and Starlette only; the Ray
+deployment in ``deployment.py`` mounts it; the body guard is ``guard.py``'s).
 
 Errors are one JSON line, ``{"error": "<message>"}``:
 
-- 400: bad input. The runtime's ``UserError`` message (steps 0, an unbuilt size, ...), a missing or
-  mistyped field, a body that is not JSON, a body over ``MAX_BODY_BYTES``.
+- 400: bad input. The runtime's ``UserError`` message (steps 0, an unbuilt size, guidance out of range,
+  ...), a missing or mistyped field (types are strict: ``TYPES``), a body that is not JSON, a body over
+  ``MAX_BODY_BYTES``.
+- 408: a body that did not arrive within ``BODY_TIMEOUT_S``.
 - 500: ``EngineError`` (an engine produced NaN/inf, an internal failure): valid input, our fault.
 - 503 with ``Retry-After``: every replica is busy and the queue is full (Ray Serve's backpressure,
-  ``max_ongoing_requests`` + ``max_queued_requests``).
+  ``max_ongoing_requests`` + ``max_queued_requests``; made JSON by ``guard.JsonErrors`` in the proxy).
+
+One exception: a request that is not HTTP at all (a malformed request line or header, e.g.
+``Content-Length: abc``) is refused by the HTTP server (uvicorn, inside Ray Serve's proxy) before any
+application code runs, with its own plain-text ``400 Invalid HTTP request received.``.
 """
 
 from __future__ import annotations
@@ -20,29 +26,36 @@ from typing import Literal, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EngineError, UserError
+from ..runtime.validate import MAX_GUIDANCE
+from ..shapes import MAX_BATCH
+from .guard import BODY_TIMEOUT_S, MAX_BODY_BYTES, BodyLimit, error  # noqa: F401 (re-exported: the API's shape)
 
-MAX_BODY_BYTES = 64 * 1024
-"""Largest request body accepted; a prompt is a few hundred bytes (CLIP reads 77 tokens)."""
+TYPES = ("Types are strict, as in the Python API: steps, seed, batch, width and height must be JSON integers "
+         "(not 4.0, not \"4\", not true); guidance a JSON number (2 and 2.0 both work; not \"2\", not true); "
+         "prompts JSON strings of valid Unicode (no lone surrogates).")
 
 
 class GenerateRequest(BaseModel):
     """Text to image. Defaults are ``lcm-export generate``'s; the same arguments and seed give the same
-    PNG bytes as ``generate`` writes."""
+    PNG bytes as ``generate`` writes. Types are strict (``TYPES``); ranges are checked by the runtime
+    (``runtime/validate.py``), the same checks as the Python API's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "description": "Text to image; defaults are `lcm-export generate`'s, and so are the PNG bytes. " + TYPES})
 
-    prompt: StrictStr = Field(description="text prompt (may be empty: unconditional)")
+    prompt: StrictStr = Field(description="text prompt (may be empty: unconditional); valid Unicode")
     negative_prompt: Optional[StrictStr] = Field(None, description="negative prompt (used when guidance > 1)")
-    steps: int = Field(4, description="LCM steps, 1-50")
-    guidance: float = Field(1.0, description="classifier-free guidance scale; > 1 runs the UNet at 2B")
-    seed: int = Field(0, description="seed of numpy's Generator for latents and step noise (>= 0)")
-    width: Optional[int] = Field(None, description="a width the entry was built for (default: its default size)")
-    height: Optional[int] = Field(None, description="a height the entry was built for (give both or neither)")
-    batch: int = Field(1, description="images for this prompt; more than 1 needs response_format json")
+    steps: StrictInt = Field(4, description="LCM steps: an integer from 1 to 50")
+    guidance: StrictFloat = Field(1.0, description=f"classifier-free guidance scale, a number from 0 to {MAX_GUIDANCE:g}; "
+                                                   "> 1 runs the UNet at 2B (LCM-LoRA works best at 1-2)")
+    seed: StrictInt = Field(0, description="seed of numpy's Generator for latents and step noise: an integer >= 0")
+    width: Optional[StrictInt] = Field(None, description="a width the entry was built for (default: its default size)")
+    height: Optional[StrictInt] = Field(None, description="a height the entry was built for (give both or neither)")
+    batch: StrictInt = Field(1, description=f"images for this prompt, 1 to {MAX_BATCH}; more than 1 needs response_format json")
     response_format: Literal["png", "json"] = Field(
         "png", description="png: the image's bytes (image/png); json: {images: [base64 PNG], ...}. "
                            "`Accept: application/json` also selects json")
@@ -70,10 +83,6 @@ class HealthResponse(BaseModel):
     replica: dict = Field(description="process id and Ray node of the replica that answered")
 
 
-def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
 def _validation_message(exc: RequestValidationError) -> str:
     """FastAPI's list of errors -> one line, like the runtime's messages."""
     errs = exc.errors()
@@ -91,8 +100,15 @@ def _validation_message(exc: RequestValidationError) -> str:
     if e.get("type") == "model_attributes_type":
         return "the request body must be a JSON object"
     got = e.get("input")
-    got = f" (got {json.dumps(got)[:60]})" if got is not None and not isinstance(got, dict) else ""
+    got = f" (got {json.dumps(got, ensure_ascii=True)[:60]})" if got is not None and not isinstance(got, dict) else ""
+    want = _STRICT.get(e.get("type"))
+    if want:
+        return f"{field}: must be {want}{got}; types are strict (no numbers in quotes, no true/false for numbers)"
     return f"{field}: {e.get('msg', 'invalid')}{got}"
+
+
+_STRICT = {"int_type": "a JSON integer, e.g. 4", "int_from_float": "a JSON integer, e.g. 4",
+           "float_type": "a JSON number, e.g. 1.5", "string_type": "a JSON string"}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -111,44 +127,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError):
         return error(500, str(exc))
-
-
-class BodyLimit:
-    """ASGI middleware: a body over ``limit`` bytes gets a 400 before the app sees it. Content-Length
-    is checked up front; a body without one (chunked) is read, counting, up to the limit, then
-    replayed to the app (bodies here are a few hundred bytes)."""
-
-    def __init__(self, app, limit: int = MAX_BODY_BYTES):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_big = error(400, f"the request body is over {self.limit} bytes; send a JSON object with a prompt")
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    size = int(value)
-                except ValueError:
-                    return await error(400, "bad Content-Length header")(scope, receive, send)
-                if size > self.limit:
-                    return await too_big(scope, receive, send)
-        messages, seen = [], 0
-        while True:
-            msg = await receive()
-            messages.append(msg)
-            if msg["type"] != "http.request":
-                break
-            seen += len(msg.get("body", b""))
-            if seen > self.limit:
-                return await too_big(scope, receive, send)
-            if not msg.get("more_body", False):
-                break
-
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
 
 
 def png_bytes(img) -> bytes:

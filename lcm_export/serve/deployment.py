@@ -15,22 +15,26 @@ from typing import Optional
 from fastapi import FastAPI, Header
 from ray import serve
 
-from .api import (BodyLimit, GenerateRequest, GenerateResponse, HealthResponse, check_format, image_response,
+from .api import (TYPES, GenerateRequest, GenerateResponse, HealthResponse, check_format, image_response,
                   install_error_handlers)
 from .batching import Done, make_job, run_jobs
+from .guard import BODY_TIMEOUT_S, BodyLimit
 
 app = FastAPI(
     title="lcm-export",
     summary="4-step LCM text-to-image over an engine-store entry (lean numpy runtime on Ray Serve)",
-    description="Errors are `{\"error\": \"<one line>\"}`: 400 bad input, 500 engine failure, "
-                "503 + Retry-After when every replica and the queue are full.",
+    description="Errors are `{\"error\": \"<one line>\"}`: 400 bad input, 408 a body that did not arrive within "
+                f"{BODY_TIMEOUT_S:g} s, 500 engine failure, 503 + Retry-After when every replica and the queue are full. "
+                "The one exception: a request that is not valid HTTP (e.g. `Content-Length: abc`) gets the HTTP server's "
+                "plain-text `400 Invalid HTTP request received.` before any of this code runs. " + TYPES,
 )
 app.add_middleware(BodyLimit)
 install_error_handlers(app)
 
 PNG = {"content": {"image/png": {}, "application/json": {"schema": GenerateResponse.model_json_schema()}},
        "description": "one PNG (image/png), or JSON with base64 PNGs when asked"}
-ERRORS = {400: {"description": "bad input: one-line message"}, 500: {"description": "engine failure"},
+ERRORS = {400: {"description": "bad input: one-line message"}, 408: {"description": "the body arrived too slowly"},
+          500: {"description": "engine failure"},
           503: {"description": "overloaded: retry after the Retry-After header's seconds"}}
 
 
@@ -87,9 +91,9 @@ class LCMModel:
 
     @app.post("/generate", summary="text to image", responses={200: PNG, **ERRORS})
     async def generate(self, req: GenerateRequest, accept: Optional[str] = Header(None)):
-        check_format(req, accept)
         job = make_job(self.pipe, req.prompt, req.negative_prompt, req.steps, req.guidance, req.seed, req.batch,
-                       req.height, req.width)
+                       req.height, req.width)  # every value checked (batch bounded) before anything else
+        check_format(req, accept)
         out = await self._run(job)
         if isinstance(out, Exception):
             raise out

@@ -4,6 +4,8 @@ Serve's HTTP proxy, block until Ctrl-C / SIGTERM, shut down.
 
 from __future__ import annotations
 
+import math
+import os
 import socket
 import threading
 from dataclasses import dataclass
@@ -13,6 +15,9 @@ from ..errors import UserError
 
 APP_NAME = "lcm-export"
 RETRY_AFTER_S = 1.0
+MAX_BATCH_WAIT_MS = 1000.0
+"""Longest a replica may wait for requests to merge: every request in a batch waits that long first,
+so beyond a second it costs more latency than any merge saves."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,8 @@ def check_options(o: ServeOptions) -> None:
         raise UserError(f"--max-queued-requests {o.max_queued_requests}: must be 0 or more")
     if o.max_batch_size is not None and o.max_batch_size < 1:
         raise UserError(f"--max-batch-size {o.max_batch_size}: must be at least 1")
-    if o.batch_wait_ms < 0:
-        raise UserError(f"--batch-wait-ms {o.batch_wait_ms}: must be 0 or more")
+    if not (math.isfinite(o.batch_wait_ms) and 0 <= o.batch_wait_ms <= MAX_BATCH_WAIT_MS):
+        raise UserError(f"--batch-wait-ms {o.batch_wait_ms:g}: must be a number from 0 to {MAX_BATCH_WAIT_MS:g}")
     if o.threads is not None and o.threads < 1:
         raise UserError(f"--threads {o.threads}: must be at least 1")
     if not 0 < o.port < 65536:
@@ -120,14 +125,28 @@ def start(o: ServeOptions, name: str = APP_NAME, route_prefix: str = "/"):
         raise UserError(f"the replicas could not load {o.engine_dir}: {replica_error(str(exc))}") from None
 
 
-def init_ray(o: ServeOptions) -> None:
-    """Start a local Ray (or join ``o.address``) unless Ray is initialised already."""
+def guard_proxies(environ=os.environ) -> None:
+    """Have Ray Serve's HTTP proxies started from ``environ`` (a Ray this process starts: its nodes
+    inherit it) run ``guard.proxy_middlewares``: bodies read whole and bounded in size and time before a
+    replica is involved, every error answer JSON. A callback the user set is left in place."""
+    from .guard import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+    environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+
+
+def init_ray(o: ServeOptions, **ray_options) -> None:
+    """Start a local Ray (or join ``o.address``) unless Ray is initialised already; ``ray_options`` go
+    to ``ray.init`` (tests: ``num_cpus``). A Ray joined with ``--address`` keeps its own proxies'
+    settings: start its nodes with ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` set (README, Serving)."""
     ray, _ = _import_ray()
     if ray.is_initialized():
         return
     if o.address is None and not port_free(o.host, o.port):
         raise UserError(f"--port {o.port}: {o.host}:{o.port} is in use; pick another --port")
-    ray.init(address=o.address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    if o.address is None:
+        guard_proxies()
+    ray.init(address=o.address, **{"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False,
+                                    **ray_options})
 
 
 def replica_error(trace: str) -> str:
@@ -147,6 +166,9 @@ def serve_forever(o: ServeOptions) -> int:
     started_ray = not ray.is_initialized()
     try:
         check_options(o)
+        from .._stderr import release
+
+        release()  # before Ray starts processes: they would inherit the spool as their stderr
         init_ray(o)
         _stop_on_signals()  # Ray's driver installs a handler that aborts on SIGTERM: put ours back
         start(o)

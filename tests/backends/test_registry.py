@@ -143,10 +143,25 @@ def test_every_backend_module_has_the_interface():
             assert callable(getattr(mod, fn)), (name, fn)
 
 
-@pytest.mark.parametrize("env, explicit, recorded, want", [("", None, 2, 2), ("3", None, 2, 3), ("", 1, 2, 1), ("4", 1, 2, 1)])
+@pytest.mark.parametrize("env, explicit, recorded, want", [("", None, 2, 2), ("3", None, 2, 3), ("", 1, 2, 1), ("4", 1, 2, 1),
+                                                       ("", None, None, None)])
 def test_thread_count(monkeypatch, env, explicit, recorded, want):
+    from lcm_export import _cpu
+
+    monkeypatch.setattr(_cpu, "usable_cores", lambda: 8)
     monkeypatch.setenv(backends.THREADS_ENV, env)
     assert backends.thread_count(explicit, recorded) == want
+
+
+@pytest.mark.parametrize("env, explicit, recorded", [("10000", None, 2), ("", 10000, 2), ("", None, 10000), ("9", 12, 2)])
+def test_thread_counts_are_clamped_to_the_cores_for_every_backend(monkeypatch, env, explicit, recorded):
+    """LCM_EXPORT_THREADS=10000 once made ONNX Runtime start ~28,700 threads: no source of a thread count
+    (the caller, the environment, an entry built on a bigger machine) gets more than the cores."""
+    from lcm_export import _cpu
+
+    monkeypatch.setattr(_cpu, "usable_cores", lambda: 8)
+    monkeypatch.setenv(backends.THREADS_ENV, env)
+    assert backends.thread_count(explicit, recorded) == 8
 
 
 @pytest.mark.parametrize("env", ["abc", "0", "-2", "1.5"])

@@ -189,6 +189,48 @@ def test_fp16_onnx_keeps_fp32_io_and_matches(tmp_path, demo_pipe):
 
 
 # ----------------------------------------------------------------------------------------------
+# TensorRT's writes on a disk that fills up (issue 19): the one-line disk error, no temp file left.
+# TensorRT cannot run here, so Polygraphy's build returns stand-in engine bytes; the write is ours.
+
+def test_engine_write_to_a_full_disk_is_the_one_line_disk_error(small_disk, tmp_path, monkeypatch):
+    import polygraphy.backend.trt as ptrt
+
+    from lcm_export.backends.tensorrt import build_engine_file
+    from lcm_export.errors import UserError
+
+    monkeypatch.setattr(ptrt, "network_from_onnx_path", lambda *a, **k: "network")
+    monkeypatch.setattr(ptrt, "CreateConfig", lambda **k: "config")
+    monkeypatch.setattr(ptrt, "engine_bytes_from_network", lambda *a, **k: bytes(2 << 20))  # a 2 MiB "engine"
+    disk = small_disk(1 << 20)
+    out = disk / ".E.partial-1-abc" / "unet" / "512x512.plan"
+    item = {"file": "unet/512x512.plan", "profile": {"sample": {"min": [1, 4, 8, 8], "opt": [1, 4, 8, 8], "max": [1, 4, 8, 8]}}}
+    with pytest.raises(UserError) as info:
+        build_engine_file(tmp_path / "model.onnx", out, item, tmp_path / "cache" / "t.cache", {"strongly_typed": False, "config": {}})
+    msg = str(info.value)
+    assert msg.startswith(f"no space left on device while writing {disk / 'E' / 'unet' / '512x512.plan'}") and "\n" not in msg
+    assert list(out.parent.iterdir()) == []  # the partial .tmp is gone
+
+
+def test_fp16_graph_write_to_a_full_disk_is_the_one_line_disk_error(small_disk, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from lcm_export.backends.tensorrt import fp16_onnx
+    from lcm_export.errors import UserError
+
+    w = numpy_helper.from_array(np.ones((512, 1024), np.float32), "w")  # 2 MiB of fp32, 1 MiB in fp16
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 512])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1024])], [w])
+    src = tmp_path / "model.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    disk = small_disk(512 << 10)
+    with pytest.raises(UserError, match="no space left on device while writing .*model.fp16.onnx"):
+        fp16_onnx(src, disk / "model.fp16.onnx")
+
+
+# ----------------------------------------------------------------------------------------------
 # CUDA runtime lookup (pure but for folders)
 
 def test_cuda_runtime_dirs_both_wheel_layouts(tmp_path):

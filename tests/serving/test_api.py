@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from lcm_export.errors import EngineError, UserError
 from lcm_export.runtime.pipeline import NonFiniteOutput
 from lcm_export.serve.api import MAX_BODY_BYTES, BodyLimit, GenerateRequest, install_error_handlers
+from lcm_export.serve.guard import JsonErrors
 
 
 def _app() -> FastAPI:
@@ -59,9 +60,19 @@ def call(app, body: bytes, headers: list[tuple[bytes, bytes]] | None = None, chu
 @pytest.mark.parametrize("body, status, words", [
     (b'{"prompt": "a cat"}', 200, None),
     (b'{"steps": 4}', 400, "prompt is required"),
-    (b'{"prompt": 5}', 400, "prompt: Input should be a valid string"),
+    (b'{"prompt": 5}', 400, "prompt: must be a JSON string"),
     (b'{"prompt": "x", "stepz": 4}', 400, "stepz: unknown field"),
-    (b'{"prompt": "x", "steps": "four"}', 400, "steps: Input should be a valid integer"),
+    (b'{"prompt": "x", "steps": "four"}', 400, "steps: must be a JSON integer"),
+    # types are strict (issue 19): no bools for numbers, no numbers in quotes, no fractions for integers
+    (b'{"prompt": "x", "steps": true}', 400, "steps: must be a JSON integer, e.g. 4 (got true)"),
+    (b'{"prompt": "x", "steps": "4"}', 400, 'steps: must be a JSON integer, e.g. 4 (got "4")'),
+    (b'{"prompt": "x", "steps": 4.0}', 400, "steps: must be a JSON integer"),
+    (b'{"prompt": "x", "seed": "7"}', 400, "seed: must be a JSON integer"),
+    (b'{"prompt": "x", "batch": false}', 400, "batch: must be a JSON integer"),
+    (b'{"prompt": "x", "width": "64", "height": 64}', 400, "width: must be a JSON integer"),
+    (b'{"prompt": "x", "guidance": "2"}', 400, "guidance: must be a JSON number"),
+    (b'{"prompt": "x", "guidance": true}', 400, "guidance: must be a JSON number"),
+    (b'{"prompt": "x", "guidance": 2}', 200, None),
     (b"prompt=a cat", 400, "not valid JSON"),
     (b'{"prompt": "x"', 400, "not valid JSON"),
     (b'["a cat"]', 400, "must be a JSON object"),
@@ -91,3 +102,101 @@ def test_oversized_bodies_get_400_declared_or_streamed():
 def test_text_plain_body_is_400_not_422():
     code, _, out = call(_app(), b"a cat", headers=[(b"content-type", b"text/plain"), (b"content-length", b"5")])
     assert code == 400 and "error" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# one set of type rules (issue 19): a JSON value the HTTP model takes is one the Python API takes
+
+FIELD_VALUES = {"steps": [4, 4.0, True, "4", None], "seed": [7, 7.5, False, "7"], "batch": [1, 1.0, True, "1"],
+                "guidance": [2, 2.5, True, "2", None], "prompt": ["x", 5, True, None]}
+
+
+@pytest.mark.parametrize("field, value", [(f, v) for f, vs in FIELD_VALUES.items() for v in vs])
+def test_http_and_python_api_take_the_same_types(field, value):
+    import pydantic
+
+    from lcm_export.runtime.validate import check_scalars
+
+    args = {"prompt": "x", "negative_prompt": None, "steps": 4, "guidance": 1.0, "seed": 0, "batch": 1, "height": None,
+            "width": None, "output_type": "pil", "max_steps": 50, field: value}
+    try:
+        check_scalars(**args)
+        python_ok = True
+    except UserError:
+        python_ok = False
+    try:
+        GenerateRequest.model_validate_json(json.dumps({"prompt": "x", field: value}))
+        http_ok = True
+    except pydantic.ValidationError:
+        http_ok = False
+    assert http_ok == python_ok, (field, value, http_ok, python_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# a stalled body is cut off (408), and Ray Serve's own plain-text errors become JSON (guard.py)
+
+def test_a_body_that_stalls_gets_408_after_the_timeout():
+    async def ok(scope, receive, send):
+        raise AssertionError("the app ran before the body arrived")
+
+    guard = BodyLimit(ok, timeout_s=0.3)
+    scope = {"type": "http", "method": "POST", "path": "/generate", "headers": [(b"content-length", b"200")]}
+    first = [{"type": "http.request", "body": b'{"prompt": "x' + b" " * 80, "more_body": True}]
+    sent = []
+
+    async def receive():
+        if first:
+            return first.pop()
+        await asyncio.sleep(3600)  # the client sent half its body and stalled
+
+    async def send(msg):
+        sent.append(msg)
+
+    async def go():
+        t0 = asyncio.get_running_loop().time()
+        await guard(scope, receive, send)
+        return asyncio.get_running_loop().time() - t0
+
+    took = asyncio.run(go())
+    assert 0.25 <= took < 2.0
+    start = sent[0]
+    assert start["status"] == 408 and (b"connection", b"close") in start["headers"]
+    assert "did not arrive within 0.3 s" in json.loads(sent[1]["body"])["error"]
+
+
+def _answer(status: int, body: bytes, content_type: bytes, extra=()):
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": body})
+    return app
+
+
+def _through(app):
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(msg):
+        sent.append(msg)
+
+    asyncio.run(JsonErrors(app)({"type": "http", "method": "GET", "path": "/", "headers": []}, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], dict(start["headers"]), b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_ray_serves_plain_text_errors_become_one_json_line():
+    text = b"Request dropped due to backpressure (num_queued_requests=4, max_queued_requests=4)."
+    status, headers, body = _through(_answer(503, text, b"text/plain; charset=utf-8", [(b"retry-after", b"1")]))
+    assert status == 503 and headers[b"retry-after"] == b"1" and headers[b"content-type"] == b"application/json"
+    assert json.loads(body) == {"error": text.decode()} and int(headers[b"content-length"]) == len(body)
+    # our own JSON errors and every success pass byte for byte
+    assert _through(_answer(400, b'{"error": "steps 0"}', b"application/json"))[2] == b'{"error": "steps 0"}'
+    assert _through(_answer(200, b"\x89PNG", b"image/png"))[2] == b"\x89PNG"
+
+    async def silent(scope, receive, send):  # the proxy gave up without answering (a replica died)
+        return None
+
+    status, _, body = _through(silent)
+    assert status == 500 and "internal error" in json.loads(body)["error"]

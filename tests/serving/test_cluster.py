@@ -31,8 +31,11 @@ def two_node_server(tiny_entry):
 
     # One proxy (on the head) would send everything to its own node's replica while that one has room;
     # spread the load over both nodes, as one proxy per node behind a load balancer would.
+    from lcm_export.serve.server import guard_proxies
+
     saved = os.environ.get(LOCAL_ROUTING)
     os.environ[LOCAL_ROUTING] = "0"  # read by the proxy, which inherits the nodes' environment
+    guard_proxies()  # as `lcm-export serve` does for the Ray it starts
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1)

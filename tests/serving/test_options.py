@@ -14,6 +14,10 @@ from lcm_export.serve.server import replica_error
     (["--max-ongoing-requests", "0"], "--max-ongoing-requests 0"),
     (["--max-batch-size", "0"], "--max-batch-size 0"),
     (["--batch-wait-ms", "-1"], "--batch-wait-ms -1"),
+    (["--batch-wait-ms", "nan"], "--batch-wait-ms nan: must be a number from 0 to 1000"),  # issue 19: was accepted
+    (["--batch-wait-ms", "inf"], "--batch-wait-ms inf"),
+    (["--batch-wait-ms", "1e9"], "--batch-wait-ms 1e+09"),
+    (["--replicas", "two"], "--replicas: invalid int value"),
     (["--port", "70000"], "--port 70000"),
 ])
 def test_bad_serve_flags_exit_2_with_one_line(tiny_entry, tmp_path, capsys, extra, words):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import time
 
 import pytest
 
@@ -29,9 +31,10 @@ PROMPTS = ["a photo of an astronaut riding a horse", "a red cube", "", "a bowl o
 @pytest.fixture(scope="module")
 def server(tiny_entry, batch4_entry, nan_entry):
     from lcm_export.serve import ServeOptions, start, stop
+    from lcm_export.serve.server import init_ray
 
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    init_ray(ServeOptions(str(tiny_entry), port=port), num_cpus=4)  # as `lcm-export serve` starts Ray (proxy guard set)
     try:
         common = dict(port=port, threads=1, replica_cpus=0)
         start(ServeOptions(str(tiny_entry), replicas=2, max_ongoing_requests=4, **common), name="main", route_prefix="/")
@@ -106,6 +109,17 @@ BAD = [
     ("negative seed", json.dumps({"prompt": "x", "seed": -1}).encode(), "seed -1"),
     ("unknown field", json.dumps({"prompt": "x", "size": "64x64"}).encode(), "size: unknown field"),
     ("batch 2 as PNG", json.dumps({"prompt": "x", "batch": 2}).encode(), "response_format"),
+    # issue 19: each was a 500 or a 200
+    ("lone surrogate", b'{"prompt": "a\\ud800b"}', "prompt holds a lone surrogate U+D800"),
+    ("batch 1e12", json.dumps({"prompt": "x", "batch": 10**12}).encode(), "from 1 to 64"),
+    ("batch 2**63", json.dumps({"prompt": "x", "batch": 2**63}).encode(), "from 1 to 64"),
+    ("steps true", json.dumps({"prompt": "x", "steps": True}).encode(), "steps: must be a JSON integer"),
+    ("steps as a string", json.dumps({"prompt": "x", "steps": "4"}).encode(), "steps: must be a JSON integer"),
+    ("seed as a string", json.dumps({"prompt": "x", "seed": "7"}).encode(), "seed: must be a JSON integer"),
+    ("guidance 1e308", json.dumps({"prompt": "x", "guidance": 1e308}).encode(), "from 0 to 30"),
+    ("guidance 1e30", json.dumps({"prompt": "x", "guidance": 1e30}).encode(), "from 0 to 30"),
+    ("size 0x0", json.dumps({"prompt": "x", "width": 0, "height": 0}).encode(), "must be positive"),
+    ("size -512", json.dumps({"prompt": "x", "width": -512, "height": -512}).encode(), "must be positive"),
 ]
 
 
@@ -114,8 +128,10 @@ def test_bad_requests_get_400_and_leave_the_server_healthy(server, name, body, w
     c = Client(server)
     r = c.request("POST", "/generate", body, {"Content-Type": "application/json"})
     assert r.status == 400, (name, r.status, r.body[:300])
+    assert set(r.json()) == {"error"}
     msg = r.json()["error"]
     assert words in msg and "\n" not in msg and "Traceback" not in msg
+    assert "fp16" not in msg and "--resolution 0x0" not in msg and "--resolution -" not in msg  # the input is at fault
     assert c.health().status == 200
     ok = c.generate(prompt="after a bad request", seed=1)
     assert ok.status == 200 and ok.body[:8] == b"\x89PNG\r\n\x1a\n"
@@ -144,8 +160,9 @@ def test_overload_gets_503_with_retry_after_and_accepted_requests_complete(serve
     assert res.unfinished_clients == 0 and set(counts) <= {200, 503}, counts
     assert counts.get(503, 0) >= 1 and counts.get(200, 0) >= 1, counts
     for i, r in res.replies:
-        if r.status == 503:
+        if r.status == 503:  # Ray Serve's own answer, made one JSON line by the proxy guard (issue 19)
             assert int(r.headers["retry-after"]) >= 1
+            assert r.headers["content-type"] == "application/json" and "backpressure" in r.json()["error"], r.body
     i, r = res.ok()[0]
     assert r.body == generate_png(tiny_entry, tmp_path / "o.png", "busy", i, steps=50)[0]
     # once the burst is over, the same deployment answers again
@@ -164,3 +181,63 @@ def test_concurrent_requests_merge_into_one_engine_call_with_solo_bytes(server, 
         f = fields(i)
         assert r.body == generate_png(batch4_entry, tmp_path / f"m{i}.png", f["prompt"], f["seed"])[0], \
             f"request {i} (merged into a call of {r.headers['x-call-batch']}) differs from its solo image"
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 19: clients that stall, and requests that are not HTTP
+
+def _raw(url: str, data: bytes, timeout: float = 30.0) -> socket.socket:
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    s = socket.create_connection((host, int(port)), timeout=timeout)
+    s.sendall(data)
+    return s
+
+
+def _read_all(s: socket.socket) -> bytes:
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except (socket.timeout, ConnectionError):
+        pass
+    s.close()
+    return out
+
+
+def test_stalled_bodies_are_cut_off_and_do_not_starve_anyone(server):
+    """30 sockets send headers (Content-Length: 200) and half a body, then stall. Before: 8 made /health
+    time out and 30 made every request a 503. Now the proxy reads bodies before a replica is involved:
+    /health and a generate answer at once, and every stalled socket gets a JSON 408 after the timeout."""
+    from lcm_export.serve.guard import BODY_TIMEOUT_S
+
+    head = (b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+            b'{"prompt": "' + b"x" * 80)
+    stalled = [_raw(server, head, timeout=BODY_TIMEOUT_S + 30) for _ in range(30)]
+    t0 = time.monotonic()
+    c = Client(server, timeout=10)
+    assert c.health().status == 200
+    ok = c.generate(prompt="while they stall", seed=1)
+    assert ok.status == 200 and ok.body[:4] == b"\x89PNG"
+    assert time.monotonic() - t0 < BODY_TIMEOUT_S / 2, "other clients waited for the stalled ones"
+    for s in stalled:
+        reply = _read_all(s)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"].startswith("the request body did not arrive within")
+    assert time.monotonic() - t0 < BODY_TIMEOUT_S + 20
+    assert c.health().status == 200
+
+
+def test_a_request_that_is_not_http_gets_the_servers_documented_plain_400(server):
+    """The one documented exception to the JSON shape: uvicorn refuses an unparseable request before any
+    application code runs (README, Serving). The server stays healthy."""
+    s = _raw(server, b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n{}")
+    reply = _read_all(s)
+    assert reply.startswith(b"HTTP/1.1 400") and reply.rstrip().endswith(b"Invalid HTTP request received."), reply[:300]
+    assert Client(server).health().status == 200
+
+
+def test_unknown_paths_and_methods_are_json_too(server):
+    c = Client(server)
+    for method, path, status in (("GET", "/nope", 404), ("GET", "/generate", 405)):
+        r = c.request(method, path)
+        assert r.status == status and set(r.json()) == {"error"}, (method, path, r.status, r.body[:200])
