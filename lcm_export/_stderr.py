@@ -113,10 +113,11 @@ _BAR = re.compile(r"\d+%\|")  # a tqdm frame: "Loading weights: 100%|███�
 
 
 def replayable(text: str, quiet: bool) -> str:
-    """What of a spool to show after a success: every line but the libraries' progress bars, or with
-    ``quiet`` only lcm-export's own ``warning:`` lines."""
+    """What of a spool to show after the command returned: every line but the libraries' progress bars, or
+    with ``quiet`` only lcm-export's own ``warning:`` and ``error:`` lines (``bench`` names its failed rows
+    so before it exits 1)."""
     lines = [line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
-    lines = [l for l in lines if l and not _BAR.search(l) and (not quiet or l.startswith("warning: "))]
+    lines = [l for l in lines if l and not _BAR.search(l) and (not quiet or l.startswith(("warning: ", "error: ")))]
     return "".join(l + "\n" for l in lines)
 
 

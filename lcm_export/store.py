@@ -22,7 +22,6 @@ FAMILY_COMPONENTS = {
 }
 """The components an entry of each family holds, no more, no fewer (``export.components_for`` exports
 exactly these; a test checks that the two agree)."""
-PRECISIONS = ("fp32", "fp16", "bf16")
 SHARED_ENGINE_KEYS = ("*", "all")
 """Engine-map keys that are not a shape plan's name: one engine for every plan ("*": CPU backends;
 "all": TensorRT's text encoders)."""
@@ -114,9 +113,16 @@ def _backends() -> tuple[str, ...]:
     return names()
 
 
+def _precisions() -> tuple[str, ...]:
+    """Every precision some backend builds (the registry's list: one place to add one)."""
+    from .backends import PRECISIONS
+
+    return PRECISIONS
+
+
 _TOP = {
     "schema_version": _is_int, "name": lambda v: isinstance(v, str), "family": lambda v: v in FAMILY_COMPONENTS,
-    "backend": lambda v: v in _backends(), "precision": lambda v: v in PRECISIONS,
+    "backend": lambda v: v in _backends(), "precision": lambda v: v in _precisions(),
     "cache_key": lambda v: isinstance(v, str), "base_source": lambda v: isinstance(v, str),
     "resolutions": lambda v: isinstance(v, list) and bool(v) and all(_is_res(r) for r in v),
     "shape_plans": lambda v: isinstance(v, list) and bool(v),
@@ -197,8 +203,8 @@ def _component_problems(comp: str, c, plans: set) -> list[str]:
             out.append(f"component {comp!r} has an engine for plan {key!r}, which is not among the manifest's shape_plans")
         if files and f not in files:
             out.append(f"component {comp!r} runs engine {f}, which is not among its files (the entry does not hold it)")
-    if "precision" in c and c["precision"] not in (*PRECISIONS, "mixed"):
-        out.append(f"component {comp!r} has precision {json.dumps(c['precision'])[:40]}; expected one of {', '.join(PRECISIONS)}")
+    if "precision" in c and c["precision"] not in (*_precisions(), "mixed"):
+        out.append(f"component {comp!r} has precision {json.dumps(c['precision'])[:40]}; expected one of {', '.join(_precisions())}")
     for k in ("inputs", "outputs"):
         if k in c and not _is_io(c[k]):
             out.append(f"component {comp!r} has a malformed {k!r} list")
