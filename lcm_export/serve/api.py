@@ -56,6 +56,10 @@ class GenerateRequest(BaseModel):
     width: Optional[StrictInt] = Field(None, description="a width the entry was built for (default: its default size)")
     height: Optional[StrictInt] = Field(None, description="a height the entry was built for (give both or neither)")
     batch: StrictInt = Field(1, description=f"images for this prompt, 1 to {MAX_BATCH}; more than 1 needs response_format json")
+    adapters: Optional[dict[StrictStr, StrictFloat]] = Field(
+        None, description="style adapters for this request only, by name: {\"papercut\": 0.8, \"pixel\": 0.3}; names of "
+                          "adapters the entry holds (`lcm-export adapter list`; never a path), weights from -8 to 8 "
+                          "(0 = off). Requests with other adapters never share an engine call")
     response_format: Literal["png", "json"] = Field(
         "png", description="png: the image's bytes (image/png); json: {images: [base64 PNG], ...}. "
                            "`Accept: application/json` also selects json")

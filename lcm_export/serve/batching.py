@@ -7,7 +7,7 @@ A solo call ``pipe(prompt, seed=s, batch=b, ...)`` draws from ``numpy.random.def
 the latents ``[b, C, H/8, W/8]``, then one noise array of that shape per step but the last. A merged
 call gets the same arrays, drawn per request from its own seed and stacked along the batch axis, as
 ``latents=`` and ``step_noise=``, with one prompt per image. Requests merge only when everything else
-that enters the math is equal: size, steps, guidance and negative prompt (the ``key``).
+that enters the math is equal: size, steps, guidance, negative prompt and style adapters (the ``key``).
 """
 
 from __future__ import annotations
@@ -32,19 +32,22 @@ class Job:
     batch: int
     height: int
     width: int
+    adapters: tuple = ()
+    """The checked style adapters, ((name, weight), ...) sorted, weight 0 left out (``Adapters.check``)."""
 
     @property
     def key(self) -> tuple:
-        """Requests with equal keys may share one engine call."""
-        return (self.height, self.width, self.steps, self.guidance, self.negative_prompt)
+        """Requests with equal keys may share one engine call (equal adapters: the same branch inputs)."""
+        return (self.height, self.width, self.steps, self.guidance, self.negative_prompt, self.adapters)
 
 
-def make_job(pipe, prompt, negative_prompt=None, steps=4, guidance=1.0, seed=0, batch=1, height=None, width=None) -> Job:
+def make_job(pipe, prompt, negative_prompt=None, steps=4, guidance=1.0, seed=0, batch=1, height=None, width=None,
+             adapters=None) -> Job:
     """Check a request against the pipeline's entry (``UserError`` on bad input) before it is queued."""
     if isinstance(prompt, list):
         raise UserError("prompt must be a string (it may be empty), not list")
     steps, guidance, seed, batch, h, w = pipe.check_args(prompt, negative_prompt, steps, guidance, seed, batch, height, width)
-    return Job(prompt, negative_prompt, steps, guidance, seed, batch, h, w)
+    return Job(prompt, negative_prompt, steps, guidance, seed, batch, h, w, pipe.adapters.check(adapters))
 
 
 def solo_noise(job: Job, latent_channels: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -79,7 +82,7 @@ def pack(jobs: list[Job], cap: int) -> list[list[int]]:
 def run_solo(pipe, job: Job) -> list:
     """Exactly what ``lcm-export generate`` runs for these arguments."""
     return pipe(job.prompt, negative_prompt=job.negative_prompt, steps=job.steps, guidance=job.guidance, seed=job.seed,
-                batch=job.batch, height=job.height, width=job.width)
+                batch=job.batch, height=job.height, width=job.width, adapters=dict(job.adapters))
 
 
 def run_merged(pipe, jobs: list[Job]) -> list[list]:
@@ -90,7 +93,8 @@ def run_merged(pipe, jobs: list[Job]) -> list[list]:
     step_noise = [np.concatenate([d[1][s] for d in drawn]) for s in range(first.steps - 1)]
     prompts = [j.prompt for j in jobs for _ in range(j.batch)]
     images = pipe(prompts, negative_prompt=first.negative_prompt, steps=first.steps, guidance=first.guidance,
-                  batch=len(prompts), height=first.height, width=first.width, latents=latents, step_noise=step_noise)
+                  batch=len(prompts), height=first.height, width=first.width, latents=latents, step_noise=step_noise,
+                  adapters=dict(first.adapters))
     out, at = [], 0
     for j in jobs:
         out.append(images[at:at + j.batch])

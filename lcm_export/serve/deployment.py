@@ -92,7 +92,7 @@ class LCMModel:
     @app.post("/generate", summary="text to image", responses={200: PNG, **ERRORS})
     async def generate(self, req: GenerateRequest, accept: Optional[str] = Header(None)):
         job = make_job(self.pipe, req.prompt, req.negative_prompt, req.steps, req.guidance, req.seed, req.batch,
-                       req.height, req.width)  # every value checked (batch bounded) before anything else
+                       req.height, req.width, req.adapters)  # every value checked (batch bounded) before anything else
         check_format(req, accept)
         out = await self._run(job)
         if isinstance(out, Exception):

@@ -29,6 +29,28 @@ def batch4_entry(tmp_path_factory, cache_env):
 
 
 @pytest.fixture(scope="session")
+def adapter_entry(tmp_path_factory, cache_env):
+    """The batch-4 entry with adapter branches (`--adapters`), holding adapters "a" (the demo style LoRA) and "b"
+    (the same layers with other values)."""
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from lcm_export.adapters import add_adapter
+    from lcm_export.demo import demo_lora_dir, demo_lora_paths
+
+    d = _build(tmp_path_factory.mktemp("serve-entries") / "tiny-adapters", "--batch", "4", "--adapters")
+    style = demo_lora_paths(demo_lora_dir(), "sd15")[1][0]
+    other = d.parent / "b.safetensors"
+    rng = np.random.default_rng(3)
+    save_file({k: (v * rng.uniform(0.5, 1.5)).astype(v.dtype) for k, v in load_file(str(style)).items()}, str(other),
+              metadata=dict(safe_open(str(style), "np").metadata() or {}))
+    add_adapter(d, style, "a")
+    add_adapter(d, other, "b")
+    return d
+
+
+@pytest.fixture(scope="session")
 def nan_entry(tmp_path_factory, tiny_entry):
     """A copy of the tiny entry whose UNet has NaN in its largest weight, rewritten in place (same file
     size, so the entry still loads): every call fails inside the engine — the server's 500 path."""
@@ -58,12 +80,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def generate_png(engine_dir, out, prompt, seed, steps=4, guidance=1.0, negative_prompt=None, batch=1, resolution=None):
+def generate_png(engine_dir, out, prompt, seed, steps=4, guidance=1.0, negative_prompt=None, batch=1, resolution=None,
+                 adapters=None):
     """What `lcm-export generate` writes for these arguments (run in-process): the PNG files' bytes."""
     from lcm_export.cli import main
 
     args = ["generate", "--engine-dir", str(engine_dir), "--prompt", prompt, "--seed", str(seed), "--steps", str(steps),
             "--guidance", str(guidance), "--batch", str(batch), "--out", str(out)]
+    for name, weight in (adapters or {}).items():
+        args += ["--adapter", f"{name}:{weight}"]
     if negative_prompt is not None:
         args += ["--negative-prompt", negative_prompt]
     if resolution:

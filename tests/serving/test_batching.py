@@ -115,3 +115,23 @@ def test_make_job_refuses_bad_requests_before_any_engine_runs(tiny_entry, kwargs
     args = {"prompt": "x", **kwargs}
     with pytest.raises(UserError, match=words):
         make_job(pipe, **args)
+
+
+def test_requests_with_other_adapters_never_share_an_engine_call():
+    a, b = (("a", 0.8),), (("a", 0.5),)
+    jobs = [Job("p", None, 4, 1.0, 0, 1, 64, 64, a), Job("p", None, 4, 1.0, 1, 1, 64, 64, b), Job("p", None, 4, 1.0, 2, 1, 64, 64),
+            Job("p", None, 4, 1.0, 3, 1, 64, 64, a)]
+    assert pack(jobs, 8) == [[0, 3], [1], [2]]
+
+
+def test_merged_call_with_adapters_gives_each_request_its_solo_png(adapter_entry):
+    pipe = LCMPipeline.from_engine_dir(adapter_entry)
+    jobs = [make_job(pipe, p, seed=s, adapters={"a": 0.8, "b": 0.5}) for p, s in (("a red cube", 1), ("", 2), ("a fox", 3))]
+    assert len({j.key for j in jobs}) == 1
+    for j, imgs in zip(jobs, run_merged(pipe, jobs)):
+        assert png_bytes(imgs[0]) == png_bytes(run_solo(pipe, j)[0])
+    plain = run_solo(pipe, make_job(pipe, "a red cube", seed=1))
+    assert png_bytes(plain[0]) != png_bytes(run_solo(pipe, jobs[0])[0])  # the adapters changed the image
+    done = run_jobs(pipe, [make_job(pipe, "a red cube", seed=1, adapters={"a": 0.8}), make_job(pipe, "a red cube", seed=1)], 4)
+    assert [d.call_batch for d in done] == [1, 1]  # other adapters: separate calls
+    assert png_bytes(done[1].images[0]) == png_bytes(plain[0])

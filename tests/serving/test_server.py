@@ -4,7 +4,8 @@ One Ray + Serve for the module, three applications on one port:
 - ``/``  the tiny demo (batch-1 entry), 2 replicas: load and bad-input tests;
 - ``/b`` the batch-4 entry, merging up to 4 images per engine call;
 - ``/o`` 1 replica × 1 ongoing request and a queue of 1: overload;
-- ``/x`` an entry whose UNet has NaN weights: the engine fails on valid input (500).
+- ``/x`` an entry whose UNet has NaN weights: the engine fails on valid input (500);
+- ``/a`` a batch-4 entry with adapter branches and two style adapters: requests with other adapters.
 About a minute on 2 cores.
 """
 
@@ -29,7 +30,7 @@ PROMPTS = ["a photo of an astronaut riding a horse", "a red cube", "", "a bowl o
 
 
 @pytest.fixture(scope="module")
-def server(tiny_entry, batch4_entry, nan_entry):
+def server(tiny_entry, batch4_entry, nan_entry, adapter_entry):
     from lcm_export.serve import ServeOptions, start, stop
     from lcm_export.serve.server import init_ray
 
@@ -43,8 +44,10 @@ def server(tiny_entry, batch4_entry, nan_entry):
         start(ServeOptions(str(tiny_entry), replicas=1, max_ongoing_requests=1, max_queued_requests=1, **common),
               name="overload", route_prefix="/o")
         start(ServeOptions(str(nan_entry), replicas=1, max_ongoing_requests=2, **common), name="failing", route_prefix="/x")
+        start(ServeOptions(str(adapter_entry), replicas=1, max_ongoing_requests=8, max_batch_size=4, batch_wait_ms=30,
+                           **common), name="adapters", route_prefix="/a")
         url = f"http://127.0.0.1:{port}"
-        for prefix in ("", "/b", "/o", "/x"):
+        for prefix in ("", "/b", "/o", "/x", "/a"):
             wait_ready(url + prefix, 120)
         yield url
     finally:
@@ -120,6 +123,11 @@ BAD = [
     ("guidance 1e30", json.dumps({"prompt": "x", "guidance": 1e30}).encode(), "from 0 to 30"),
     ("size 0x0", json.dumps({"prompt": "x", "width": 0, "height": 0}).encode(), "must be positive"),
     ("size -512", json.dumps({"prompt": "x", "width": -512, "height": -512}).encode(), "must be positive"),
+    # issue 20: style adapters (this entry has no adapter branches; the /a tests below use one that has)
+    ("adapters without branches", json.dumps({"prompt": "x", "adapters": {"a": 0.8}}).encode(), "takes no run-time adapters"),
+    ("adapter weight true", json.dumps({"prompt": "x", "adapters": {"a": True}}).encode(), "adapters.a"),
+    ("adapter weight text", json.dumps({"prompt": "x", "adapters": {"a": "0.8"}}).encode(), "adapters.a"),
+    ("adapters a list", json.dumps({"prompt": "x", "adapters": ["a"]}).encode(), "adapters"),
 ]
 
 
@@ -241,3 +249,35 @@ def test_unknown_paths_and_methods_are_json_too(server):
     for method, path, status in (("GET", "/nope", 404), ("GET", "/generate", 405)):
         r = c.request(method, path)
         assert r.status == status and set(r.json()) == {"error"}, (method, path, r.status, r.body[:200])
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 20: style adapters per request
+
+ADAPTER_CHOICES = [{}, {"a": 0.8}, {"b": 0.5}, {"a": 0.8, "b": 0.5}]
+
+
+def test_requests_with_other_adapters_get_their_own_images(server, adapter_entry, tmp_path):
+    """16 requests over 8 clients, four adapter choices mixed: each PNG equals `generate --adapter ...` alone, so no
+    request saw another's adapter factors, merged or not."""
+    url = server + "/a"
+    fields = lambda i: {"prompt": PROMPTS[i % 4], "seed": 300 + i, "adapters": ADAPTER_CHOICES[(i // 2) % 4]}  # noqa: E731
+    res = drive(url, clients=8, requests=16, fields=fields, time_limit_s=90, timeout_s=90)
+    assert res.status_counts() == {200: 16}
+    for i, r in res.replies:
+        f = fields(i)
+        want = generate_png(adapter_entry, tmp_path / f"a{i}.png", f["prompt"], f["seed"], adapters=f["adapters"])[0]
+        assert r.body == want, f"request {i} with adapters {f['adapters']} (call batch {r.headers['x-call-batch']}) differs"
+    assert len({generate_png(adapter_entry, tmp_path / f"c{k}.png", "a red cube", 1, adapters=c)[0]
+                for k, c in enumerate(ADAPTER_CHOICES)}) == 4  # the choices give four different images
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"prompt": "x", "adapters": {"nope": 1.0}}, "unknown adapter 'nope'"),
+    ({"prompt": "x", "adapters": {"a": 9.0}}, "from -8 to 8"),
+    ({"prompt": "x", "adapters": {"/etc/passwd": 1.0}}, "unknown adapter '/etc/passwd'"),
+])
+def test_bad_adapters_get_400(server, body, words):
+    r = Client(server + "/a").generate(**body)
+    assert r.status == 400 and words in r.json()["error"]
+    assert Client(server + "/a").health().status == 200
