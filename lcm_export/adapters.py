@@ -28,7 +28,7 @@ import re
 import shutil
 from pathlib import Path
 
-from ._util import disk_error, sha256_file, write_json
+from ._util import disk_error, sha256_file, write_json, writing
 from .errors import UserError
 from .store import read_manifest
 
@@ -179,8 +179,9 @@ def add_adapter(engine_dir: str | Path, lora_file: str | Path, name: str | None 
         unload_loras(pipe)
     del pipe
     ranks = sorted({_rank(k, v, m) for k, v in factors.items()})
+    need = sum(v.nbytes for v in factors.values())
     try:
-        with _locked(engine_dir) as d:
+        with _locked(engine_dir) as d, writing(engine_dir / ADAPTER_DIR, need):
             folder = d / name
             tmp = d / f".{name}.partial-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -279,3 +279,19 @@ def test_adapters_survive_a_refit_and_a_rebuild_with_the_same_branches(base_dir,
     plain = build_engine(BuildOptions(base=str(base_dir), loras=(f"{loras['lcm']}:0.5",), resolutions=((64, 64),),
                                       engine_dir=str(d), backend="onnxruntime", show_progress=False))
     assert "adapters dropped (style)" in plain.summary() and not (d / "adapters").exists()
+
+
+def test_full_disk_during_add_is_one_line_and_leaves_the_entry_as_it_was(entry, loras, small_disk, capsys):
+    """The entry on a small disk with no room for the factors: the one-line disk error, the index unchanged."""
+    import shutil
+
+    size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+    disk = small_disk(size + 64 * 1024)
+    d = disk / "e"
+    shutil.copytree(entry, d)
+    free = shutil.disk_usage(disk).free
+    (disk / "filler").write_bytes(b"\0" * max(free - 8 * 1024, 0))  # leave less room than the factors need
+    before = _snapshot(d)
+    code, _, err = run_cli(["adapter", "add", "--engine-dir", d, loras["pixel"], "--name", "pixel2"], capsys)
+    assert code == 2 and err.strip().splitlines() == [err.strip()] and "no space left" in err.lower(), err
+    assert _snapshot(d) == before and not list((d / "adapters").glob(".pixel2*"))
