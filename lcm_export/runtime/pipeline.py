@@ -111,6 +111,7 @@ class LCMPipeline:
         self._affine = decoder_affine(manifest["vae"], self.latent_channels)
         self._vae_div, self._vae_mul, self._vae_add = self._affine
         self._post_buffers: dict[tuple, np.ndarray] = {}
+        self._post_u8: dict[tuple, np.ndarray] = {}
         self._device_loops: dict[tuple, object] = {}
         self.adapters = Adapters(engine_dir, manifest)
         """The style adapters this entry holds (``lcm-export adapter add``), applied per call."""
@@ -256,9 +257,12 @@ class LCMPipeline:
         if output_type == "np":
             return np.ascontiguousarray(buf.transpose(0, 2, 3, 1))
         buf *= np.float32(255)
-        np.rint(buf, out=buf)
-        planes = buf.astype(np.uint8)
-        return [Image.merge("RGB", [Image.fromarray(c) for c in p]) if p.shape[0] == 3 else Image.fromarray(p[0])
+        planes = self._post_u8.get(img.shape)
+        if planes is None:
+            planes = self._post_u8.setdefault(img.shape, np.empty(img.shape, np.uint8))
+        np.rint(buf, out=planes, casting="unsafe")  # rounded in float, stored as uint8: one pass, not two
+        # merge copies the planes into the image; a one-plane image would share the reused buffer: copied
+        return [Image.merge("RGB", [Image.fromarray(c) for c in p]) if p.shape[0] == 3 else Image.fromarray(p[0].copy())
                 for p in planes]
 
     def check_args(self, prompt: str | list[str], negative_prompt: str | None = None, steps: int = 4, guidance: float = 1.0,

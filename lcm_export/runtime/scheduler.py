@@ -136,15 +136,15 @@ class LCMScheduler:
             x0 = np.clip(x0, -self.clip_sample_range, self.clip_sample_range)
 
         # 6. Denoise with the boundary-condition scalings: f(x_t, t) = c_skip·x_t + c_out·x̂_0
-        denoised = (np.float32(c_out) * x0 + np.float32(c_skip) * sample).astype(np.float32)
+        denoised = (np.float32(c_out) * x0 + np.float32(c_skip) * sample).astype(np.float32, copy=False)
 
         # 7. Re-noise to the next timestep (multistep sampling); never after the last step
         if last:
             return denoised, denoised
         if noise is None:
             raise ValueError(f"step at timestep {timestep} needs noise (every step but the last)")
-        prev = np.sqrt(a_prev) * denoised + np.sqrt(b_prev) * noise.astype(np.float32)
-        return prev.astype(np.float32), denoised
+        prev = np.sqrt(a_prev) * denoised + np.sqrt(b_prev) * noise.astype(np.float32, copy=False)
+        return prev.astype(np.float32, copy=False), denoised
 
     def step_coefficients(self, timestep: int, guidance: float = 1.0) -> np.ndarray:
         """Every number ``step`` uses at ``timestep``, as the float32 vector the step graph takes
