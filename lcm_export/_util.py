@@ -99,19 +99,21 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "outpu
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(final)
     prefix = f".{final.name}.partial-{os.getpid()}-"
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
     except BaseException:  # a signal between mkdtemp and the assignment leaves a folder ``tmp`` never named
+        if old.exists() and not final.exists():  # interrupted between the two renames: the old entry comes back
+            os.replace(old, final)
         for p in [tmp] if tmp is not None else final.parent.glob(glob.escape(prefix) + "*"):
             shutil.rmtree(p, ignore_errors=True)
         raise

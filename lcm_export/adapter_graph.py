@@ -23,11 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-INPUT_PREFIX = "adapter"
-KINDS = ("matmul", "conv1x1")
-"""matmul: A [in, r], B [r, out] (MatMul and Gemm layers); conv1x1: A [r, in], B [out, r]."""
-RANK_AXIS = {"matmul": (1, 0), "conv1x1": (0, 1)}
-"""The rank axis of (A, B) for each kind: where several adapters' factors are concatenated."""
+from .adapter_spec import INPUT_PREFIX, RANK_AXIS  # noqa: F401 (the layouts live with the rest of the spec)
 
 
 def _attr(node, name, default=None):
@@ -71,7 +67,7 @@ def add_branches(src: Path, dst: Path, weight_map: dict, component: str) -> list
     for key, entry in sorted(weight_map["weights"].items()):
         init = entry["initializer"]
         nodes = users.get(init, [])
-        if len(nodes) != 1 or nodes[0].input[1] != init:
+        if len(nodes) != 1 or len(nodes[0].input) < 2 or nodes[0].input[1] != init:
             continue
         node, d = nodes[0], dims[init]
         kind = _branchable(node, d)
@@ -119,12 +115,3 @@ def add_branches(src: Path, dst: Path, weight_map: dict, component: str) -> list
     onnx.save_model(model, str(tmp))
     tmp.replace(dst)
     return rows
-
-
-def empty_factors(row: dict):
-    """Rank-0 factors for one branch (no adapter on that layer: the branch adds exactly zero)."""
-    import numpy as np
-
-    if row["kind"] == "matmul":
-        return np.zeros((row["in"], 0), np.float32), np.zeros((0, row["out"]), np.float32)
-    return np.zeros((0, row["in"]), np.float32), np.zeros((row["out"], 0), np.float32)

@@ -8,20 +8,20 @@ are allocated, never filled). From each LoRA layer PEFT holds, it takes A, B and
 (alpha / rank, rsLoRA's alpha / sqrt(rank) too) and writes them in the graph's layout for the layer's
 adapter branch (``adapter_graph.py``), with the scale folded into B:
 
-    adapters/<name>/factors.safetensors   "<component>.<branch>.A" / ".B", float32
+    adapters/<name>-<sha>/factors.safetensors   "<component>.<branch>.A" / ".B", float32 (a new folder per
+                                                content: a running server keeps reading the one it has)
     adapters/index.json                   every adapter: source file + sha256, format, ranks, layers,
-                                          the factors file's size and sha256 (checked at load)
+                                          the factors file's path, size and sha256 (checked at load)
 
 Refused with a one-line reason: layers that have no branch in the entry (3x3 convolutions of a LoCon,
 a layer of another model), DoRA, LoRAs that train biases, non-finite factors, an entry built without
-adapter branches. Nothing is written on a refusal; the index is replaced atomically under a lock.
+adapter branches. Nothing is written on a refusal or a failed write; the index is replaced atomically,
+under a lock on the entry that a build or refit of it holds too (``adapter_spec.entry_lock``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import fcntl
 import json
 import os
 import re
@@ -29,50 +29,24 @@ import shutil
 from pathlib import Path
 
 from ._util import disk_error, sha256_file, write_json, writing
+from .adapter_spec import ADAPTER_DIR, INDEX, INDEX_VERSION, RANK_AXIS, entry_lock
+from .adapter_spec import read_index as spec_read_index
 from .errors import UserError
 from .store import read_manifest
 
-ADAPTER_DIR = "adapters"
-INDEX = "index.json"
-INDEX_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CONFIG_DIR = "config"
 """The entry's copies of the model configs a skeleton for ``adapter add`` is made from."""
 
 
-def _index_path(engine_dir: Path) -> Path:
-    return Path(engine_dir) / ADAPTER_DIR / INDEX
-
-
 def read_index(engine_dir: Path) -> dict:
-    """{name: record} of the adapters an entry holds ({} when none)."""
-    p = _index_path(engine_dir)
-    if not p.exists():
-        return {}
-    try:
-        data = json.loads(p.read_text())
-        adapters = data["adapters"]
-        if data.get("version") != INDEX_VERSION or not isinstance(adapters, dict):
-            raise ValueError("unknown layout")
-        return adapters
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{p} is unreadable ({exc}); remove the folder {p.parent} and add the adapters again") from None
-
-
-@contextlib.contextmanager
-def _locked(engine_dir: Path):
-    d = Path(engine_dir) / ADAPTER_DIR
-    d.mkdir(exist_ok=True)
-    with open(d / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield d
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """{name: record} of the adapters an entry holds ({} when none), every record checked."""
+    return spec_read_index(engine_dir)[0]
 
 
 def _write_index(engine_dir: Path, adapters: dict) -> None:
-    write_json(_index_path(engine_dir), {"version": INDEX_VERSION, "adapters": dict(sorted(adapters.items()))})
+    (Path(engine_dir) / ADAPTER_DIR).mkdir(exist_ok=True)
+    write_json(Path(engine_dir) / ADAPTER_DIR / INDEX, {"version": INDEX_VERSION, "adapters": dict(sorted(adapters.items()))})
 
 
 def _entry(engine_dir: Path) -> dict:
@@ -168,8 +142,7 @@ def add_adapter(engine_dir: str | Path, lora_file: str | Path, name: str | None 
     m = _entry(engine_dir)
     path = Path(lora_file)
     name = check_name(name if name is not None else path.stem)
-    if name in read_index(engine_dir) and not force:
-        raise UserError(f"{engine_dir} already holds an adapter named {name!r}; pass --force to replace it, or --name to choose another")
+    _check_free(engine_dir, name, force)
     info = inspect_lora(path)
     pipe = skeleton_pipeline(engine_dir, m)
     touched = load_lora(pipe, info, "style")
@@ -180,35 +153,57 @@ def add_adapter(engine_dir: str | Path, lora_file: str | Path, name: str | None 
     del pipe
     ranks = sorted({_rank(k, v, m) for k, v in factors.items()})
     need = sum(v.nbytes for v in factors.values())
-    try:
-        with _locked(engine_dir) as d, writing(engine_dir / ADAPTER_DIR, need):
-            folder = d / name
-            tmp = d / f".{name}.partial-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            try:
+    d = engine_dir / ADAPTER_DIR
+    with entry_lock(engine_dir):
+        if _entry(engine_dir)["adapters"]["branches"] != m["adapters"]["branches"]:  # rebuilt while we read the LoRA
+            raise UserError(f"{engine_dir} was rebuilt with other adapter branches while {path} was read; add it again")
+        index = _check_free(engine_dir, name, force)
+        tmp = d / f".{name}.partial-{os.getpid()}"
+        new, old = None, index.get(name)
+        try:
+            with writing(d, need):
+                d.mkdir(exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
                 save_file(factors, str(tmp / "factors.safetensors"), metadata={"lcm_export_adapter": name})
-                rec = {"name": name, "factors": f"{ADAPTER_DIR}/{name}/factors.safetensors",
-                       "bytes": (tmp / "factors.safetensors").stat().st_size, "sha256": sha256_file(tmp / "factors.safetensors"),
+                sha = sha256_file(tmp / "factors.safetensors")
+                new = d / f"{name}-{sha[:12]}"  # a new folder per content: readers of the old index keep their files
+                rec = {"name": name, "factors": f"{ADAPTER_DIR}/{new.name}/factors.safetensors",
+                       "bytes": (tmp / "factors.safetensors").stat().st_size, "sha256": sha,
                        "source": {"file": str(path.resolve()), "sha256": info.sha256, "format": info.format},
                        "ranks": ranks, "alphas": info.alphas, "layers": {c: len(v) for c, v in touched.items()},
                        "added": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-                if folder.exists():
-                    shutil.rmtree(folder)
-                os.replace(tmp, folder)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            index = read_index(engine_dir)
-            index[name] = rec
-            _write_index(engine_dir, index)
-    except OSError as exc:
-        raise disk_error(exc, engine_dir / ADAPTER_DIR) from None
+                if new.exists():
+                    shutil.rmtree(tmp)
+                else:
+                    os.replace(tmp, new)
+                _write_index(engine_dir, {**index, name: rec})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if new is not None and not (old and Path(old["factors"]).parent.name == new.name):
+                shutil.rmtree(new, ignore_errors=True)
+            _drop_if_empty(d)
+            raise
+        if old and Path(old["factors"]).parent.name != new.name:
+            shutil.rmtree(engine_dir / Path(old["factors"]).parent, ignore_errors=True)
     return rec
 
 
-def _rank(key: str, v, manifest: dict) -> int:
-    from .adapter_graph import RANK_AXIS
+def _check_free(engine_dir: Path, name: str, force: bool) -> dict:
+    index = read_index(engine_dir)
+    if name in index and not force:
+        raise UserError(f"{engine_dir} already holds an adapter named {name!r}; pass --force to replace it, or --name to choose another")
+    return index
 
+
+def _drop_if_empty(d: Path) -> None:
+    try:
+        d.rmdir()  # only when empty: a refused first add leaves no adapters/ folder
+    except OSError:
+        pass
+
+
+def _rank(key: str, v, manifest: dict) -> int:
     comp, i, part = key.rsplit(".", 2)
     kind = manifest["adapters"]["branches"][comp][int(i)]["kind"]
     return int(v.shape[RANK_AXIS[kind][0 if part == "A" else 1]])
@@ -222,13 +217,17 @@ def list_adapters(engine_dir: str | Path) -> dict:
 def remove_adapter(engine_dir: str | Path, name: str) -> None:
     engine_dir = Path(engine_dir)
     read_manifest(engine_dir)
-    with _locked(engine_dir) as d:
+    with entry_lock(engine_dir):
         index = read_index(engine_dir)
         if name not in index:
             raise UserError(f"{engine_dir} holds no adapter named {name!r}; it holds: {', '.join(index) or 'none'}")
-        del index[name]
-        _write_index(engine_dir, index)
-        shutil.rmtree(d / name, ignore_errors=True)
+        folder = engine_dir / Path(index[name]["factors"]).parent
+        try:
+            with writing(engine_dir / ADAPTER_DIR):
+                _write_index(engine_dir, {n: r for n, r in index.items() if n != name})
+        except OSError as exc:
+            raise disk_error(exc, engine_dir / ADAPTER_DIR) from None
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def format_adapters(index: dict) -> str:

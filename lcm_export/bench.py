@@ -93,8 +93,10 @@ def _validate(o: BenchOptions, manifest: dict) -> tuple[int, int]:
     bad = [b for b in o.baselines if b not in BASELINES]
     if bad:
         raise UserError(f"--baselines {','.join(bad)}: unknown; choose from {', '.join(BASELINES)}")
-    if not (np.isfinite(o.guidance) and o.guidance >= 0):
-        raise UserError(f"--guidance {o.guidance}: must be a finite number >= 0")
+    from .runtime.validate import MAX_GUIDANCE
+
+    if not (np.isfinite(o.guidance) and 0 <= o.guidance <= MAX_GUIDANCE):
+        raise UserError(f"--guidance {o.guidance}: must be a number from 0 to {MAX_GUIDANCE:g} (the runtime's range)")
     res = [tuple(int(v) for v in r.split("x")) for r in manifest["resolutions"]]
     hw = tuple(o.resolution) if o.resolution else res[0]
     if hw not in res:

@@ -37,6 +37,11 @@ def reference_pipeline(manifest: dict, engine_dir: Path):
         items.append((LoraSpec(p, l["weight"]), inspect_lora(p)))
     pipe = load_pipeline(resolve_base(manifest["base_source"]))
     fuse_into(pipe, items)
+    tiny = manifest.get("vae_decoder")
+    if isinstance(tiny, dict) and tiny.get("kind") == "tiny":  # the entry decodes with a tiny decoder: so does the baseline
+        from .tiny_vae import load_vae_decoder, resolve_vae_decoder
+
+        pipe.vae = load_vae_decoder(resolve_vae_decoder(tiny["source"], manifest["family"]))
     return _lcm(pipe, json.loads((engine_dir / manifest["scheduler"]["file"]).read_text()))
 
 

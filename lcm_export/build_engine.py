@@ -48,7 +48,7 @@ class BuildOptions:
     precision: str = "auto"
     """auto | fp32 | fp16 | bf16 | int8. auto: fp16 on NVIDIA GPUs (TensorRT, else ONNX Runtime's CUDA provider; 2x+
     faster on TensorRT, small quality cost; ONNX Runtime fp16 not measured yet, image-gated); on CPUs bf16 where
-    the CPU has native bf16 (AMX / AVX512_BF16: ~2.5x faster UNet, image PSNR ~50 dB against fp32,
+    the CPU has native bf16 (AMX / AVX512_BF16: UNet 2.05x faster at 512² on an AMD EPYC Zen 4, image PSNR ~50 dB against fp32,
     gated at 30 dB), else fp32. int8 (OpenVINO, CPUs with AVX512_VNNI / AVX_VNNI / AMX-INT8): the UNet
     quantized by NNCF after calibrating on the entry's own LCM trajectories — int8 arithmetic and int8
     weights in the IR, a larger quality cost (image gated by PSNR and SSIM, verify.INT8_IMAGE_GATE); the
@@ -162,6 +162,9 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     if opts.adapters and not backends.get(backend).ADAPTERS:
         raise UserError(f"--adapters: the {backend} backend does not take run-time adapter inputs yet; use --backend "
                         "onnxruntime or openvino, or bake the LoRAs in with --lora")
+    if opts.adapters and device != "cpu":  # ONNX Runtime's CUDA path (fp16 fusions, device buffers) is untested with them
+        raise UserError(f"--adapters: run-time adapters are verified on CPU entries only, not on {device}; bake the "
+                        "LoRAs in with --lora there")
     decoder = None
     if opts.vae_decoder is not None:
         from .tiny_vae import check_latent_channels, family_note, resolve_vae_decoder
@@ -201,38 +204,43 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     found = existing_entry(engine_dir, base, key, opts.force)
     if found is not None:
         return BuildResult(engine_dir, found, True, time.perf_counter() - t0, list(preset_notes))
-    messages = list(preset_notes)
-    if not opts.force:
-        from .refit_build import refit_blocker, refit_entry
+    from .adapter_spec import entry_lock
 
-        old = reusable_entry(engine_dir, base)
-        if old is not None:
-            why = refit_blocker(old, keys, graph_inputs, weights_inputs, opts)
-            if why is None:
-                try:
-                    manifest, seconds = refit_entry(engine_dir, old, opts, src, plans, items, keys, weights_inputs, key)
-                    return BuildResult(engine_dir, manifest, False, time.perf_counter() - t0,
-                                       messages + [f"refit: weights updated in place in {seconds:.1f} s (LoRAs / λ changed; graph unchanged)"],
-                                       refit=True)
-                except backends.RefitImpossible as exc:
-                    why = str(exc)
-            messages.append(f"full build, not a refit: {why}")
+    with entry_lock(engine_dir):  # no `adapter add` to this entry while it is refit or replaced
+        messages = list(preset_notes)
+        if not opts.force:
+            from .refit_build import refit_blocker, refit_entry
 
-    n_comps = 4 if family in ("sdxl", "ssd1b") else 3
-    n_steps = (2 + 2 * len(items) + (2 if backends.get(backend).VERIFY_IN_BUILD else 3) * n_comps + 1
-               + (precision in ("bf16", "int8") or decoder is not None) + (precision == "int8"))
-    bar = progress(n_steps, "build", enabled=opts.show_progress)
-    try:
-        with atomic_dir(engine_dir, force=True, what="engine dir") as tmp:
-            manifest = _build_into(tmp, opts, src, family, backend, device, precision, plans, items, key, versions,
-                                   engine_dir, bar, {**keys, "graph_inputs": graph_inputs, "weights_inputs": weights_inputs},
-                                   decoder, scheme, preset_notes)
-            messages += carry_adapters(engine_dir, tmp, manifest)
-    except OSError as exc:
-        raise disk_error(exc, engine_dir) from None
-    finally:
-        bar.close()
-    return BuildResult(engine_dir, manifest, False, time.perf_counter() - t0, messages)
+            old = reusable_entry(engine_dir, base)
+            if old is not None:
+                why = refit_blocker(old, keys, graph_inputs, weights_inputs, opts)
+                if why is None:
+                    try:
+                        manifest, seconds = refit_entry(engine_dir, old, opts, src, plans, items, keys, weights_inputs, key)
+                        return BuildResult(engine_dir, manifest, False, time.perf_counter() - t0,
+                                           messages + [f"refit: weights updated in place in {seconds:.1f} s (LoRAs / λ changed; graph unchanged)"],
+                                           refit=True)
+                    except backends.RefitImpossible as exc:
+                        why = str(exc)
+                messages.append(f"full build, not a refit: {why}")
+
+        from .verify import REDUCED
+
+        n_comps = 4 if family in ("sdxl", "ssd1b") else 3
+        n_steps = (2 + 2 * len(items) + (2 if backends.get(backend).VERIFY_IN_BUILD else 3) * n_comps + 1
+                   + (precision in REDUCED or decoder is not None) + (precision == "int8"))
+        bar = progress(n_steps, "build", enabled=opts.show_progress)
+        try:
+            with atomic_dir(engine_dir, force=True, what="engine dir") as tmp:
+                manifest = _build_into(tmp, opts, src, family, backend, device, precision, plans, items, key, versions,
+                                       engine_dir, bar, {**keys, "graph_inputs": graph_inputs, "weights_inputs": weights_inputs},
+                                       decoder, scheme, preset_notes)
+                messages += carry_adapters(engine_dir, tmp, manifest)
+        except OSError as exc:
+            raise disk_error(exc, engine_dir) from None
+        finally:
+            bar.close()
+        return BuildResult(engine_dir, manifest, False, time.perf_counter() - t0, messages)
 
 
 def _apply_preset(opts: BuildOptions, family: str, demo: bool) -> tuple[BuildOptions, tuple[str, ...]]:
@@ -245,7 +253,7 @@ def _apply_preset(opts: BuildOptions, family: str, demo: bool) -> tuple[BuildOpt
     probe = backends.choose(opts.backend, "auto")
     builder = "int8" in backends.get(probe.backend).PRECISIONS if opts.backend != "auto" else backends.builds_int8()
     pc = resolve_preset(opts.preset, opts.precision, opts.vae_decoder, family, demo, probe.device, native_int8(), builder,
-                        native_bf16())
+                        native_bf16(), opts.adapters)
     return replace(opts, precision=pc.precision, vae_decoder=pc.vae_decoder), pc.notes
 
 
@@ -255,7 +263,7 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     from .export import export_pipeline
     from .fuse import fuse_into
     from .models import DEFAULT_RESOLUTION, base_record, load_pipeline
-    from .runtime.adapters import Adapters
+    from .adapter_spec import empty_factors
     from .verify import REDUCED, References, image_gate, verify_engine, verify_graph
 
     bar.set_description_str(f"load {src.spec}")
@@ -277,7 +285,7 @@ def _build_into(tmp: Path, opts, src, family, backend, device, precision, plans,
     check = None if mod.VERIFY_IN_BUILD else (lambda comp, path: verify_graph(comp, path, refs, plans, "the exported graph"))
     exported = export_pipeline(pipe, work, plans[0].opt_hw, bar=bar, check=check)
     adapter_spec = _add_adapter_branches(pipe, work, tmp, exported) if opts.adapters else None
-    empty = Adapters(tmp, {"adapters": adapter_spec})._empty if adapter_spec else {}
+    empty = {c: empty_factors(rows) for c, rows in adapter_spec["branches"].items()} if adapter_spec else {}
     dims = model_dims(pipe)
     comps = components_for(pipe)
     # SDXL's VAE overflows in fp16: diffusers marks such VAEs force_upcast; TensorRT builds them in fp32
@@ -395,7 +403,7 @@ def carry_adapters(old_dir: Path, new_dir: Path, manifest: dict) -> list[str]:
     if not names:
         return []
     if old and old == manifest.get("adapters", {}).get("branches"):
-        link_tree(src, Path(new_dir) / ADAPTER_DIR, skip=lambda name: name == ".lock")
+        link_tree(src, Path(new_dir) / ADAPTER_DIR)
         return [f"adapters kept: {', '.join(names)}"]
     return [f"adapters dropped ({', '.join(names)}): the new entry has other adapter branches; add them again with "
             "`lcm-export adapter add`"]

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode with a tiny VAE decoder (diffusers AutoencoderTiny, the TAESD family) instead of the "
                         "base's: a hub id (madebyollin/taesd for SD 1.5, madebyollin/taesdxl for SDXL / SSD-1B), a local "
                         "AutoencoderTiny folder, or demo:taesd / demo:taesdxl (random weights). About 1/18 of the SD 1.5 "
-                        "decoder's FLOPs at 512² (141 vs 2515 GFLOP); it approximates the full decoder: its image is compared with diffusers using the same decoder, and with the base's VAE "
+                        "decoder's FLOPs at 512² (141 vs 2515 GFLOP, benchmarks/decoder_flops.py); it approximates the full decoder: its image is compared with diffusers using the same decoder, and with the base's VAE "
                         "(manifest, inspect). A decoder for another family is refused")
     b.add_argument("--preset", choices=("quality", "fast"), default="quality",
                    help="quality (default): the entry described above. fast: an int8 UNet where the CPU has int8 dot "
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: replicas × max ongoing)")
     v.add_argument("--max-batch-size", type=int, default=None,
                    help="images merged into one engine call, at most the entry's --batch (default: the entry's --batch on "
-                        "ONNX Runtime entries, where merged images were measured byte-equal to solo ones; 1 on others)")
+                        "ONNX Runtime CPU entries, where merged images were measured byte-equal to solo ones; 1 on others)")
     v.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long a replica waits for requests to merge, 0 to 1000 (default 5; only when merging is possible)")
     v.add_argument("--threads", type=int, default=None, help="engine threads per replica (default: cores / replicas; at most the cores)")

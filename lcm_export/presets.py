@@ -39,11 +39,12 @@ class PresetChoice:
 
 
 def resolve_preset(preset: str, precision: str, vae_decoder: str | None, family: str, demo: bool, device: str,
-                   cpu_int8: bool, int8_builder: bool, cpu_bf16: bool) -> PresetChoice:
+                   cpu_int8: bool, int8_builder: bool, cpu_bf16: bool, adapters: bool = False) -> PresetChoice:
     """(precision, vae_decoder) for ``preset`` given the flags and the machine.
 
     ``device``: where the chosen backend runs (``cpu`` / ``cuda``); ``cpu_int8``: the CPU has int8 dot
-    products; ``int8_builder``: a usable CPU backend builds int8; ``cpu_bf16``: native bf16 (for the notes)."""
+    products; ``int8_builder``: a usable CPU backend builds int8; ``cpu_bf16``: native bf16 (for the notes);
+    ``adapters``: ``--adapters`` was given (int8 UNets take no run-time adapters)."""
     if preset not in PRESETS:
         raise UserError(f"--preset {preset!r}: choose {' or '.join(PRESETS)}")
     if preset == "quality":
@@ -60,6 +61,9 @@ def resolve_preset(preset: str, precision: str, vae_decoder: str | None, family:
     elif not int8_builder:
         notes.append("--preset fast: no usable backend here builds int8 (OpenVINO does: is it installed, or was another "
                      "--backend given?), so the UNet is built at the auto precision (the tiny VAE decoder is still used)")
+    elif adapters:
+        notes.append("--preset fast with --adapters: an int8 UNet takes no run-time adapters, so the UNet is built at the "
+                     "auto precision (the tiny VAE decoder is still used)")
     else:
         precision = "int8"
     if vae_decoder is None:

@@ -35,7 +35,8 @@ GRAPH_CHANGES = {"plans": "resolutions or shape plans", "batch": "batch", "guida
                  "backend": "backend", "device": "device", "precision": "precision", "vae_fp32": "--vae-fp32",
                  "refit": "--refit", "versions": "tool versions", "architecture": "base architecture",
                  "family": "family", "recipe": "lcm-export build recipe", "schema": "manifest schema",
-                 "int8": "int8 scheme or calibration", "vae_decoder": "tiny VAE decoder", "preset": "preset"}
+                 "int8": "int8 scheme or calibration", "vae_decoder": "tiny VAE decoder", "preset": "preset",
+                 "adapters": "--adapters"}
 
 
 def _jsonable(x):
@@ -101,7 +102,7 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
     from .lora import lora_has_bias
     from .models import base_record, load_pipeline
     from .refit import new_initializers, patch_onnx, read_weight_map
-    from .runtime.adapters import Adapters
+    from .adapter_spec import empty_factors
     from .verify import REDUCED, References, image_gate, verify_engine, verify_graph
 
     RefitImpossible = backends.RefitImpossible
@@ -136,29 +137,36 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
     dims = model_dims(pipe)
     components = dict(old["components"])
     refs = References(pipe)
-    empty = Adapters(engine_dir, old)._empty  # rank-0 adapter factors (no adapter) where the graphs have branches
+    branches = (old.get("adapters") or {}).get("branches") or {}
+    empty = {c: empty_factors(rows) for c, rows in branches.items()}  # rank-0 factors (no adapter) where graphs have branches
     changed_comps, n_weights, engine_weights = [], 0, {}
     count_engine_weights = getattr(mod, "refit_weight_count", None)
+    quantized = {c for c, r in old["components"].items() if isinstance(r.get("quantization"), dict)}
+    # a quantized UNet's calibration saw the text encoders' outputs: it is re-quantized when they change too
+    others_touched = any(touched_old.get(c) or touched_new.get(c) for c in old["components"] if c not in quantized)
     for comp, rec in old["components"].items():
         bar.set_description_str(f"patch {comp}")
         modules = sorted(touched_old.get(comp, set()) | touched_new.get(comp, set()))
-        if not modules:
+        force = comp in quantized and others_touched
+        if not modules and not force:
             bar.update()
             continue
-        wmap = read_weight_map(tmp / Path(rec["weight_map"]).parent)
-        weight_keys = [f"{m}.weight" for m in modules]
-        state = pipe_module(pipe, comp).state_dict()
-        try:
-            if count_engine_weights is not None:
-                engine_weights[comp] = count_engine_weights(wmap, modules)
-            values = new_initializers(wmap, {k: state[k].detach().numpy() for k in weight_keys if k in state}, weight_keys)
-        except (UserError, KeyError) as exc:
-            raise RefitImpossible(f"a LoRA touches a layer this entry cannot refit ({exc})") from None
         graph = rec["onnx_files"][0]
-        changed = patch_onnx(engine_dir / graph, tmp / graph, values)
-        n_weights += len(changed)
-        lap("patch exported graphs")
-        if not changed:
+        changed = []
+        if modules:
+            wmap = read_weight_map(tmp / Path(rec["weight_map"]).parent)
+            weight_keys = [f"{m}.weight" for m in modules]
+            state = pipe_module(pipe, comp).state_dict()
+            try:
+                if count_engine_weights is not None:
+                    engine_weights[comp] = count_engine_weights(wmap, modules)
+                values = new_initializers(wmap, {k: state[k].detach().numpy() for k in weight_keys if k in state}, weight_keys)
+            except (UserError, KeyError) as exc:
+                raise RefitImpossible(f"a LoRA touches a layer this entry cannot refit ({exc})") from None
+            changed = patch_onnx(engine_dir / graph, tmp / graph, values)
+            n_weights += len(changed)
+            lap("patch exported graphs")
+        if not changed and not force:
             bar.update()
             continue
         for f in rec["files"]:  # the engine files are re-derived: drop the links first, never write through them

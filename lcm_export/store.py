@@ -181,6 +181,13 @@ def manifest_problems(m) -> list[str]:
     for f in manifest_files(m):
         if f not in m["file_sizes"]:
             out.append(f"the manifest records no size for {f}")
+    if "adapters" in m:  # run-time adapter branches: the runtime builds its inputs from this section
+        from .adapter_spec import spec_problems
+
+        out += spec_problems(m["adapters"])
+        branched = m["adapters"].get("branches") if isinstance(m["adapters"], dict) else None
+        out += [f"the manifest's adapters.branches names a component {c!r} the entry does not have"
+                for c in (branched if isinstance(branched, dict) else {}) if c not in m["components"]]
     if not out:
         from .backends import manifest_problems as backend_problems
 
@@ -333,10 +340,10 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
     for comp, c in m.get("components", {}).items():
         q = c.get("quantization") if isinstance(c, dict) else None
         if isinstance(q, dict):
-            cal = q.get("calibration") or {}
-            rows.append(("int8", f"{comp}: scheme {q.get('scheme')} ({q.get('tool')}), rest of the graph in "
-                                  f"{c.get('inference_precision')}; calibrated on {cal.get('samples')} UNet calls "
-                                  f"({cal.get('prompts')} prompts x {cal.get('steps')} LCM steps at {cal.get('resolution')})"))
+            rows.append(("int8", _shown(lambda: f"{comp}: scheme {q.get('scheme')} ({q.get('tool')}), rest of the graph in "
+                                                f"{c.get('inference_precision')}; calibrated on {(q.get('calibration') or {}).get('samples')} "
+                                                f"UNet calls ({q['calibration'].get('prompts')} prompts x {q['calibration'].get('steps')} "
+                                                f"LCM steps at {q['calibration'].get('resolution')})")))
     fid = m.get("fidelity")
     if isinstance(fid, dict) and isinstance(fid.get("image_psnr_db"), (int, float)):
         ssim = fid.get("image_ssim")
@@ -346,8 +353,8 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
                                     + (f", SSIM {ssim:.3f}" if isinstance(ssim, (int, float)) else "") + f" ({gate})"))
         full = fid.get("vs_full_vae")
         if isinstance(full, dict) and isinstance(full.get("image_psnr_db"), (int, float)):
-            rows.append(("", f"vs the base's own VAE decoder: PSNR {full['image_psnr_db']:.1f} dB, SSIM "
-                             f"{full.get('image_ssim', float('nan')):.3f} (what the tiny decoder trades)"))
+            rows.append(("", _shown(lambda: f"vs the base's own VAE decoder: PSNR {full['image_psnr_db']:.1f} dB, SSIM "
+                                            f"{full.get('image_ssim', float('nan')):.3f} (what the tiny decoder trades)")))
         if m.get("demo"):
             rows.append(("", "random weights: these figures compare noise images, not pictures (README, int8 UNet)"))
     fusion = m.get("fusion")

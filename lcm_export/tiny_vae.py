@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .demo import TINY_VAE_DEMOS
 from .errors import UserError
+from .lora import PICKLE_SUFFIXES
 
 FLAG = "--vae-decoder"
 TINY_CLASS = "AutoencoderTiny"
@@ -40,7 +41,6 @@ LATENT_FAMILY = {"sd15": "sd15", "sdxl": "sdxl", "ssd1b": "sdxl"}
 """The latent space each base family's UNet works in (what a tiny decoder must be trained for)."""
 _NAMES = (("taesdxl", "sdxl"), ("taesd3", "sd3"), ("taef1", "flux"), ("taeflux", "flux"), ("taesd", "sd15"))
 _LABEL = {"sd15": "SD 1.5", "sdxl": "SDXL / SSD-1B", "sd3": "SD3", "flux": "FLUX"}
-PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")
 WEIGHTS = "diffusion_pytorch_model"
 """diffusers' weights file name (``.safetensors``, or shards of it): what ``from_pretrained`` loads and we hash."""
 
@@ -147,12 +147,18 @@ def _check_folder(src: DecoderSource) -> None:
 
 
 def _weights(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.iterdir() if f.name.startswith(WEIGHTS) and f.suffix == ".safetensors")
+    try:
+        return sorted(f for f in folder.iterdir() if f.name.startswith(WEIGHTS) and f.suffix == ".safetensors")
+    except OSError as exc:
+        raise UserError(f"{FLAG} {folder}: cannot be read ({exc.strerror or exc})") from None
 
 
 def check_latent_channels(src: DecoderSource, channels: int) -> None:
     """The decoder must take the UNet's latent channels (SD 1.5 / SDXL: 4; SD3 / FLUX decoders: 16)."""
-    got = 4 if src.kind == "demo" else int(_config(src).get("latent_channels", 4))
+    raw = 4 if src.kind == "demo" else _config(src).get("latent_channels", 4)
+    if not (isinstance(raw, int) and not isinstance(raw, bool)):
+        raise UserError(f"{FLAG} {src.spec}: its config's latent_channels is {raw!r}, not a whole number (a damaged config?)")
+    got = raw
     if got != channels:
         raise UserError(f"{FLAG} {src.spec}: it decodes {got}-channel latents but the base's UNet makes {channels}; "
                         "use the TAESD decoder of the base's family")

@@ -56,7 +56,7 @@ REDUCED_LIMIT = 0.5
 the tiny demo's int8 UNet: 0.1 on the seeded random inputs, which lie outside its calibrated ranges);
 the real gate is the image."""
 IMAGE_PSNR_GATE_DB = 30.0
-"""Smallest PSNR a bf16 entry's 4-step image may have against PyTorch fp32."""
+"""Smallest PSNR a bf16 (or ONNX Runtime fp16) entry's 4-step image may have against PyTorch fp32."""
 INT8_IMAGE_GATE = {"psnr_db": 25.0, "ssim": 0.90}
 """Smallest PSNR and SSIM an int8 entry's 4-step image may have against PyTorch fp32. Provisional, set
 from the tiny demo (64x64, random weights; README, "int8 UNet"): a correct int8 UNet measured 43.8 dB /
@@ -64,7 +64,7 @@ SSIM 0.998 (bf16: 51.1 dB), one calibrated on wrong data (inputs at 1/20 of thei
 23.2 dB / 0.836, an unrelated image of the same model 15.5 dB / 0.24. The gate refuses a quantization
 that lost the model, not a slightly different picture; benchmarks/cpu_fast.py measures the real SD 1.5
 configs, where it is to be confirmed."""
-IMAGE_GATES = {"bf16": {"psnr_db": IMAGE_PSNR_GATE_DB}, "int8": INT8_IMAGE_GATE}
+IMAGE_GATES = {"bf16": {"psnr_db": IMAGE_PSNR_GATE_DB}, "fp16": {"psnr_db": IMAGE_PSNR_GATE_DB}, "int8": INT8_IMAGE_GATE}
 PROMPT = "a photo of an astronaut riding a horse"
 
 
@@ -354,20 +354,6 @@ def diffusers_images(pipe, prompt: str, steps: int, guidance: float, latents: np
     if queue:
         raise RuntimeError(f"diffusers used {len(noise) - len(queue)} of {len(noise)} step-noise tensors")
     return np.asarray(out.float().numpy() if hasattr(out, "numpy") else out, np.float32)
-
-
-def image_psnr(pipe, engine_dir: Path, hw: tuple[int, int], steps: int = 4, guidance: float = 1.0, seed: int = 42) -> float:
-    """PSNR of the entry at ``engine_dir`` (lean runtime) against ``pipe`` (PyTorch), same inputs."""
-    from .runtime import LCMPipeline
-
-    runtime = LCMPipeline.from_engine_dir(engine_dir)
-    latents, noise = seeded_inputs(runtime.latent_channels, hw, steps, seed)
-    ours = runtime(PROMPT, steps=steps, guidance=guidance, height=hw[0], width=hw[1], latents=latents,
-                   step_noise=noise, output_type="np")
-    del runtime
-    sched = json.loads((Path(engine_dir) / "scheduler" / "scheduler_config.json").read_text())
-    ref = diffusers_images(pipe, PROMPT, steps, guidance, latents, noise, sched)
-    return psnr(ours, ref)
 
 
 def image_fidelity(pipe, entry: Path, hw: tuple[int, int], full_vae=None, steps: int = 4, guidance: float = 1.0,

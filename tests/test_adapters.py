@@ -171,7 +171,8 @@ def test_cli_add_list_generate_remove(entry, loras, tmp_path, capsys):
 
 
 def _snapshot(d: Path) -> dict:
-    return {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != ".lock"}
+    """Every file and folder of an entry (a refused command must not even leave an empty folder or a lock file)."""
+    return {p.relative_to(d): p.read_bytes() if p.is_file() else None for p in d.rglob("*")}
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +195,7 @@ def bad_files(tmp_path_factory, loras):
 @pytest.mark.parametrize("case, args, needle", [
     ("locon 3x3", lambda l, b: [l["lcm"]], "3x3 convolution, which run-time adapters cannot change"),
     ("nan factors", lambda l, b: [b["nan"]], "NaN or inf"),
-    ("another family", lambda l, b: [b["sdxl"]], "LoRA file"),
+    ("another family", lambda l, b: [b["sdxl"]], "layers match a module of the base model; is it for another model family?"),
     ("bad name", lambda l, b: [l["style"], "--name", "../x"], "adapter name"),
     ("name taken", lambda l, b: [l["style"], "--name", "style"], "already holds an adapter named 'style'"),
     ("missing file", lambda l, b: [Path("/nonexistent.safetensors")], "not found"),
@@ -295,3 +296,84 @@ def test_full_disk_during_add_is_one_line_and_leaves_the_entry_as_it_was(entry, 
     code, _, err = run_cli(["adapter", "add", "--engine-dir", d, loras["pixel"], "--name", "pixel2"], capsys)
     assert code == 2 and err.strip().splitlines() == [err.strip()] and "no space left" in err.lower(), err
     assert _snapshot(d) == before and not list((d / "adapters").glob(".pixel2*"))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda m: m.update(adapters={"branches": []}), "adapters.branches is missing or not an object"),
+    (lambda m: m["adapters"]["branches"]["unet"][0].pop("in"), "adapters.branches.unet[0] is malformed"),
+    (lambda m: m["adapters"]["branches"]["unet"][0].update(kind="conv3x3"), "adapters.branches.unet[0] is malformed"),
+    (lambda m: m["adapters"].update(configs={"unet": "../x.json"}), "adapters.configs is missing or malformed"),
+    (lambda m: m["adapters"]["branches"].update(vae_encoder=[]), "names a component 'vae_encoder'"),
+])
+def test_a_damaged_adapters_section_is_one_line(entry, tmp_path, capsys, damage, needle):
+    import shutil
+
+    d = tmp_path / "e"
+    shutil.copytree(entry, d)
+    m = json.loads((d / "manifest.json").read_text())
+    damage(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(["generate", "--engine-dir", d, "--prompt", "x", "--out", tmp_path / "y.png"], capsys)
+    assert code == 2 and err.strip().splitlines() == [err.strip()] and "damaged entry" in err and needle in err, err
+
+
+@pytest.mark.parametrize("index, needle", [
+    ("not json", "is unreadable"),
+    (json.dumps({"version": 9, "adapters": {}}), "not an adapter index of this lcm-export"),
+    (json.dumps({"version": 1, "adapters": {"a": {"factors": "x", "bytes": "12"}}}), "record of adapter 'a' is malformed"),
+    (json.dumps({"version": 1, "adapters": {"a": {"factors": "../../etc/passwd", "bytes": 1, "sha256": "x", "ranks": [],
+                                                  "layers": {}, "source": {}}}}), "record of adapter 'a' is malformed"),
+])
+def test_a_damaged_index_is_one_line(entry, tmp_path, capsys, index, needle):
+    import shutil
+
+    d = tmp_path / "e"
+    shutil.copytree(entry, d)
+    (d / "adapters" / "index.json").write_text(index)
+    for args in (["generate", "--engine-dir", d, "--prompt", "x", "--adapter", "a", "--out", tmp_path / "y.png"],
+                 ["adapter", "list", "--engine-dir", d]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and err.strip().splitlines() == [err.strip()] and needle in err, err
+
+
+def test_a_running_pipeline_sees_adapters_added_replaced_and_removed(base_dir, loras, tmp_path):
+    """The index is re-read when it changes (a server need not restart); replaced factors are read again."""
+    from lcm_export.adapters import add_adapter, remove_adapter
+    from lcm_export.errors import UserError
+
+    d = tmp_path / "e"
+    _build(base_dir, d, [f"{loras['lcm']}:1.0"], adapters=True)
+    add_adapter(d, loras["style"], "s")
+    pipe = LCMPipeline.from_engine_dir(d)
+    first = _image(pipe, adapters={"s": 0.8})
+    add_adapter(d, loras["pixel"], "p")  # added while the pipeline is loaded
+    assert not np.array_equal(_image(pipe, adapters={"p": 0.8}), first)
+    add_adapter(d, loras["pixel"], "s", force=True)  # "s" now holds other factors
+    assert np.array_equal(_image(pipe, adapters={"s": 0.8}), _image(pipe, adapters={"p": 0.8}))
+    assert len(list((d / "adapters").glob("s-*"))) == 1  # the replaced folder is gone
+    remove_adapter(d, "p")
+    with pytest.raises(UserError, match="unknown adapter 'p'"):
+        pipe("x", adapters={"p": 0.8})
+
+
+def test_remove_refusals_write_nothing(entry, capsys):
+    before = _snapshot(entry)
+    code, _, err = run_cli(["adapter", "remove", "--engine-dir", entry, "nope"], capsys)
+    assert code == 2 and "holds no adapter named 'nope'" in err and _snapshot(entry) == before
+
+
+def test_a_first_refused_add_leaves_no_adapter_folder(base_dir, loras, tmp_path, capsys):
+    d = tmp_path / "e"
+    _build(base_dir, d, [f"{loras['lcm']}:1.0"], adapters=True)
+    before = _snapshot(d)
+    code, _, err = run_cli(["adapter", "add", "--engine-dir", d, loras["lcm"]], capsys)  # 3x3 convs: refused
+    assert code == 2 and _snapshot(d) == before and not (d / "adapters").exists()
+
+
+def test_adapters_are_refused_off_the_cpu(base_dir, loras, tmp_path, monkeypatch, capsys):
+    from lcm_export import backends
+
+    monkeypatch.setattr(backends, "choose", lambda *a, **k: backends.Choice("onnxruntime", "cuda", "fp16"))
+    code, _, err = run_cli(["build-engine", "--base", base_dir, "--resolution", "64x64", "--adapters",
+                            "--engine-dir", tmp_path / "e", "--quiet"], capsys)
+    assert code == 2 and "verified on CPU entries only, not on cuda" in err and not (tmp_path / "e").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_cli
+from conftest import needs_openvino, run_cli
 from lcm_export.errors import UserError
 from lcm_export.presets import PRESETS, TRADES, resolve_preset
 
@@ -75,6 +75,7 @@ def test_unknown_preset_is_one_line():
     assert set(TRADES) == set(PRESETS)
 
 
+@needs_openvino
 @pytest.mark.parametrize("int8, bf16, want", [(True, True, "int8"), (False, True, "auto"), (False, False, "auto")])
 def test_build_engine_applies_the_preset_with_this_machines_flags(monkeypatch, int8, bf16, want):
     """build_engine's step before anything loads: the CPU flags (mocked) decide; a demo base gets demo:taesd."""
@@ -160,3 +161,9 @@ def test_fast_preset_image_against_diffusers_with_the_tiny_decoder(fast_entry):
     ours = LCMPipeline.from_engine_dir(d)("a green tree", latents=latents, step_noise=noise, output_type="np")
     ref = diffusers_images(ref_pipe, "a green tree", 4, 1.0, latents, noise)
     assert psnr(ours, ref) >= INT8_IMAGE_GATE["psnr_db"] and ssim(ours, ref) >= INT8_IMAGE_GATE["ssim"]
+
+
+def test_fast_with_adapters_keeps_the_auto_precision():
+    pc = resolve_preset("fast", "auto", None, "sd15", True, "cpu", True, True, True, adapters=True)
+    assert pc.precision == "auto" and pc.vae_decoder == "demo:taesd" and "takes no run-time adapters" in pc.notes[0]
+    assert resolve_preset("fast", "auto", None, "sd15", True, "cpu", True, True, True).precision == "int8"

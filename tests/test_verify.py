@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import OV_OK, OV_WHY, run_cli
 from lcm_export.verify import FP32_FACTOR, FP32_FLOOR, Reference, check_outputs, failures, float64_outputs, rel_l2
 from strong_lora import strong_pipeline, write_strong_loras
 
-OPENVINO = pytest.importorskip("openvino", reason="OpenVINO is not installed") and True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,8 +126,8 @@ def _build_args(strong, out, *extra):
 @pytest.mark.parametrize("backend", [["--backend", "onnxruntime"], ["--backend", "openvino", "--precision", "fp32"]],
                          ids=["onnxruntime", "openvino-fp32"])
 def test_strong_loras_build_and_pass(strong, tmp_path, capsys, backend):
-    if backend[1] == "openvino" and not OPENVINO:
-        pytest.skip("OpenVINO is not installed")
+    if backend[1] == "openvino" and not OV_OK:
+        pytest.skip(f"needs OpenVINO: {OV_WHY}")
     code, out, err = run_cli(_build_args(strong, tmp_path / "e", *backend), capsys)
     assert code == 0, err
     m = json.loads((tmp_path / "e" / "manifest.json").read_text())
@@ -261,3 +260,24 @@ def test_ssim_refuses_what_it_cannot_measure():
         ssim(np.zeros((16, 16, 3)), np.zeros((16, 17, 3)))
     with pytest.raises(ValueError, match="at least 11 pixels"):
         ssim(np.zeros((8, 8, 3)), np.zeros((8, 8, 3)))
+
+
+@pytest.mark.parametrize("precision, value, refused", [("bf16", 29.0, True), ("fp16", 29.0, True), ("fp16", 31.0, False),
+                                                       ("int8", 24.0, True), ("fp32", 10.0, False)])
+def test_every_reduced_precision_has_an_image_gate(monkeypatch, precision, value, refused):
+    """bf16, ONNX Runtime fp16 and int8 entries are refused below their gate; fp32 entries are gated by the fp32 rule."""
+    from lcm_export import verify
+    from lcm_export.errors import UserError
+
+    assert set(verify.REDUCED) <= set(verify.IMAGE_GATES)
+    monkeypatch.setattr(verify, "image_fidelity", lambda *a, **k: {"image_psnr_db": value, "image_ssim": 0.99})
+
+    class Plan:
+        opt_hw = (64, 64)
+
+    comps = {"unet": {"precision": precision, "parity": [{"rel_l2": 0.01}]}}
+    if refused:
+        with pytest.raises(UserError, match="differs from PyTorch fp32 by PSNR"):
+            verify.image_gate(None, None, [Plan()], comps, precision)
+    else:
+        assert verify.image_gate(None, None, [Plan()], comps, precision)["image_psnr_db"] == value

@@ -49,8 +49,8 @@ REFIT_NEEDS_FLAG = False
 ADAPTERS = True
 """Adapter branches take their factors as ordinary inputs (``adapter_graph.py``)."""
 MERGE_EXACT = True
-"""Requests merged into one engine call give each request's solo image byte for byte (measured:
-tests/serving/test_batching.py), so ``serve`` merges by default."""
+"""Requests merged into one engine call give each request's solo image byte for byte (measured on the CPU:
+tests/serving/test_batching.py), so ``serve`` merges by default on CPU entries (not on CUDA, unmeasured)."""
 
 LEVELS = {  # device -> (stored graph level, level applied at load)
     "cpu": ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"),

@@ -25,12 +25,13 @@ The scheme is one of ``INT8_SCHEMES``, recorded in the component's ``quantizatio
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from .._util import folder_bytes, writing
-from ..adapter_graph import INPUT_PREFIX
+from ..adapter_spec import INPUT_PREFIX
 from ..errors import UserError
 from . import is_str_list, is_threads, rebuild_hint, thread_count
 
@@ -83,7 +84,9 @@ OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 SECTION = {  # the manifest section's values the runtime reads (checked with the manifest's schema)
     "version": lambda v: isinstance(v, str), "inference_num_threads": is_threads, "cpu_flags": is_str_list,
 }
-COMPONENT_FIELDS = {"compiled_blob": lambda v, c: isinstance(v, str) and v in c.get("files", [])}
+COMPONENT_FIELDS = {"compiled_blob": lambda v, c: isinstance(v, str) and v in c.get("files", []),
+                    "inference_precision": lambda v, c: v in OV_PRECISION}
+"""Component fields the runtime reads, checked on load (``store.manifest_problems``)."""
 
 
 def status() -> tuple[bool, str, str]:
@@ -320,22 +323,26 @@ class OvEngine:
         self.request = self.compiled.create_infer_request()
         self.outputs = list(self.compiled.outputs)
         self.precision = precision
+        self._sticky = {n for i in self.compiled.inputs for n in i.get_names() if n.startswith(ADAPTER_INPUTS)}
+        """Adapter factor inputs: set on the request once and kept while the caller passes the same arrays."""
         self._bound: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()  # one infer request: calls from several threads take turns
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.run_all(feeds)[0]
 
     def run_all(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if len(feeds) > 8:  # adapter factors: set once and kept while the caller passes the same (immutable) arrays
-            import openvino as ov
+        with self._lock:
+            if self._sticky:
+                import openvino as ov
 
-            fresh = {}
-            for k, v in feeds.items():
-                if not k.startswith(ADAPTER_INPUTS):
-                    fresh[k] = v
-                elif self._bound.get(k) is not v:
-                    self.request.set_tensor(k, ov.Tensor(np.ascontiguousarray(v), shared_memory=True))
-                    self._bound[k] = v
-            feeds = fresh
-        res = self.request.infer(feeds)  # share_outputs=False: copies, safe across calls
-        return [np.asarray(res[o]) for o in self.outputs]
+                fresh = {}
+                for k, v in feeds.items():
+                    if k not in self._sticky:
+                        fresh[k] = v
+                    elif self._bound.get(k) is not v:  # the runtime's arrays are never written: identity = same values
+                        self.request.set_tensor(k, ov.Tensor(np.ascontiguousarray(v), shared_memory=True))
+                        self._bound[k] = v
+                feeds = fresh
+            res = self.request.infer(feeds)  # share_outputs=False: copies, safe across calls
+            return [np.asarray(res[o]) for o in self.outputs]

@@ -7,13 +7,14 @@ factors concatenated along the rank with each λ folded into B — so their delt
 then adds exactly zero: λ = 0 and no adapter give the same image). Switching adapters changes only these
 inputs: no engine is rebuilt, recompiled or reloaded.
 
-Prepared factors are read once per process (checked against the size and sha256 recorded when they
-were added) and kept as they are; a combination of adapters and λ is assembled once and cached.
+Prepared factors are read once (checked against the size and sha256 recorded when they were added)
+and kept as they are; a combination of adapters and λ is assembled once and cached. The index is
+re-read when its file changes, so an adapter added, replaced or removed while a server runs is seen
+by the next call (factors whose recorded sha256 changed are read again).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import threading
@@ -22,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..adapter_spec import ADAPTER_DIR, RANK_AXIS, empty_factors, read_index
 from ..errors import UserError
 
 MAX_WEIGHT = 8.0
 """Largest |λ| a call may give an adapter (the paper uses up to 1; a LoRA far beyond a few times its
 training strength only saturates the image, and beyond this overflows fp16/bf16 activations)."""
-RANK_AXIS = {"matmul": (1, 0), "conv1x1": (0, 1)}
-"""(A, B) rank axes per branch kind (``adapter_graph.RANK_AXIS``; the runtime does not import the build side)."""
 CACHE = 4
 """Assembled combinations kept per entry (each costs the chosen adapters' factors once more)."""
 
@@ -38,43 +38,39 @@ def _rebuild_hint(d: Path) -> str:
 
 
 class Adapters:
-    """The adapters an entry holds and the branch inputs for a choice of them."""
+    """The adapters an entry holds and the branch inputs for a choice of them (safe to share between threads)."""
 
     def __init__(self, engine_dir: Path, manifest: dict):
         self.engine_dir = Path(engine_dir)
         spec = manifest.get("adapters") if isinstance(manifest.get("adapters"), dict) else {}
         self.branches: dict[str, list[dict]] = spec.get("branches") or {}
         self._index: dict | None = None
-        self._factors: dict[str, dict[str, np.ndarray]] = {}
+        self._stamp: tuple | None = None
+        self._factors: dict[str, tuple[str, dict[str, np.ndarray]]] = {}
         self._combos: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-        self._empty = {comp: self._empty_feeds(rows) for comp, rows in self.branches.items()}
-
-    @staticmethod
-    def _empty_feeds(rows: list[dict]) -> dict[str, np.ndarray]:
-        """Rank-0 factors for every branch: the branch adds exactly zero."""
-        out = {}
-        for row in rows:
-            matmul = row["kind"] == "matmul"
-            out[row["inputs"][0]] = np.zeros((row["in"], 0) if matmul else (0, row["in"]), np.float32)
-            out[row["inputs"][1]] = np.zeros((0, row["out"]) if matmul else (row["out"], 0), np.float32)
-        return out
+        self._lock = threading.RLock()
+        self.empty = {comp: empty_factors(rows) for comp, rows in self.branches.items()}
+        """{component: rank-0 factors for every branch}: no adapter."""
 
     @property
     def supported(self) -> bool:
         return bool(self.branches)
 
     def index(self) -> dict:
-        if self._index is None:
-            p = self.engine_dir / "adapters" / "index.json"
-            if not p.exists():
-                self._index = {}
-            else:
-                try:
-                    self._index = dict(json.loads(p.read_text())["adapters"])
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    raise UserError(f"{p} is unreadable ({exc}); remove {p.parent} and add the adapters again") from None
-        return self._index
+        """{name: record} as the index file says now (re-read when the file changed since the last call)."""
+        with self._lock:
+            p = self.engine_dir / ADAPTER_DIR / "index.json"
+            try:
+                st = p.stat()
+                stamp = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                stamp = None
+            if self._index is None or stamp != self._stamp:
+                self._index, self._stamp = read_index(self.engine_dir)
+                self._combos.clear()
+                self._factors = {n: f for n, f in self._factors.items()
+                                 if n in self._index and self._index[n]["sha256"] == f[0]}
+            return self._index
 
     def names(self) -> list[str]:
         return sorted(self.index())
@@ -89,10 +85,11 @@ class Adapters:
         if adapters and not self.supported:
             raise UserError(f"{self.engine_dir} takes no run-time adapters (built without adapter branches); rebuild it "
                             f"with `lcm-export build-engine --adapters`, or bake the LoRA in with --lora")
+        index = self.index() if adapters else {}
         out = []
         for name, w in adapters.items():
-            if not isinstance(name, str) or name not in self.index():
-                raise UserError(f"unknown adapter {name!r}; {self.engine_dir} holds: {', '.join(self.names()) or 'none'} "
+            if not isinstance(name, str) or name not in index:
+                raise UserError(f"unknown adapter {name!r}; {self.engine_dir} holds: {', '.join(sorted(index)) or 'none'} "
                                 "(add one with `lcm-export adapter add`)")
             if not (isinstance(w, numbers.Real) and not isinstance(w, (bool, np.bool_)) and math.isfinite(w)
                     and abs(w) <= MAX_WEIGHT):
@@ -103,40 +100,44 @@ class Adapters:
         return tuple(sorted(out))
 
     def _load(self, name: str) -> dict[str, np.ndarray]:
-        if name not in self._factors:
-            from safetensors import SafetensorError
-            from safetensors.numpy import load
+        rec = self.index()[name]
+        cached = self._factors.get(name)
+        if cached is not None and cached[0] == rec["sha256"]:
+            return cached[1]
+        import hashlib
 
-            rec = self.index()[name]
-            p = self.engine_dir / rec["factors"]
-            try:
-                blob = p.read_bytes()
-            except OSError as exc:
-                raise UserError(f"adapter {name!r}: {p} cannot be read ({exc.strerror or exc}); {_rebuild_hint(self.engine_dir)}") from None
-            import hashlib
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
 
-            if len(blob) != rec["bytes"] or hashlib.sha256(blob).hexdigest() != rec["sha256"]:
-                raise UserError(f"adapter {name!r}: {p} changed since it was added (size or sha256 differs); "
-                                f"{_rebuild_hint(self.engine_dir)}")
-            try:
-                factors = load(blob)
-            except (SafetensorError, ValueError) as exc:
-                raise UserError(f"adapter {name!r}: {p} is not a valid factors file ({exc}); {_rebuild_hint(self.engine_dir)}") from None
-            self._factors[name] = factors
-        return self._factors[name]
+        p = self.engine_dir / rec["factors"]
+        try:
+            blob = p.read_bytes()
+        except OSError as exc:
+            raise UserError(f"adapter {name!r}: {p} cannot be read ({exc.strerror or exc}); {_rebuild_hint(self.engine_dir)}") from None
+        if len(blob) != rec["bytes"] or hashlib.sha256(blob).hexdigest() != rec["sha256"]:
+            raise UserError(f"adapter {name!r}: {p} changed since it was added (size or sha256 differs); "
+                            f"{_rebuild_hint(self.engine_dir)}")
+        try:
+            factors = load(blob)
+        except (SafetensorError, ValueError) as exc:
+            raise UserError(f"adapter {name!r}: {p} is not a valid factors file ({exc}); {_rebuild_hint(self.engine_dir)}") from None
+        self._factors[name] = (rec["sha256"], factors)
+        return factors
 
     def feeds(self, choice: tuple[tuple[str, float], ...]) -> dict[str, dict[str, np.ndarray]]:
         """{component: {input name: array}} for a checked choice (``check``); cached per choice."""
         if not self.supported:
             return {}
         with self._lock:
+            if choice:
+                self.index()  # a changed index drops stale combinations before the cache is asked
             if choice in self._combos:
                 self._combos.move_to_end(choice)
                 return self._combos[choice]
             loaded = [(self._load(name), w) for name, w in choice]
             out = {}
             for comp, rows in self.branches.items():
-                feeds = dict(self._empty[comp])
+                feeds = dict(self.empty[comp])
                 for i, row in enumerate(rows):
                     parts = [(f[f"{comp}.{i}.A"], f[f"{comp}.{i}.B"], w) for f, w in loaded if f"{comp}.{i}.A" in f]
                     if not parts:

@@ -31,6 +31,8 @@ from .tokenizer import ClipTokenizer
 from .validate import check_call_memory, check_latents, check_scalars
 
 MAX_STEPS = 50
+POST_BUFFER_SHAPES = 4
+"""Image shapes whose conversion buffers are kept between calls."""
 
 
 class NonFiniteOutput(EngineError):
@@ -250,6 +252,9 @@ class LCMPipeline:
         reused planar buffer (contiguous passes; the NCHW -> NHWC interleave is PIL's merge, in C)."""
         buf = self._post_buffers.get(img.shape)
         if buf is None:
+            if len(self._post_buffers) >= POST_BUFFER_SHAPES:  # a server sees many batch sizes: keep a few
+                self._post_buffers.clear()
+                self._post_u8.clear()
             buf = self._post_buffers.setdefault(img.shape, np.empty(img.shape, np.float32))
         np.multiply(img, np.float32(0.5), out=buf)
         buf += np.float32(0.5)

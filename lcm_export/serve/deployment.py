@@ -72,7 +72,8 @@ class LCMModel:
         # merging by default only where the backend declares it exact (each request's solo image)
         from lcm_export.backends import get as backend_module
 
-        default = built if getattr(backend_module(self.pipe.manifest["backend"]), "MERGE_EXACT", False) else 1
+        exact = getattr(backend_module(self.pipe.manifest["backend"]), "MERGE_EXACT", False) and self.pipe.manifest.get("device") == "cpu"
+        default = built if exact else 1  # MERGE_EXACT was measured on the CPU: GPU kernels may differ per batch size
         self.cap = max(1, min(max_batch_size or default, built))
         self._engine = ThreadPoolExecutor(1, thread_name_prefix="lcm-engine")
         self._run.set_max_batch_size(self.cap)

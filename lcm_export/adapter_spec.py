@@ -1,0 +1,114 @@
+"""What the build, ``adapter add`` and the runtime agree on about run-time adapters: the branch inputs'
+names and layouts, the manifest's ``adapters`` section and the entry's adapter index, each checked in
+one place. numpy and the standard library only (the lean runtime and the store read it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+INPUT_PREFIX = "adapter"
+"""Branch inputs are named ``adapter.<component>.<i>.A`` / ``.B``."""
+KINDS = ("matmul", "conv1x1")
+RANK_AXIS = {"matmul": (1, 0), "conv1x1": (0, 1)}
+"""The rank axis of (A, B) for each branch kind: matmul A [in, r], B [r, out]; conv1x1 A [r, in], B [out, r]."""
+ADAPTER_DIR = "adapters"
+INDEX = "index.json"
+INDEX_VERSION = 1
+RECORD_FIELDS = {"factors": str, "bytes": int, "sha256": str, "ranks": list, "layers": dict, "source": dict}
+
+
+def empty_factors(rows: list[dict]) -> dict:
+    """Rank-0 factors for every branch of one component: each branch then adds exactly zero."""
+    import numpy as np
+
+    out = {}
+    for row in rows:
+        a_axis, b_axis = RANK_AXIS[row["kind"]]
+        a, b = [0, 0], [0, 0]
+        a[1 - a_axis], b[1 - b_axis] = row["in"], row["out"]
+        out[row["inputs"][0]] = np.zeros(a, np.float32)
+        out[row["inputs"][1]] = np.zeros(b, np.float32)
+    return out
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def spec_problems(spec) -> list[str]:
+    """What is wrong with a manifest's ``adapters`` section ([] when nothing)."""
+    if not isinstance(spec, dict):
+        return ["the manifest's 'adapters' is not an object"]
+    out = []
+    branches, configs = spec.get("branches"), spec.get("configs")
+    if not isinstance(branches, dict) or not branches:
+        return ["the manifest's adapters.branches is missing or not an object"]
+    for comp, rows in branches.items():
+        if not isinstance(rows, list):
+            out.append(f"the manifest's adapters.branches.{comp} is not a list")
+            continue
+        for i, r in enumerate(rows):
+            ok = (isinstance(r, dict) and r.get("kind") in KINDS and _int(r.get("in")) and _int(r.get("out"))
+                  and isinstance(r.get("module"), str) and isinstance(r.get("inputs"), list) and len(r["inputs"]) == 2
+                  and r["inputs"] == [f"{INPUT_PREFIX}.{comp}.{i}.A", f"{INPUT_PREFIX}.{comp}.{i}.B"])
+            if not ok:
+                out.append(f"the manifest's adapters.branches.{comp}[{i}] is malformed")
+                break
+    if not isinstance(configs, dict) or not all(isinstance(v, str) and v and not Path(v).is_absolute()
+                                                 and ".." not in Path(v).parts for v in configs.values()):
+        out.append("the manifest's adapters.configs is missing or malformed")
+    return out
+
+
+def read_index(engine_dir: str | Path) -> tuple[dict, tuple | None]:
+    """({name: record}, the index file's (mtime_ns, size) or None when there is none), every record checked.
+    UserError naming the problem for an unreadable or malformed index."""
+    p = Path(engine_dir) / ADAPTER_DIR / INDEX
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return {}, None
+    except OSError as exc:
+        raise UserError(f"{p} cannot be read ({exc.strerror or exc})") from None
+    fix = f"remove the folder {p.parent} and add the adapters again with `lcm-export adapter add`"
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{p} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); {fix}") from None
+    adapters = data.get("adapters") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or data.get("version") != INDEX_VERSION or not isinstance(adapters, dict):
+        raise UserError(f"{p} is not an adapter index of this lcm-export (version {INDEX_VERSION}); {fix}")
+    for name, rec in adapters.items():
+        bad = [k for k, t in RECORD_FIELDS.items() if not isinstance(rec, dict) or not isinstance(rec.get(k), t)
+               or (t is int and isinstance(rec.get(k), bool))]
+        if bad or Path(rec["factors"]).is_absolute() or ".." in Path(rec["factors"]).parts:
+            raise UserError(f"{p}: the record of adapter {name!r} is malformed ({', '.join(bad) or 'factors path'}); {fix}")
+    return adapters, (st.st_mtime_ns, st.st_size)
+
+
+class entry_lock:
+    """An exclusive lock on an entry (``flock`` on its manifest, opened read-only: nothing is written): held by
+    ``adapter add`` / ``remove`` and by a build or refit of the entry, so an adapter is never added to an entry
+    that is being replaced. No-op where the entry has no manifest yet."""
+
+    def __init__(self, engine_dir: str | Path):
+        self.path = Path(engine_dir) / "manifest.json"
+        self.f = None
+
+    def __enter__(self):
+        import fcntl
+
+        try:
+            self.f = open(self.path, "rb")
+        except OSError:
+            return self
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.f is not None:
+            self.f.close()  # closing releases the lock
