@@ -523,7 +523,6 @@ def test_numpy_integers_are_accepted(runtime):
 
 def test_dynamic_plan_needs_the_unet_multiple(ctx):
     from lcm_export.runtime import LCMPipeline
-    from lcm_export.store import record_file_sizes
 
     def dyn(m):
         m["shape_plans"] = [{**m["shape_plans"][0], "min_hw": [64, 64], "opt_hw": [64, 64], "max_hw": [128, 128], "static": False}]
