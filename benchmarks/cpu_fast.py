@@ -92,14 +92,14 @@ def build_all(a, labels: dict[str, dict]) -> dict[str, dict]:
 def references(a, hws, prompts, tiny: str | None) -> dict:
     """{(hw, prompt index): {"full": image, "tiny": image}}: diffusers PyTorch fp32 with the base's VAE (and with
     the tiny decoder), the same fused weights, latents and step noise as the entries get."""
-    from lcm_export.build_engine import BuildOptions, _resolve_loras
+    from lcm_export.build_engine import BuildOptions, resolve_loras
     from lcm_export.fuse import fuse_into
     from lcm_export.models import base_family, load_pipeline, resolve_base
     from lcm_export.verify import diffusers_images, seeded_inputs
 
     src = resolve_base(a.base)
     pipe = load_pipeline(src)
-    fuse_into(pipe, _resolve_loras(BuildOptions(base=a.base, loras=tuple(a.lora)), src, False))
+    fuse_into(pipe, resolve_loras(BuildOptions(base=a.base, loras=tuple(a.lora)), src, False))
     tiny_vae = None
     if tiny:
         from lcm_export.tiny_vae import load_vae_decoder, resolve_vae_decoder

@@ -16,10 +16,10 @@ def decoder_flops(size: int) -> dict:
     from diffusers import AutoencoderKL, AutoencoderTiny
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lcm_export.demo import _configs
+    from lcm_export.demo import demo_configs
 
     with torch.device("meta"):
-        full = AutoencoderKL(**_configs("sd15-full", 49408)["vae"])
+        full = AutoencoderKL(**demo_configs("sd15-full", 49408)["vae"])
         tiny = AutoencoderTiny()
     z = torch.empty(1, 4, size // 8, size // 8, device="meta")
     out = {}

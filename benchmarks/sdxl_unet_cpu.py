@@ -32,11 +32,11 @@ def _unet():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from lcm_export.demo import _configs
+    from lcm_export.demo import demo_configs
 
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the same seed build_demo_pipeline("sdxl-full") uses for the UNet
-        unet = UNet2DConditionModel(**_configs("sdxl-full", 0)["unet"])
+        unet = UNet2DConditionModel(**demo_configs("sdxl-full", 0)["unet"])
     return unet.eval()
 
 

@@ -15,7 +15,7 @@ from typing import Iterator
 from .errors import UserError
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -39,7 +39,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -103,7 +103,7 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "outpu
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         if final.exists():
             os.replace(final, old)

@@ -112,7 +112,7 @@ class BuildResult:
         return "\n".join(lines + self.messages)
 
 
-def _resolve_loras(opts: BuildOptions, src, demo_default: bool):
+def resolve_loras(opts: BuildOptions, src, demo_default: bool):
     from .lora import LoraSpec, inspect_lora
 
     if demo_default:
@@ -173,7 +173,7 @@ def build_engine(opts: BuildOptions) -> BuildResult:
         check_latent_channels(decoder, int(unet_cfg.get("in_channels", 4)))
         note = family_note(decoder, family)
         preset_notes = preset_notes + ((note,) if note else ())
-    items = _resolve_loras(opts, src, demo_default)
+    items = resolve_loras(opts, src, demo_default)
 
     name = opts.name or default_entry_name(src)
     engine_dir = Path(opts.engine_dir) if opts.engine_dir else DEFAULT_ROOT / name

@@ -85,7 +85,7 @@ def demo_tokenizer(pad_token: str = "<|endoftext|>"):
         return CLIPTokenizer.from_pretrained(d, model_max_length=77, pad_token=pad_token)
 
 
-def _configs(name: str, vocab_size: int) -> dict:
+def demo_configs(name: str, vocab_size: int) -> dict:
     if name == "sd15":
         unet = dict(
             sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
@@ -220,7 +220,7 @@ def build_demo_pipeline(name: str, overrides: dict | None = None):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = demo_tokenizer()
-    cfg = _configs(name, vocab_size=len(tokenizer))
+    cfg = demo_configs(name, vocab_size=len(tokenizer))
     for part, fields in (overrides or {}).items():
         cfg[part] = {**cfg[part], **fields}
     text_cfg = CLIPTextConfig(

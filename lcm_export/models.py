@@ -96,9 +96,9 @@ def resolve_base(spec: str, flag: str = "--base") -> BaseSource:
 
 def read_unet_config(src: BaseSource) -> dict:
     if src.kind == "demo":
-        from .demo import _configs
+        from .demo import demo_configs
 
-        return dict(_configs(src.demo, vocab_size=0)["unet"])
+        return dict(demo_configs(src.demo, vocab_size=0)["unet"])
     cfg = src.path / "unet" / "config.json"
     try:
         data = json.loads(cfg.read_text())

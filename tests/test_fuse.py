@@ -303,14 +303,14 @@ def test_unsupported_family_rejected_not_mishandled(tmp_path, base_dir, capsys):
 
 
 def test_family_detection():
-    from lcm_export.demo import _configs
+    from lcm_export.demo import demo_configs
     from lcm_export.models import detect_family
 
-    assert detect_family(_configs("sd15-full", 0)["unet"]) == "sd15"
-    assert detect_family(_configs("sdxl-full", 0)["unet"]) == "sdxl"
-    assert detect_family(_configs("sdxl", 0)["unet"]) == "sdxl"
-    assert detect_family(_configs("ssd1b", 0)["unet"]) == "ssd1b"
-    assert detect_family({**_configs("sdxl-full", 0)["unet"], "transformer_layers_per_block": [1, 2, 4]}) == "ssd1b"
+    assert detect_family(demo_configs("sd15-full", 0)["unet"]) == "sd15"
+    assert detect_family(demo_configs("sdxl-full", 0)["unet"]) == "sdxl"
+    assert detect_family(demo_configs("sdxl", 0)["unet"]) == "sdxl"
+    assert detect_family(demo_configs("ssd1b", 0)["unet"]) == "ssd1b"
+    assert detect_family({**demo_configs("sdxl-full", 0)["unet"], "transformer_layers_per_block": [1, 2, 4]}) == "ssd1b"
 
 
 def test_cli_process_exit_code_and_no_traceback(tmp_path, base_dir):

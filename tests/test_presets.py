@@ -143,7 +143,7 @@ def test_fast_preset_image_against_diffusers_with_the_tiny_decoder(fast_entry):
     fp32 with the same fused weights and an AutoencoderTiny, other prompt and seed."""
     from diffusers import StableDiffusionPipeline
 
-    from lcm_export.build_engine import _resolve_loras
+    from lcm_export.build_engine import resolve_loras
     from lcm_export.demo import build_demo_pipeline, build_demo_tiny_vae
     from lcm_export.fuse import fuse_into
     from lcm_export.models import resolve_base
@@ -153,7 +153,7 @@ def test_fast_preset_image_against_diffusers_with_the_tiny_decoder(fast_entry):
 
     d, _ = fast_entry
     pipe = build_demo_pipeline("sd15")
-    fuse_into(pipe, _resolve_loras(BuildOptions(), resolve_base("demo:sd15"), True))
+    fuse_into(pipe, resolve_loras(BuildOptions(), resolve_base("demo:sd15"), True))
     ref_pipe = StableDiffusionPipeline(vae=build_demo_tiny_vae("taesd"), text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                                        unet=pipe.unet, scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)

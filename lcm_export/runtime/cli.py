@@ -29,13 +29,13 @@ def output_paths(out: str, batch: int) -> list[Path]:
 def save_png_atomic(img, path: Path) -> None:
     """Write ``img`` as PNG at ``path`` in one rename, readable like any file the user makes
     (mode 0666 & ~umask; mkstemp alone would leave 0600)."""
-    from .._util import _umask
+    from .._util import current_umask
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         img.save(tmp, format="PNG")
         os.replace(tmp, path)
     except BaseException:
