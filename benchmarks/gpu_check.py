@@ -26,7 +26,6 @@ or a bench row errored.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
