@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import UserError
 
 INPUT_PREFIX = "adapter"
-"""Branch inputs are named ``adapter.<component>.<i>.A`` / ``.B``."""
+"""Branch inputs are named ``adapter.<component>.<i>.A`` / ``.B`` / ``.s`` (each rank's weight λ)."""
 KINDS = ("matmul", "conv1x1")
 RANK_AXIS = {"matmul": (1, 0), "conv1x1": (0, 1)}
 """The rank axis of (A, B) for each branch kind: matmul A [in, r], B [r, out]; conv1x1 A [r, in], B [out, r]."""
@@ -32,6 +32,7 @@ def empty_factors(rows: list[dict]) -> dict:
         a[1 - a_axis], b[1 - b_axis] = row["in"], row["out"]
         out[row["inputs"][0]] = np.zeros(a, np.float32)
         out[row["inputs"][1]] = np.zeros(b, np.float32)
+        out[row["inputs"][2]] = np.zeros(0, np.float32)
     return out
 
 
@@ -53,8 +54,8 @@ def spec_problems(spec) -> list[str]:
             continue
         for i, r in enumerate(rows):
             ok = (isinstance(r, dict) and r.get("kind") in KINDS and _int(r.get("in")) and _int(r.get("out"))
-                  and isinstance(r.get("module"), str) and isinstance(r.get("inputs"), list) and len(r["inputs"]) == 2
-                  and r["inputs"] == [f"{INPUT_PREFIX}.{comp}.{i}.A", f"{INPUT_PREFIX}.{comp}.{i}.B"])
+                  and isinstance(r.get("module"), str)
+                  and r.get("inputs") == [f"{INPUT_PREFIX}.{comp}.{i}.{part}" for part in ("A", "B", "s")])
             if not ok:
                 out.append(f"the manifest's adapters.branches.{comp}[{i}] is malformed")
                 break

@@ -29,8 +29,12 @@ from ..errors import UserError
 MAX_WEIGHT = 8.0
 """Largest |λ| a call may give an adapter (the paper uses up to 1; a LoRA far beyond a few times its
 training strength only saturates the image, and beyond this overflows fp16/bf16 activations)."""
-CACHE = 4
-"""Assembled combinations kept per entry (each costs the chosen adapters' factors once more)."""
+CACHE = 8
+"""Assembled choices kept per entry: one adapter's factors are fed as loaded (no copy), a set of several
+costs their factors once more (concatenated), a choice of weights only its small ``s`` vectors."""
+OVERFLOW = 1e30
+"""A weight whose branch product could exceed this (|λ| · max|A| · max|B| · rank · width) is refused: float32
+activations would overflow to inf (an input error, not an engine failure)."""
 
 
 def _rebuild_hint(d: Path) -> str:
@@ -47,6 +51,7 @@ class Adapters:
         self._index: dict | None = None
         self._stamp: tuple | None = None
         self._factors: dict[str, tuple[str, dict[str, np.ndarray]]] = {}
+        self._bounds: dict[str, float] = {}
         self._combos: OrderedDict = OrderedDict()
         self._lock = threading.RLock()
         self.empty = {comp: empty_factors(rows) for comp, rows in self.branches.items()}
@@ -106,26 +111,65 @@ class Adapters:
             return cached[1]
         import hashlib
 
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
+        from safetensors import SafetensorError, safe_open
 
         p = self.engine_dir / rec["factors"]
+        h = hashlib.sha256()
         try:
-            blob = p.read_bytes()
+            with open(p, "rb") as f:  # streamed: the file's bytes are never held beside the arrays
+                size = 0
+                while block := f.read(1 << 20):
+                    h.update(block)
+                    size += len(block)
+            if size != rec["bytes"] or h.hexdigest() != rec["sha256"]:
+                raise UserError(f"adapter {name!r}: {p} changed since it was added (size or sha256 differs); "
+                                f"{_rebuild_hint(self.engine_dir)}")
+            with safe_open(str(p), framework="np") as f:
+                factors = {k: f.get_tensor(k) for k in f.keys()}
+            bound = max((float(np.abs(factors[k]).max(initial=0.0)) * float(np.abs(factors[k[:-1] + "B"]).max(initial=0.0))
+                         * max(factors[k].shape) * min(factors[k].shape) for k in factors if k.endswith(".A")), default=0.0)
         except OSError as exc:
             raise UserError(f"adapter {name!r}: {p} cannot be read ({exc.strerror or exc}); {_rebuild_hint(self.engine_dir)}") from None
-        if len(blob) != rec["bytes"] or hashlib.sha256(blob).hexdigest() != rec["sha256"]:
-            raise UserError(f"adapter {name!r}: {p} changed since it was added (size or sha256 differs); "
-                            f"{_rebuild_hint(self.engine_dir)}")
-        try:
-            factors = load(blob)
-        except (SafetensorError, ValueError) as exc:
+        except (SafetensorError, ValueError, KeyError) as exc:
             raise UserError(f"adapter {name!r}: {p} is not a valid factors file ({exc}); {_rebuild_hint(self.engine_dir)}") from None
         self._factors[name] = (rec["sha256"], factors)
+        self._bounds[name] = bound
         return factors
 
+    def _stacked(self, names: tuple[str, ...]) -> dict:
+        """{component: {branch index: (A, B, ranks)}} for a set of adapters: one adapter's factors as loaded (no
+        copy); several concatenated along the rank (cached: a λ change reuses them)."""
+        key = ("stack", names)
+        if key in self._combos:
+            self._combos.move_to_end(key)
+            return self._combos[key]
+        loaded = [self._load(n) for n in names]
+        out = {}
+        for comp, rows in self.branches.items():
+            layers = {}
+            for i, row in enumerate(rows):
+                parts = [(f[f"{comp}.{i}.A"], f[f"{comp}.{i}.B"], j) for j, f in enumerate(loaded) if f"{comp}.{i}.A" in f]
+                if not parts:
+                    continue
+                a_axis, b_axis = RANK_AXIS[row["kind"]]
+                ranks = [(j, int(pa.shape[a_axis])) for pa, _, j in parts]
+                if len(parts) == 1:
+                    layers[i] = (parts[0][0], parts[0][1], ranks)
+                else:
+                    layers[i] = (np.concatenate([pa for pa, _, _ in parts], axis=a_axis),
+                                 np.concatenate([pb for _, pb, _ in parts], axis=b_axis), ranks)
+            out[comp] = layers
+        self._combos[key] = out
+        self._trim()
+        return out
+
+    def _trim(self) -> None:
+        while len(self._combos) > CACHE:
+            self._combos.popitem(last=False)
+
     def feeds(self, choice: tuple[tuple[str, float], ...]) -> dict[str, dict[str, np.ndarray]]:
-        """{component: {input name: array}} for a checked choice (``check``); cached per choice."""
+        """{component: {input name: array}} for a checked choice (``check``); cached per choice. The factors are
+        fed as prepared (several adapters: concatenated once per set); each rank's λ goes in ``s``."""
         if not self.supported:
             return {}
         with self._lock:
@@ -134,23 +178,20 @@ class Adapters:
             if choice in self._combos:
                 self._combos.move_to_end(choice)
                 return self._combos[choice]
-            loaded = [(self._load(name), w) for name, w in choice]
+            names, weights = tuple(n for n, _ in choice), [w for _, w in choice]
+            stacked = self._stacked(names) if names else {}
+            for n, w in choice:
+                if abs(w) * self._bounds.get(n, 0.0) > OVERFLOW:
+                    raise UserError(f"adapter {n!r} at weight {w:g} would overflow float32 (its factors are too large for "
+                                    "that weight); use a smaller weight")
             out = {}
             for comp, rows in self.branches.items():
                 feeds = dict(self.empty[comp])
-                for i, row in enumerate(rows):
-                    parts = [(f[f"{comp}.{i}.A"], f[f"{comp}.{i}.B"], w) for f, w in loaded if f"{comp}.{i}.A" in f]
-                    if not parts:
-                        continue
-                    a_axis, b_axis = RANK_AXIS[row["kind"]]
-                    a = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts], axis=a_axis)
-                    b = np.concatenate([p[1] * np.float32(p[2]) for p in parts], axis=b_axis)
-                    if not np.isfinite(b).all():
-                        raise UserError(f"adapters {dict(choice)}: the weights overflow float32 in {comp} layer "
-                                        f"{row['module']}; use smaller weights")
+                for i, (a, b, ranks) in stacked.get(comp, {}).items():
+                    row = rows[i]
                     feeds[row["inputs"][0]], feeds[row["inputs"][1]] = a, b
+                    feeds[row["inputs"][2]] = np.concatenate([np.full(r, weights[j], np.float32) for j, r in ranks])
                 out[comp] = feeds
             self._combos[choice] = out
-            while len(self._combos) > CACHE:
-                self._combos.popitem(last=False)
+            self._trim()
             return out
