@@ -139,6 +139,28 @@ def test_switching_back_and_forth_does_not_drift(entry):
     assert not np.array_equal(_image(pipe, adapters={"style": 0.3}), first)
 
 
+def test_a_prepared_adapter_costs_its_factors_and_a_weight_change_only_its_scales(entry):
+    """One adapter is fed as loaded (no copy of its factors); another λ adds only the s vectors (rank floats)."""
+    from safetensors.numpy import load_file
+
+    from lcm_export.runtime.adapters import Adapters
+
+    pipe = LCMPipeline.from_engine_dir(entry)
+    ad = Adapters(entry, pipe.manifest)
+    rec = ad.index()["style"]
+    factors = load_file(str(entry / rec["factors"]))
+    factor_bytes = sum(v.nbytes for v in factors.values())
+    kinds = {f"{c}.{i}.A": row["kind"] for c, rows in ad.branches.items() for i, row in enumerate(rows)}
+    rank_total = sum(v.shape[1 if kinds[k] == "matmul" else 0] for k, v in factors.items() if k.endswith(".A"))
+    assert ad.resident_bytes() == 0
+    ad.feeds(ad.check({"style": 0.8}))
+    assert ad.resident_bytes() == factor_bytes + 4 * rank_total
+    ad.feeds(ad.check({"style": 0.5}))
+    assert ad.resident_bytes() == factor_bytes + 2 * 4 * rank_total
+    ad.feeds(ad.check({"style": 0.5, "pixel": 1.0}))  # a set of two: the pair is concatenated once
+    assert ad.resident_bytes() > 2 * factor_bytes
+
+
 @needs_openvino
 def test_openvino_bf16_adapter_equals_fresh_build(base_dir, loras, tmp_path):
     from lcm_export._cpu import native_bf16

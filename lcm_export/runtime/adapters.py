@@ -1,14 +1,16 @@
 """Style adapters per call, in the lean runtime (numpy + safetensors).
 
 An entry built with adapter branches (``adapter_graph.py``) takes, for every branch, two factor inputs
-whose rank is free. ``adapters={"papercut": 0.8, "pixel": 0.3}`` becomes, per branch, the adapters'
-factors concatenated along the rank with each λ folded into B — so their deltas add up, exactly the
-``Σ λ_i·ΔW_i`` a build would fuse — and rank 0 where no chosen adapter touches the layer (the branch
-then adds exactly zero: λ = 0 and no adapter give the same image). Switching adapters changes only these
-inputs: no engine is rebuilt, recompiled or reloaded.
+whose rank is free and a scale vector ``s`` (one λ per rank). ``adapters={"papercut": 0.8, "pixel": 0.3}``
+becomes, per branch, the adapters' factors (alpha/rank folded into B when each was added) concatenated
+along the rank, and ``s`` holding each rank's λ — so their deltas add up, exactly the ``Σ λ_i·ΔW_i`` a
+build would fuse — and rank 0 where no chosen adapter touches the layer (the branch then adds exactly
+zero: λ = 0 and no adapter give the same image). Switching adapters changes only these inputs: no engine
+is rebuilt, recompiled or reloaded.
 
 Prepared factors are read once (checked against the size and sha256 recorded when they were added)
-and kept as they are; a combination of adapters and λ is assembled once and cached. The index is
+and fed as they are (one adapter: no copy; a set of several: concatenated once); a choice of λ costs
+only its ``s`` vectors. ``resident_bytes`` says what the cache holds. The index is
 re-read when its file changes, so an adapter added, replaced or removed while a server runs is seen
 by the next call (factors whose recorded sha256 changed are read again).
 """
@@ -162,6 +164,27 @@ class Adapters:
         self._combos[key] = out
         self._trim()
         return out
+
+    def resident_bytes(self) -> int:
+        """Bytes of the arrays this object holds now (loaded factors, concatenated sets, ``s`` vectors), each
+        array counted once: what prepared adapters cost in memory beside the engines."""
+        with self._lock:
+            seen: dict[int, int] = {}
+
+            def walk(x):
+                if isinstance(x, np.ndarray):
+                    base = x if x.base is None or not isinstance(x.base, np.ndarray) else x.base
+                    seen[id(base)] = base.nbytes
+                elif isinstance(x, dict):
+                    for v in x.values():
+                        walk(v)
+                elif isinstance(x, (list, tuple)):
+                    for v in x:
+                        walk(v)
+
+            walk([f for _, f in self._factors.values()])
+            walk(list(self._combos.values()))
+            return sum(seen.values())
 
     def _trim(self) -> None:
         while len(self._combos) > CACHE:
