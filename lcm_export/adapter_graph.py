@@ -2,7 +2,7 @@
 
 For every Linear layer and every 1x1 convolution of a component (the layers a style LoRA changes,
 found through the weight map that export records), the graph gets a branch beside the layer's own
-product, fed by two run-time inputs:
+product, fed by three run-time inputs:
 
     MatMul / Gemm   y = x·Wᵀ (+ b)          ->  y + ((x · A) ⊙ s) · B      A [in, r], B [r, out], s [r]
     Conv 1x1        y = W * x (+ b)         ->  y + B · ((A · x) ⊙ s)      A [r, in], B [out, r], s [r]
@@ -10,8 +10,8 @@ product, fed by two run-time inputs:
 
 Each layer's rank ``r`` is its own dynamic dimension: the runtime feeds the adapters' factors
 concatenated along the rank (several adapters at once add up; each one's alpha/rank is folded into its
-B when it is added) and ``s`` holds each rank's λ, so changing a weight changes only ``s`` and the
-prepared factors are fed as they are, never copied; rank 0 (empty factors) where no adapter touches the
+B when it is added) and ``s`` holds each rank's λ, so changing a weight changes only ``s``; one adapter's
+prepared factors are fed as they are (a set of several is concatenated once); rank 0 (empty factors) where no adapter touches the
 layer adds exactly zero.
 3x3 convolutions get no branch: OpenVINO's CPU plugin cannot compile a convolution whose weights
 have a dynamic shape, and a branch of fixed rank would cost its full rank on every call; a LoRA

@@ -18,6 +18,9 @@ RANK_AXIS = {"matmul": (1, 0), "conv1x1": (0, 1)}
 ADAPTER_DIR = "adapters"
 INDEX = "index.json"
 INDEX_VERSION = 1
+SPEC_VERSION = 2
+"""The manifest's ``adapters`` section: 2 = branches take A, B and a per-rank weight ``s`` (1: A and B with λ
+folded into B, written before the ``s`` input; its prepared factors are the same, so a rebuild keeps them)."""
 RECORD_FIELDS = {"factors": str, "bytes": int, "sha256": str, "ranks": list, "layers": dict, "source": dict}
 
 
@@ -44,6 +47,10 @@ def spec_problems(spec) -> list[str]:
     """What is wrong with a manifest's ``adapters`` section ([] when nothing)."""
     if not isinstance(spec, dict):
         return ["the manifest's 'adapters' is not an object"]
+    version = spec.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < SPEC_VERSION:
+        return [f"its adapter branches were written by an older lcm-export (adapters version {version}, "
+                f"this one reads {SPEC_VERSION}); a rebuild with the same flags keeps its adapters"]
     out = []
     branches, configs = spec.get("branches"), spec.get("configs")
     if not isinstance(branches, dict) or not branches:
@@ -62,6 +69,8 @@ def spec_problems(spec) -> list[str]:
     if not isinstance(configs, dict) or not all(isinstance(v, str) and v and not Path(v).is_absolute()
                                                  and ".." not in Path(v).parts for v in configs.values()):
         out.append("the manifest's adapters.configs is missing or malformed")
+    if version != SPEC_VERSION:
+        out.append(f"the manifest's adapters.version is {version!r}, not one this lcm-export reads ({SPEC_VERSION})")
     return out
 
 

@@ -402,7 +402,15 @@ def carry_adapters(old_dir: Path, new_dir: Path, manifest: dict) -> list[str]:
         names, old = [], None
     if not names:
         return []
-    if old and old == manifest.get("adapters", {}).get("branches"):
+    def layers(branches):  # the inputs' names may differ between versions; the prepared factors fit the same layers
+        return {c: [(r.get("module"), r.get("kind"), r.get("in"), r.get("out")) for r in rows]
+                for c, rows in branches.items()} if isinstance(branches, dict) else None
+
+    try:
+        same = bool(old) and layers(old) == layers(manifest.get("adapters", {}).get("branches"))
+    except (AttributeError, TypeError):  # a damaged old manifest: nothing to keep
+        same = False
+    if same:
         link_tree(src, Path(new_dir) / ADAPTER_DIR)
         return [f"adapters kept: {', '.join(names)}"]
     return [f"adapters dropped ({', '.join(names)}): the new entry has other adapter branches; add them again with "
@@ -425,6 +433,7 @@ def _add_adapter_branches(pipe, work: Path, entry: Path, exported: dict) -> dict
     """Adapter branches into the exported UNet and text encoder graphs (in place); the configs a
     skeleton for ``adapter add`` is made from. Returns the manifest's ``adapters`` section."""
     from .adapter_graph import add_branches
+    from .adapter_spec import SPEC_VERSION
     from .adapters import CONFIG_DIR
     from .components import pipe_module
     from .refit import read_weight_map
@@ -440,7 +449,7 @@ def _add_adapter_branches(pipe, work: Path, entry: Path, exported: dict) -> dict
         cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
         configs[comp] = f"{CONFIG_DIR}/{comp}.json"
         write_json(entry / configs[comp], json.loads(json.dumps(cfg, default=list)))
-    return {"version": 1, "branches": branches, "configs": configs}
+    return {"version": SPEC_VERSION, "branches": branches, "configs": configs}
 
 
 ONNX_DIR = "onnx"

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp16 GPU entries (TensorRT, ONNX Runtime): keep the VAE decoder in fp32 (always done for VAEs "
                         "marked force_upcast, and on TensorRT when fp16 overflows)")
     b.add_argument("--int8-scheme", default="auto", metavar="SCHEME",
-                   help="int8 only: what is quantized. w8a8 (auto, provisional): weights and activations of every "
+                   help="int8 only: what is quantized. w8a8 (auto: the fastest that passed, benchmarks/reports/cpu-fast): weights and activations of every "
                         "convolution and matrix product; w8a8-sq: the same with SmoothQuant; hybrid: int8 weights only "
                         "for the linear layers, full int8 for convolutions and attention; w8: int8 weights only (smaller, "
                         "not faster). Recorded in the manifest")

@@ -66,7 +66,8 @@ def read_manifest(engine_dir: str | Path, check_files: bool = True) -> dict:
         )
     problems = manifest_problems(m)
     if problems:
-        raise UserError(f"{p}: damaged entry: {problems[0]}; {_rebuild(d)}")
+        older = problems[0].startswith("its adapter branches were written by an older")
+        raise UserError(f"{p}: {'' if older else 'damaged entry: '}{problems[0]}; {_rebuild(d)}")
     if check_files:
         problems = file_problems(m, d)
         if problems:

@@ -139,26 +139,110 @@ def test_switching_back_and_forth_does_not_drift(entry):
     assert not np.array_equal(_image(pipe, adapters={"style": 0.3}), first)
 
 
-def test_a_prepared_adapter_costs_its_factors_and_a_weight_change_only_its_scales(entry):
-    """One adapter is fed as loaded (no copy of its factors); another λ adds only the s vectors (rank floats)."""
+def _factor_accounting(entry, ad):
+    """Per adapter: its factors as stored ({key: array}) and, per branch key, its rank (independent of the runtime)."""
     from safetensors.numpy import load_file
 
+    kinds = {f"{c}.{i}": row["kind"] for c, rows in ad.branches.items() for i, row in enumerate(rows)}
+    out = {}
+    for name, rec in ad.index().items():
+        f = load_file(str(entry / rec["factors"]))
+        ranks = {k[:-2]: v.shape[1 if kinds[k[:-2]] == "matmul" else 0] for k, v in f.items() if k.endswith(".A")}
+        out[name] = (f, ranks)
+    return out
+
+
+@pytest.fixture
+def twin_entry(entry, loras, tmp_path):
+    """A copy of ``entry`` that also holds 'twin' (the style LoRA again): two adapters over the same layers."""
+    import shutil
+
+    from lcm_export.adapters import add_adapter
+
+    d = tmp_path / "twin"
+    shutil.copytree(entry, d, symlinks=True)
+    add_adapter(d, loras["style"], "twin")
+    return d
+
+
+def test_a_prepared_adapter_costs_its_factors_and_a_weight_change_only_its_scales(twin_entry):
+    """One adapter is fed as loaded (no copy of its factors); another λ adds only the s vectors (4 bytes a rank);
+    a set of two costs the concatenation of the layers both touch, once."""
     from lcm_export.runtime.adapters import Adapters
 
+    entry = twin_entry
     pipe = LCMPipeline.from_engine_dir(entry)
     ad = Adapters(entry, pipe.manifest)
-    rec = ad.index()["style"]
-    factors = load_file(str(entry / rec["factors"]))
-    factor_bytes = sum(v.nbytes for v in factors.values())
-    kinds = {f"{c}.{i}.A": row["kind"] for c, rows in ad.branches.items() for i, row in enumerate(rows)}
-    rank_total = sum(v.shape[1 if kinds[k] == "matmul" else 0] for k, v in factors.items() if k.endswith(".A"))
+    acc = _factor_accounting(entry, ad)
+    (fs, rs), (fp, rp) = acc["style"], acc["twin"]
+    nbytes = lambda f: sum(v.nbytes for v in f.values())  # noqa: E731
     assert ad.resident_bytes() == 0
     ad.feeds(ad.check({"style": 0.8}))
-    assert ad.resident_bytes() == factor_bytes + 4 * rank_total
+    assert ad.resident_bytes() == nbytes(fs) + 4 * sum(rs.values())
     ad.feeds(ad.check({"style": 0.5}))
-    assert ad.resident_bytes() == factor_bytes + 2 * 4 * rank_total
-    ad.feeds(ad.check({"style": 0.5, "pixel": 1.0}))  # a set of two: the pair is concatenated once
-    assert ad.resident_bytes() > 2 * factor_bytes
+    assert ad.resident_bytes() == nbytes(fs) + 2 * 4 * sum(rs.values())
+    ad.feeds(ad.check({"style": 0.5, "twin": 1.0}))
+    both = set(rs) & set(rp)
+    assert both, "the fixture's adapters must share layers for this test"
+    concatenated = sum(fs[k + p].nbytes + fp[k + p].nbytes for k in both for p in (".A", ".B"))
+    s_pair = 4 * (sum(rs.values()) + sum(rp.values()))
+    expected = nbytes(fs) + nbytes(fp) + 2 * 4 * sum(rs.values()) + concatenated + s_pair
+    assert ad.resident_bytes() == expected
+    ad.feeds(ad.check({"style": 0.5, "twin": 0.7}))  # the same set at other weights: only new s vectors
+    assert ad.resident_bytes() == expected + s_pair
+
+
+def test_a_set_is_never_concatenated_twice(twin_entry, monkeypatch):
+    """A set dropped from the cache takes its choices with it: a later choice of the same set concatenates once."""
+    from lcm_export.runtime import adapters as rt
+
+    monkeypatch.setattr(rt, "CACHE", 1)
+    ad = rt.Adapters(twin_entry, LCMPipeline.from_engine_dir(twin_entry).manifest)
+    ad.feeds(ad.check({"style": 0.8, "twin": 0.5}))
+    with_pair = ad.resident_bytes()
+    ad.feeds(ad.check({"style": 0.8}))  # another set: the pair's set (and its choice) leave the cache
+    ad.feeds(ad.check({"style": 0.8, "twin": 0.6}))  # the pair again: concatenated once more, the old copy gone
+    assert ad.resident_bytes() == with_pair
+
+
+def test_an_adapter_removed_between_check_and_call_is_a_one_line_error(base_dir, loras, tmp_path):
+    from lcm_export.adapters import add_adapter, remove_adapter
+    from lcm_export.errors import UserError
+    from lcm_export.runtime.adapters import Adapters
+
+    d = tmp_path / "e"
+    _build(base_dir, d, [f"{loras['lcm']}:1.0"], adapters=True)
+    add_adapter(d, loras["style"], "style")
+    ad = Adapters(d, json.loads((d / "manifest.json").read_text()))
+    choice = ad.check({"style": 0.8})
+    remove_adapter(d, "style")
+    with pytest.raises(UserError, match="unknown adapter 'style': it was removed"):
+        ad.feeds(choice)
+
+
+def test_an_entry_with_older_adapter_branches_is_rebuilt_and_keeps_its_adapters(base_dir, loras, tmp_path, capsys):
+    """Branches written before the per-rank weight input (adapters version 1): one line that says to rebuild; a
+    rebuild with the same flags (no --force needed) keeps the adapters, whose factors fit as they are."""
+    from lcm_export.adapters import add_adapter
+
+    d = tmp_path / "e"
+    _build(base_dir, d, [f"{loras['lcm']}:1.0"], adapters=True)
+    add_adapter(d, loras["style"], "style")
+    m = json.loads((d / "manifest.json").read_text())
+    m["adapters"]["version"] = 1
+    for comp, rows in m["adapters"]["branches"].items():
+        for r in rows:
+            r["inputs"] = r["inputs"][:2]
+    (d / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()  # the build's progress bars
+    code, _, err = run_cli(["generate", "--engine-dir", d, "--prompt", "x", "--out", tmp_path / "x.png"], capsys)
+    assert code == 2 and "written by an older lcm-export" in err and "damaged" not in err
+    assert err.strip().splitlines() == [err.strip()]
+    r = _build(base_dir, d, [f"{loras['lcm']}:1.0"], adapters=True)
+    assert not r.reused and "adapters kept: style" in r.summary()
+    pipe = LCMPipeline.from_engine_dir(d)
+    assert pipe.manifest["adapters"]["version"] == 2
+    assert not np.array_equal(_image(pipe, adapters={"style": 0.8}), _image(pipe))
 
 
 @needs_openvino

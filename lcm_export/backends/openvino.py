@@ -73,11 +73,11 @@ INT8_SCHEMES = {
           "not faster on a compute-bound UNet",
 }
 DEFAULT_INT8_SCHEME = "w8a8"
-"""Provisional. The speed target (an int8 UNet step >= 1.6x the bf16 one) needs int8 arithmetic in both the
-convolutions and the matrix products, which only w8a8(-sq) give; on the tiny demo (64x64, 4-step image
-against PyTorch fp32) w8a8 measured PSNR 43.8 dB / SSIM 0.998, w8a8-sq 44.4 dB, hybrid 43.7 dB, w8 50.9 dB
-(bf16 UNet: 51.1 dB). Random-weight images say little about real ones: benchmarks/cpu_fast.py compares the
-schemes on demo:sd15-full (step time, image PSNR/SSIM) and decides."""
+"""Measured (benchmarks/reports/cpu-fast: demo:sd15-full, 2 cores of an AMD EPYC Zen 4 with AVX512_VNNI, 3
+interleaved rounds, 3 held-out prompts): the fastest scheme whose worst image passes the int8 gate. UNet step
+at 512² / 256²: w8a8 1.448 / 0.307 s (1.58x / 1.68x the bf16 step), w8a8-sq 1.521 / 0.307 s, w8 2.200 /
+0.445 s (bf16: 2.290 / 0.516 s); worst 4-step image against PyTorch fp32 42.6 dB (w8a8), 43.1 dB (w8a8-sq),
+48.8 dB (w8), SSIM 0.999-1.000 (bf16: 49.2 dB). hybrid was not in that run."""
 NNCF_HINT = "pip install nncf (part of lcm-export's [build] extra)"
 INSTALL_HINT = "pip install 'openvino>=2024.0' (part of lcm-export's base install)"
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}

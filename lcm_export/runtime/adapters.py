@@ -32,11 +32,14 @@ MAX_WEIGHT = 8.0
 """Largest |λ| a call may give an adapter (the paper uses up to 1; a LoRA far beyond a few times its
 training strength only saturates the image, and beyond this overflows fp16/bf16 activations)."""
 CACHE = 8
-"""Assembled choices kept per entry: one adapter's factors are fed as loaded (no copy), a set of several
-costs their factors once more (concatenated), a choice of weights only its small ``s`` vectors."""
-OVERFLOW = 1e30
-"""A weight whose branch product could exceed this (|λ| · max|A| · max|B| · rank · width) is refused: float32
-activations would overflow to inf (an input error, not an engine failure)."""
+"""Sets of several adapters (their factors concatenated once) and choices of weights (their ``s`` vectors) kept
+per entry (the least recently used dropped first); one adapter's factors are fed as loaded (no copy). A choice kept
+keeps its set: a set is dropped together with its choices, so its factors are never concatenated twice."""
+MAX_GAIN = 1e12
+"""Largest Σ |λ_i| · g_i a choice may reach, g_i = max|A| · max|B| · in · rank over an adapter's layers (a bound on
+how much its branch can amplify an activation). Beyond 1e12 a branch can push activations of ~1e4 past ~1e16,
+where the next normalization's squares overflow float32 — refused as an input error, not left to come out as a
+NaN image."""
 
 
 def _rebuild_hint(d: Path) -> str:
@@ -54,6 +57,7 @@ class Adapters:
         self._stamp: tuple | None = None
         self._factors: dict[str, tuple[str, dict[str, np.ndarray]]] = {}
         self._bounds: dict[str, float] = {}
+        self._stacks: OrderedDict = OrderedDict()
         self._combos: OrderedDict = OrderedDict()
         self._lock = threading.RLock()
         self.empty = {comp: empty_factors(rows) for comp, rows in self.branches.items()}
@@ -75,6 +79,7 @@ class Adapters:
             if self._index is None or stamp != self._stamp:
                 self._index, self._stamp = read_index(self.engine_dir)
                 self._combos.clear()
+                self._stacks.clear()
                 self._factors = {n: f for n, f in self._factors.items()
                                  if n in self._index and self._index[n]["sha256"] == f[0]}
             return self._index
@@ -107,7 +112,10 @@ class Adapters:
         return tuple(sorted(out))
 
     def _load(self, name: str) -> dict[str, np.ndarray]:
-        rec = self.index()[name]
+        rec = self.index().get(name)
+        if rec is None:  # removed between the check and this call
+            raise UserError(f"unknown adapter {name!r}: it was removed from {self.engine_dir} (add it again with "
+                            "`lcm-export adapter add`)")
         cached = self._factors.get(name)
         if cached is not None and cached[0] == rec["sha256"]:
             return cached[1]
@@ -141,10 +149,9 @@ class Adapters:
     def _stacked(self, names: tuple[str, ...]) -> dict:
         """{component: {branch index: (A, B, ranks)}} for a set of adapters: one adapter's factors as loaded (no
         copy); several concatenated along the rank (cached: a λ change reuses them)."""
-        key = ("stack", names)
-        if key in self._combos:
-            self._combos.move_to_end(key)
-            return self._combos[key]
+        if names in self._stacks:
+            self._stacks.move_to_end(names)
+            return self._stacks[names]
         loaded = [self._load(n) for n in names]
         out = {}
         for comp, rows in self.branches.items():
@@ -161,13 +168,18 @@ class Adapters:
                     layers[i] = (np.concatenate([pa for pa, _, _ in parts], axis=a_axis),
                                  np.concatenate([pb for _, pb, _ in parts], axis=b_axis), ranks)
             out[comp] = layers
-        self._combos[key] = out
-        self._trim()
+        self._stacks[names] = out
+        while len(self._stacks) > CACHE:
+            gone, _ = self._stacks.popitem(last=False)
+            for choice in [c for c in self._combos if tuple(n for n, _ in c) == gone]:
+                del self._combos[choice]
         return out
 
     def resident_bytes(self) -> int:
         """Bytes of the arrays this object holds now (loaded factors, concatenated sets, ``s`` vectors), each
-        array counted once: what prepared adapters cost in memory beside the engines."""
+        array counted once: what prepared adapters cost in memory beside the engines. Loaded factors stay until
+        their adapter leaves the index. The engines hold the inputs of their last call too: the same arrays
+        while that choice is cached here, so at most one evicted choice more."""
         with self._lock:
             seen: dict[int, int] = {}
 
@@ -183,6 +195,7 @@ class Adapters:
                         walk(v)
 
             walk([f for _, f in self._factors.values()])
+            walk(list(self._stacks.values()))
             walk(list(self._combos.values()))
             return sum(seen.values())
 
@@ -198,15 +211,19 @@ class Adapters:
         with self._lock:
             if choice:
                 self.index()  # a changed index drops stale combinations before the cache is asked
+            names, weights = tuple(n for n, _ in choice), [w for _, w in choice]
             if choice in self._combos:
                 self._combos.move_to_end(choice)
+                if names in self._stacks:
+                    self._stacks.move_to_end(names)
                 return self._combos[choice]
-            names, weights = tuple(n for n, _ in choice), [w for _, w in choice]
             stacked = self._stacked(names) if names else {}
-            for n, w in choice:
-                if abs(w) * self._bounds.get(n, 0.0) > OVERFLOW:
-                    raise UserError(f"adapter {n!r} at weight {w:g} would overflow float32 (its factors are too large for "
-                                    "that weight); use a smaller weight")
+            gain = sum(abs(w) * self._bounds.get(n, 0.0) for n, w in choice)
+            if gain > MAX_GAIN:
+                n, w = max(choice, key=lambda c: abs(c[1]) * self._bounds.get(c[0], 0.0))
+                raise UserError(f"adapters {dict(choice)} would overflow float32 (the factors of {n!r} are too large for "
+                                f"weight {w:g}: alone it takes at most ±{MAX_GAIN / max(self._bounds[n], 1e-30):.3g}); "
+                                "use smaller weights")
             out = {}
             for comp, rows in self.branches.items():
                 feeds = dict(self.empty[comp])
