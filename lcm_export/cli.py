@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 only: what is quantized. w8a8 (auto: the fastest that passed, benchmarks/reports/cpu-fast): weights and activations of every "
                         "convolution and matrix product; w8a8-sq: the same with SmoothQuant; hybrid: int8 weights only "
                         "for the linear layers, full int8 for convolutions and attention; w8: int8 weights only (smaller, "
-                        "not faster). Recorded in the manifest")
+                        "barely faster). Recorded in the manifest")
     b.add_argument("--vae-decoder", default=None, metavar="SRC",
                    help="decode with a tiny VAE decoder (diffusers AutoencoderTiny, the TAESD family) instead of the "
                         "base's: a hub id (madebyollin/taesd for SD 1.5, madebyollin/taesdxl for SDXL / SSD-1B), a local "

@@ -70,7 +70,7 @@ INT8_SCHEMES = {
     "hybrid": "optimum-intel's hybrid mode: int8 weights only for the matrix products with weights (they compute in "
               "bf16/fp32), full int8 for convolutions and the attention products",
     "w8": "int8 weights only (nncf.compress_weights INT8_ASYM): every product computes in bf16/fp32; smaller, "
-          "not faster on a compute-bound UNet",
+          "barely faster on a compute-bound UNet (benchmarks/reports/cpu-fast)",
 }
 DEFAULT_INT8_SCHEME = "w8a8"
 """Measured (benchmarks/reports/cpu-fast: demo:sd15-full, 2 cores of an AMD EPYC Zen 4 with AVX512_VNNI, 3
