@@ -129,15 +129,19 @@ class LcmRunner:
         return out
 
 
-class GenaiRunner:
-    """OpenVINO GenAI ``Text2ImagePipeline`` on an IR folder; adapters registered at construction and
-    chosen per ``generate`` call (``adapters=AdapterConfig``; an empty config = none)."""
+class _OvRunner:
+    """An OpenVINO-based competitor: its threads and precision as OpenVINO properties."""
 
     def __init__(self, s: dict):
         self.s = s
         self.props = {"INFERENCE_NUM_THREADS": s["threads"]}
         if s.get("precision"):
             self.props["INFERENCE_PRECISION_HINT"] = s["precision"]
+
+
+class GenaiRunner(_OvRunner):
+    """OpenVINO GenAI ``Text2ImagePipeline`` on an IR folder; adapters registered at construction and
+    chosen per ``generate`` call (``adapters=AdapterConfig``; an empty config = none)."""
 
     def load(self):
         import openvino_genai as g
@@ -212,15 +216,9 @@ def _ir_weight_types(xml: str) -> list[str]:
     return sorted(seen)
 
 
-class OptimumRunner:
+class OptimumRunner(_OvRunner):
     """optimum-intel's OpenVINO pipeline on the same IR folder; per-stage times by wrapping each part's
     ``forward`` (``OVPipelinePart.__call__`` calls it)."""
-
-    def __init__(self, s: dict):
-        self.s = s
-        self.props = {"INFERENCE_NUM_THREADS": s["threads"]}
-        if s.get("precision"):
-            self.props["INFERENCE_PRECISION_HINT"] = s["precision"]
 
     def load(self):
         import torch
