@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "changed components (no re-export), checked against PyTorch as a fresh build is")
     b.add_argument("--adapters", action="store_true",
                    help="build adapter branches into the UNet and text encoder(s), so style LoRAs added with `lcm-export "
-                        "adapter add` apply per call (`generate --adapter NAME:WEIGHT`) without a rebuild (ONNX Runtime and "
-                        "OpenVINO; Linear layers and 1x1 convolutions; a little slower per step, see the README)")
+                        "adapter add` apply per call (`generate --adapter NAME:WEIGHT`) without a rebuild (CPU entries: ONNX Runtime "
+                        "and OpenVINO, not int8; Linear layers and 1x1 convolutions; a little slower per step, see the README)")
     b.add_argument("--engine-dir", default=None, help="engine-store entry to write (default: engines/<name>)")
     b.add_argument("--name", default=None, help="entry name under engines/ (default: derived from the base)")
     b.add_argument("--threads", type=int, default=None,
