@@ -37,7 +37,7 @@ lean-check: demo
 	$(VENV)/bin/lcm-export build-engine --engine-dir $(DEMO_ORT) --backend onnxruntime --quiet
 	$(VENV)/bin/lcm-export build-engine --engine-dir $(DEMO_ADAPT) --adapters --quiet
 	$(VENV)/bin/lcm-export adapter add --engine-dir $(DEMO_ADAPT) --name style --force \
-		"$$($(VPY) -c 'from lcm_export.demo import demo_lora_dir, demo_lora_paths; print(demo_lora_paths(demo_lora_dir(), "sd15")[1][0])')"
+		"$$($(VPY) -c 'from lcm_export.sources.demo import demo_lora_dir, demo_lora_paths; print(demo_lora_paths(demo_lora_dir(), "sd15")[1][0])')"
 	test -x .venv-lean/bin/python || $(PY) -m venv .venv-lean
 	.venv-lean/bin/python -m pip install -q --upgrade pip
 	.venv-lean/bin/python -m pip install -q .

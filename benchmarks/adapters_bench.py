@@ -61,10 +61,10 @@ def main() -> None:
     a = ap.parse_args()
 
     from lcm_export._util import tool_versions
-    from lcm_export.adapters import add_adapter
-    from lcm_export.bench import machine_info
-    from lcm_export.build_engine import BuildOptions, build_engine
-    from lcm_export.demo import build_demo_pipeline, demo_lora_dir, write_demo_loras
+    from lcm_export.adapters.index import add_adapter
+    from lcm_export.bench.harness import machine_info
+    from lcm_export.builder.build_engine import BuildOptions, build_engine
+    from lcm_export.sources.demo import build_demo_pipeline, demo_lora_dir, write_demo_loras
     from lcm_export.runtime import LCMPipeline
     from lcm_export.runtime.adapters import Adapters
 

@@ -148,7 +148,7 @@ def main():
     import onnxruntime as ort
 
     from lcm_export._util import tool_versions, write_json
-    from lcm_export.bench import machine_info
+    from lcm_export.bench.harness import machine_info
     from lcm_export.backends.onnxruntime import optimize_graph
     from lcm_export.backends.onnxruntime import OrtEngine
 

@@ -27,8 +27,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from lcm_export._util import tool_versions, write_json, write_text
-    from lcm_export.bench import _LEAN_COLD, _cold, machine_info
-    from lcm_export.bench_torch import PROMPT
+    from lcm_export.bench.harness import _LEAN_COLD, _cold, machine_info
+    from lcm_export.bench.baselines import PROMPT
     from lcm_export.runtime import LCMPipeline
 
     threads = len(os.sched_getaffinity(0))
@@ -56,7 +56,7 @@ def main() -> None:
                      "warm_median_s": wm, "ratio": c / wm, "load_s": load, "first_image_s": first,
                      "cold_peak_rss_mb": max(x["peak_rss_mb"] for x in cold)})
         print(f"{res}: cold {c:.2f} s, warm {wm:.2f} s, ratio {c / wm:.2f} (load {load:.2f} s, first image {first:.2f} s)", flush=True)
-    from lcm_export.store import read_manifest
+    from lcm_export.store.manifest import read_manifest
 
     m = read_manifest(a.engine_dir)
     rep = {"schema": "lcm-export-cold-start/1", "entry": str(a.engine_dir), "backend": m["backend"], "precision": m["precision"],

@@ -130,7 +130,7 @@ def prepare(a, py: dict, env: dict) -> dict:
         if not a.base.startswith("demo:"):
             raise SystemExit("--base other than demo:NAME: fuse it yourself (lcm-export fuse) and pass --model")
         name = a.base.split(":", 1)[1]
-        script = ("import sys; from lcm_export.demo import build_demo_pipeline, write_demo_loras; "
+        script = ("import sys; from lcm_export.sources.demo import build_demo_pipeline, write_demo_loras; "
                   "p = write_demo_loras(build_demo_pipeline(sys.argv[1]), name=sys.argv[1]); print(p[0][0])")
         t0 = time.perf_counter()
         if not (fused / "model_index.json").exists():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lcm_export.bench import median_time
+from lcm_export.bench.harness import median_time
 
 
 def _rel(a, b) -> float:
@@ -57,10 +57,10 @@ def main() -> None:
     from lcm_export._util import tool_versions, write_json, write_text
     from lcm_export.backends.onnxruntime import OrtEngine
     from lcm_export.backends.openvino import OvEngine
-    from lcm_export.bench import machine_info
-    from lcm_export.verify import psnr, seeded_inputs
+    from lcm_export.bench.harness import machine_info
+    from lcm_export.builder.verify import psnr, seeded_inputs
     from lcm_export.runtime import LCMPipeline
-    from lcm_export.store import read_manifest
+    from lcm_export.store.manifest import read_manifest
 
     hw = tuple(int(v) for v in a.resolution.split("x"))
     ov_dir = Path(a.ov_entry)

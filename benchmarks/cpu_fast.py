@@ -57,7 +57,7 @@ def variants(schemes: list[str], tiny: str | None) -> dict[str, dict]:
 
 
 def build_all(a, labels: dict[str, dict]) -> dict[str, dict]:
-    from lcm_export.build_engine import BuildOptions, build_engine
+    from lcm_export.builder.build_engine import BuildOptions, build_engine
     from lcm_export.errors import UserError
 
     built, refused = {}, {}
@@ -92,17 +92,17 @@ def build_all(a, labels: dict[str, dict]) -> dict[str, dict]:
 def references(a, hws, prompts, tiny: str | None) -> dict:
     """{(hw, prompt index): {"full": image, "tiny": image}}: diffusers PyTorch fp32 with the base's VAE (and with
     the tiny decoder), the same fused weights, latents and step noise as the entries get."""
-    from lcm_export.build_engine import BuildOptions, resolve_loras
-    from lcm_export.fuse import fuse_into
-    from lcm_export.models import base_family, load_pipeline, resolve_base
-    from lcm_export.verify import diffusers_images, seeded_inputs
+    from lcm_export.builder.plan import BuildOptions, resolve_loras
+    from lcm_export.builder.fuse import fuse_into
+    from lcm_export.sources.models import base_family, load_pipeline, resolve_base
+    from lcm_export.builder.verify import diffusers_images, seeded_inputs
 
     src = resolve_base(a.base)
     pipe = load_pipeline(src)
     fuse_into(pipe, resolve_loras(BuildOptions(base=a.base, loras=tuple(a.lora)), src, False))
     tiny_vae = None
     if tiny:
-        from lcm_export.tiny_vae import load_vae_decoder, resolve_vae_decoder
+        from lcm_export.sources.tiny_vae import load_vae_decoder, resolve_vae_decoder
 
         tiny_vae = load_vae_decoder(resolve_vae_decoder(tiny, base_family(src)))
     refs = {}
@@ -128,7 +128,7 @@ def references(a, hws, prompts, tiny: str | None) -> dict:
 def measure(a, built: dict, hws, prompts, refs) -> dict:
     """Interleaved rounds: per round, each entry loaded, warmed up and timed at each size, then unloaded."""
     from lcm_export.runtime import LCMPipeline
-    from lcm_export.verify import psnr, seeded_inputs, ssim
+    from lcm_export.builder.verify import psnr, seeded_inputs, ssim
 
     times = {label: {hw: {"unet_step": [], "vae": [], "e2e": [], "text": []} for hw in hws} for label in built}
     quality = {label: {} for label in built}
@@ -181,7 +181,7 @@ def measure(a, built: dict, hws, prompts, refs) -> dict:
 def decide(results: dict, schemes: list[str], hws) -> dict:
     """The measured scheme choice: the fastest int8 scheme (UNet step at the largest size) whose worst image
     over the prompts passes the int8 gate (verify.INT8_IMAGE_GATE) at every size."""
-    from lcm_export.verify import INT8_IMAGE_GATE
+    from lcm_export.builder.verify import INT8_IMAGE_GATE
 
     big = f"{max(hws, key=lambda hw: hw[0] * hw[1])[0]}x{max(hws, key=lambda hw: hw[0] * hw[1])[1]}"
     rows = []
@@ -200,7 +200,7 @@ def decide(results: dict, schemes: list[str], hws) -> dict:
 def write_report(a, out: Path, built, refused, results, decision, hws, prompts, refs) -> dict:
     from lcm_export._util import tool_versions, write_json, write_text
     from lcm_export.backends.openvino import DEFAULT_INT8_SCHEME
-    from lcm_export.bench import machine_info
+    from lcm_export.bench.harness import machine_info
 
     threads = a.threads or len(os.sched_getaffinity(0))
     rep = {"schema": "lcm-export-cpu-fast/1", "base": a.base, "loras": list(a.lora), "resolutions": [f"{h}x{w}" for h, w in hws],
@@ -276,8 +276,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from lcm_export.backends.openvino import INT8_SCHEMES
-    from lcm_export.models import base_family, resolve_base
-    from lcm_export.presets import resolve_preset
+    from lcm_export.sources.models import base_family, resolve_base
+    from lcm_export.builder.presets import resolve_preset
 
     hws = list(dict.fromkeys(a.resolution or [(256, 256), (512, 512)]))
     a.resolution = hws

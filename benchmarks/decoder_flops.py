@@ -16,7 +16,7 @@ def decoder_flops(size: int) -> dict:
     from diffusers import AutoencoderKL, AutoencoderTiny
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lcm_export.demo import demo_configs
+    from lcm_export.sources.demo import demo_configs
 
     with torch.device("meta"):
         full = AutoencoderKL(**demo_configs("sd15-full", 49408)["vae"])

@@ -60,11 +60,11 @@ def _corrupt(src: Path, dst: Path, how: str) -> None:
 
 
 def factor_study(ratios, seeds, sizes) -> dict:
-    from lcm_export.components import run_module, sample_inputs, wrappers
-    from lcm_export.export import export_component
-    from lcm_export.fuse import fuse_into
-    from lcm_export.lora import LoraSpec, inspect_lora
-    from lcm_export.verify import float64_outputs, rel_l2
+    from lcm_export.builder.components import run_module, sample_inputs, wrappers
+    from lcm_export.builder.export import export_component
+    from lcm_export.builder.fuse import fuse_into
+    from lcm_export.sources.lora import LoraSpec, inspect_lora
+    from lcm_export.builder.verify import float64_outputs, rel_l2
     from strong_lora import strong_pipeline, write_strong_loras
 
     rows, bugs = [], []
@@ -113,7 +113,7 @@ def _together(rows, key) -> float:
 def gate_outcomes(rows) -> dict:
     """What the gate (verify.gate: first input, then CONFIRM_INPUTS together) decides for every correct
     engine row, and the engine / PyTorch-fp32 ratios it sees (single inputs; CONFIRM_INPUTS together)."""
-    from lcm_export.verify import CONFIRM_INPUTS, FP32_FACTOR, FP32_FLOOR
+    from lcm_export.builder.verify import CONFIRM_INPUTS, FP32_FACTOR, FP32_FLOOR
 
     groups: dict = {}
     for r in rows:
@@ -137,8 +137,8 @@ def gate_outcomes(rows) -> dict:
 
 
 def cost_study(sizes) -> dict:
-    from lcm_export.demo import build_demo_pipeline
-    from lcm_export.verify import References
+    from lcm_export.sources.demo import build_demo_pipeline
+    from lcm_export.builder.verify import References
 
     pipe = build_demo_pipeline("sd15-full")
     out = []
@@ -169,7 +169,7 @@ def main() -> None:
     import torch
 
     from lcm_export._util import tool_versions
-    from lcm_export.bench import machine_info
+    from lcm_export.bench.harness import machine_info
 
     torch.set_num_threads(2)
     out = Path(a.out)

@@ -9,7 +9,7 @@ For each model it
   1. builds a TensorRT fp16 entry (engines/gpu-<model>) through `build_engine` (Polygraphy API);
   2. compares each TensorRT engine with the PyTorch fp16 module on CUDA on seeded inputs (rel-L2,
      max-abs), and a 4-step image against diffusers fp16 with the same latents and step noise (PSNR,
-     through `lcm_export.verify`, which restores what it patches), once with the latents kept on
+     through `lcm_export.builder.verify`, which restores what it patches), once with the latents kept on
      the GPU between steps (the device loop) and once with the host loop;
   3. runs `lcm-export bench` with the eager, torch.compile, CUDA-graph (reduce-overhead) and bf16
      baselines and writes benchmarks/reports/gpu-<model>-<res>/ in the standard report format.
@@ -42,8 +42,8 @@ def _rel(a, b):
 def reference(engine_dir: Path, device: str):
     import torch
 
-    from lcm_export.bench_torch import reference_pipeline
-    from lcm_export.store import read_manifest
+    from lcm_export.bench.baselines import reference_pipeline
+    from lcm_export.store.manifest import read_manifest
 
     ref, sched = reference_pipeline(read_manifest(engine_dir), engine_dir)
     return (ref.to(device, torch.float16) if device == "cuda" else ref), sched
@@ -52,9 +52,9 @@ def reference(engine_dir: Path, device: str):
 def component_parity(engine_dir: Path, hw, ref) -> dict:
     import torch
 
-    from lcm_export.components import sample_inputs, wrappers as _wrappers
+    from lcm_export.builder.components import sample_inputs, wrappers as _wrappers
     from lcm_export.runtime.engines import load_engines
-    from lcm_export.store import read_manifest
+    from lcm_export.store.manifest import read_manifest
 
     engines = load_engines(read_manifest(engine_dir), engine_dir)
     param = next(ref.unet.parameters())
@@ -76,7 +76,7 @@ def image_parity(engine_dir: Path, hw, ref, sched_cfg: dict) -> dict:
     """PSNR of the entry's 4-step image against diffusers (same latents and step noise), with the
     latents kept on the GPU between steps (the device loop, where the entry has LCM step engines) and
     with the host loop; diffusers' noise function and scheduler are restored by ``diffusers_images``."""
-    from lcm_export.verify import PROMPT, diffusers_images, psnr, seeded_inputs
+    from lcm_export.builder.verify import PROMPT, diffusers_images, psnr, seeded_inputs
     from lcm_export.runtime import LCMPipeline
     from lcm_export.runtime.device_loop import device_loop_for
 
@@ -123,8 +123,8 @@ def baselines_only(model: str, hw, runs: int, baselines, solver_runs: int, devic
     import torch
 
     from lcm_export._util import progress
-    from lcm_export.bench import BenchOptions, failures, parse_solvers
-    from lcm_export.bench_torch import base_pipeline, baseline_setup, time_baselines, time_solvers
+    from lcm_export.bench.harness import BenchOptions, failures, parse_solvers
+    from lcm_export.bench.baselines import base_pipeline, baseline_setup, time_baselines, time_solvers
 
     ref, sched = base_pipeline(model)
     ref = ref.to(device, getattr(torch, baseline_setup("eager", device)["dtype"]))
@@ -152,8 +152,8 @@ def check_model(model: str, hw, runs: int, parts: dict, avail: dict | None = Non
 
     from lcm_export._cpu import usable_cores
     from lcm_export._util import tool_versions, write_json
-    from lcm_export.bench import BenchOptions, machine_info, run_bench
-    from lcm_export.build_engine import BuildOptions, build_engine
+    from lcm_export.bench.harness import BenchOptions, machine_info, run_bench
+    from lcm_export.builder.build_engine import BuildOptions, build_engine
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tag, res = model.replace("demo:", "demo-"), f"{hw[0]}x{hw[1]}"

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lcm_export._util import write_json
-from lcm_export.bench import median_time
+from lcm_export.bench.harness import median_time
 
 
 def main():

@@ -33,10 +33,10 @@ def main() -> None:
     from safetensors.numpy import load_file, save_file
 
     from lcm_export._util import tool_versions, write_json, write_text
-    from lcm_export.bench import machine_info
-    from lcm_export.build_engine import BuildOptions, build_engine
-    from lcm_export.demo import build_demo_pipeline, write_demo_loras
-    from lcm_export.verify import psnr, seeded_inputs
+    from lcm_export.bench.harness import machine_info
+    from lcm_export.builder.build_engine import BuildOptions, build_engine
+    from lcm_export.sources.demo import build_demo_pipeline, write_demo_loras
+    from lcm_export.builder.verify import psnr, seeded_inputs
     from lcm_export.runtime import LCMPipeline
 
     work = Path(a.work)

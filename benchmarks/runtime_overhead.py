@@ -23,8 +23,8 @@ import json
 from pathlib import Path
 
 from lcm_export._util import tool_versions, write_json, write_text
-from lcm_export.bench import machine_info
-from lcm_export.overhead import measure_overhead
+from lcm_export.bench.harness import machine_info
+from lcm_export.bench.overhead import measure_overhead
 
 WARMUP = 3
 

@@ -32,7 +32,7 @@ def _unet():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from lcm_export.demo import demo_configs
+    from lcm_export.sources.demo import demo_configs
 
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the same seed build_demo_pipeline("sdxl-full") uses for the UNet
@@ -54,7 +54,7 @@ def stage_export(work: Path):
     import types
 
     from lcm_export.backends.onnxruntime import optimize_graph
-    from lcm_export.export import export_component
+    from lcm_export.builder.export import export_component
 
     t0 = time.perf_counter()
     reused = (work / "onnx" / "unet" / "model.onnx.data").exists()  # an earlier run's export
@@ -168,8 +168,8 @@ def main():
             return stage_torch(*args, dtype="bf16")
         return {"ort": stage_ort, "ov-bf16": stage_ov, "torch": stage_torch}[a.stage](*args)
 
-    from lcm_export.bench import machine_info
-    from lcm_export.bench_torch import measure_peak
+    from lcm_export.bench.harness import machine_info
+    from lcm_export.bench.baselines import measure_peak
     from lcm_export._util import tool_versions, write_json, write_text
 
     threads = len(os.sched_getaffinity(0))

@@ -159,7 +159,7 @@ def main() -> int:
     from lcm_export.serve import ServeOptions, start, stop
     from lcm_export.serve.client import wait_ready
     from lcm_export.serve.load import drive
-    from lcm_export.store import read_manifest
+    from lcm_export.store.manifest import read_manifest
 
     m = read_manifest(Path(a.engine_dir))
     h, w = (int(v) for v in (a.resolution or m["resolutions"][0]).split("x"))

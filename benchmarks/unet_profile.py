@@ -112,9 +112,9 @@ def main():
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     from lcm_export._util import tool_versions, write_json, write_text
-    from lcm_export.bench import machine_info
-    from lcm_export.bench_torch import measure_peak
-    from lcm_export.store import read_manifest
+    from lcm_export.bench.harness import machine_info
+    from lcm_export.bench.baselines import measure_peak
+    from lcm_export.store.manifest import read_manifest
 
     eng = Path(a.engine_dir)
     m = read_manifest(eng)

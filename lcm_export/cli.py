@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads recorded as the entry's default (default: all cores; $LCM_EXPORT_THREADS overrides at run time; "
                         "any count is capped at the cores of the machine that runs the entry)")
     b.add_argument("--force", action="store_true", help="rebuild even when the entry is up to date; replace an entry that holds another model")
+    b.add_argument("--dry-run", action="store_true",
+                   help="print the build plan (source, preset, backend and precision, shapes, decoder, LoRAs, keys, and whether "
+                        "the entry there is reused, refit or rebuilt) and stop before any fusion or export: the entry is not touched")
     b.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
 
     i = sub.add_parser("inspect", help="show an engine-store entry's manifest", description="Print an engine-store entry's manifest.")
@@ -290,7 +293,7 @@ def _dispatch(a) -> int:
     if getattr(a, "quiet", False):
         _quiet_libraries()
     if a.cmd == "fuse":
-        from .fuse import LoraSpec, fuse
+        from .builder.fuse import LoraSpec, fuse
 
         specs = [LoraSpec.parse(s) for s in a.lora]
         rec = fuse(a.base, specs, a.out, force=a.force, show_progress=not a.quiet)
@@ -300,16 +303,16 @@ def _dispatch(a) -> int:
             print("note: demo model with random weights: its images are noise")
         return 0
     if a.cmd == "export":
-        from .export import export_model
+        from .builder.export import export_model
 
         res = export_model(a.model, a.out, resolution=a.resolution, force=a.force, show_progress=not a.quiet)
-        from .store import describe_parity
+        from .store.manifest import describe_parity
 
         for comp, c in res["components"].items():
             print(f"{comp:13s} {c['file']}  {describe_parity(c['parity'])}")
         return 0
     if a.cmd == "build-engine":
-        from .build_engine import BuildOptions, build_engine
+        from .builder.build_engine import BuildOptions, build_engine
 
         opts = BuildOptions(
             base=a.base, loras=tuple(a.lora), resolutions=tuple(a.resolution), dynamic=a.dynamic, batch=a.batch,
@@ -317,11 +320,16 @@ def _dispatch(a) -> int:
             preset=a.preset, vae_fp32=a.vae_fp32, refit=a.refit, no_refit=a.no_refit,
             adapters=a.adapters, engine_dir=a.engine_dir, name=a.name, threads=a.threads, force=a.force, show_progress=not a.quiet,
         )
+        if a.dry_run:
+            from .builder.plan import format_plan, make_plan
+
+            print(format_plan(make_plan(opts)))
+            return 0
         result = build_engine(opts)
         print(result.summary())
         return 0
     if a.cmd == "inspect":
-        from .store import format_manifest, read_manifest
+        from .store.manifest import format_manifest, read_manifest
 
         m = read_manifest(a.engine_dir)
         print(json.dumps(m, indent=2) if a.json else format_manifest(m))
@@ -331,7 +339,7 @@ def _dispatch(a) -> int:
 
         return generate_cmd(a)
     if a.cmd == "adapter":
-        from . import adapters as ad
+        from .adapters import index as ad
 
         if a.adapter_cmd == "add":
             rec = ad.add_adapter(a.engine_dir, a.file, a.name, a.force)
@@ -345,7 +353,7 @@ def _dispatch(a) -> int:
             print(f"removed adapter {a.name} from {a.engine_dir}")
         return 0
     if a.cmd == "bench":
-        from .bench import BenchOptions, run_bench
+        from .bench.harness import BenchOptions, run_bench
 
         opts = BenchOptions(
             engine_dir=a.engine_dir, baselines=tuple(a.baselines), solvers=tuple(a.solvers), resolution=a.resolution,

@@ -16,7 +16,7 @@ warnings.filterwarnings("ignore")
 
 @pytest.fixture(scope="session")
 def demo_pipe():
-    from lcm_export.demo import build_demo_pipeline
+    from lcm_export.sources.demo import build_demo_pipeline
 
     return build_demo_pipeline("sd15")
 
@@ -67,7 +67,7 @@ needs_openvino = pytest.mark.skipif(not OV_OK, reason=f"needs OpenVINO: {OV_WHY}
 @pytest.fixture(scope="session")
 def demo_loras(tmp_path_factory, demo_pipe):
     """The demo's two LoRAs (kohya LoCon 'LCM-LoRA', PEFT style LoRA) with their default λ."""
-    from lcm_export.demo import write_demo_loras
+    from lcm_export.sources.demo import write_demo_loras
 
     return write_demo_loras(demo_pipe, tmp_path_factory.mktemp("demo-loras"))
 
@@ -78,7 +78,7 @@ RESOLUTIONS = ((64, 64), (64, 96))
 @pytest.fixture(scope="session")
 def demo_engine(tmp_path_factory, base_dir, demo_loras):
     """An ONNX Runtime entry for the tiny model + two LoRAs at two resolutions (one non-square)."""
-    from lcm_export.build_engine import BuildOptions, build_engine
+    from lcm_export.builder.build_engine import BuildOptions, build_engine
 
     d = tmp_path_factory.mktemp("engines") / "tiny"
     build_engine(BuildOptions(base=str(base_dir), loras=tuple(f"{p}:{w}" for p, w in demo_loras),
@@ -91,7 +91,7 @@ def fused_pipe(tmp_path_factory, base_dir, demo_loras):
     """The same fusion done by `fuse`, loaded back with diffusers: the PyTorch reference."""
     from diffusers import StableDiffusionPipeline
 
-    from lcm_export.fuse import LoraSpec, fuse
+    from lcm_export.builder.fuse import LoraSpec, fuse
 
     out = tmp_path_factory.mktemp("fused") / "model"
     fuse(str(base_dir), [LoraSpec(p, w) for p, w in demo_loras], out, show_progress=False)
@@ -103,7 +103,7 @@ def fused_pipe(tmp_path_factory, base_dir, demo_loras):
 @pytest.fixture(scope="session")
 def ov_engine(tmp_path_factory, base_dir, demo_loras):
     """An OpenVINO fp32 entry of the same model (IR + compiled blob per component), at one resolution."""
-    from lcm_export.build_engine import BuildOptions, build_engine
+    from lcm_export.builder.build_engine import BuildOptions, build_engine
 
     d = tmp_path_factory.mktemp("engines") / "tiny-ov"
     build_engine(BuildOptions(base=str(base_dir), loras=tuple(f"{p}:{w}" for p, w in demo_loras), resolutions=((64, 64),),

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from lcm_export.step_graph import INPUTS as STEP_INPUTS, OUTPUTS as STEP_OUTPUTS, lcm_step_onnx
+from lcm_export.core.step_graph import INPUTS as STEP_INPUTS, OUTPUTS as STEP_OUTPUTS, lcm_step_onnx
 
 
 class FakeArr:

@@ -19,7 +19,7 @@ ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def strong_pipeline():
-    from lcm_export.demo import build_demo_pipeline
+    from lcm_export.sources.demo import build_demo_pipeline
 
     return build_demo_pipeline("sd15", overrides=ARCH)
 

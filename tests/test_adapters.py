@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import PY, needs_openvino, run_cli
-from lcm_export.build_engine import BuildOptions, build_engine
+from lcm_export.builder.build_engine import BuildOptions, build_engine
 from lcm_export.runtime import LCMPipeline
-from lcm_export.verify import FP32_FACTOR, FP32_FLOOR, float64_outputs, psnr, rel_l2, seeded_inputs
+from lcm_export.builder.verify import FP32_FACTOR, FP32_FLOOR, float64_outputs, psnr, rel_l2, seeded_inputs
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def _build(base_dir, d, specs, backend="onnxruntime", precision="fp32", adapters
 @pytest.fixture(scope="module")
 def entry(tmp_path_factory, base_dir, loras):
     """An ONNX Runtime entry with the LCM-LoRA baked and adapter branches, holding 'style' and 'pixel'."""
-    from lcm_export.adapters import add_adapter
+    from lcm_export.adapters.index import add_adapter
 
     d = tmp_path_factory.mktemp("adapters") / "entry"
     _build(base_dir, d, [f"{loras['lcm']}:1.0"], adapters=True)
@@ -73,7 +73,7 @@ def fresh(tmp_path_factory, base_dir, loras):
 
 
 def test_branches_and_index(entry, loras):
-    from lcm_export.lora import inspect_lora
+    from lcm_export.sources.lora import inspect_lora
 
     m = json.loads((entry / "manifest.json").read_text())
     branches = m["adapters"]["branches"]
@@ -104,7 +104,7 @@ def test_adapters_equal_a_fresh_build_with_them_fused(entry, fresh, fused_refs, 
     # the UNet with the adapters, through the engine, against float64 of the fused PyTorch module: the fp32 gate rule
     module, feeds = fused_refs[key]
     exact = float64_outputs(module, feeds)[0]
-    from lcm_export.components import run_module
+    from lcm_export.builder.components import run_module
 
     e32 = rel_l2(run_module(module, feeds)[0], exact)
     got = pipe.engines["unet"]["*"].run({**feeds, **pipe.adapters.feeds(pipe.adapters.check(choice))["unet"]})
@@ -115,10 +115,10 @@ def test_adapters_equal_a_fresh_build_with_them_fused(entry, fresh, fused_refs, 
 @pytest.fixture(scope="module")
 def fused_refs(base_dir, loras):
     """PyTorch UNets with the LoRAs fused (diffusers), as references, with seeded inputs."""
-    from lcm_export.components import sample_inputs, wrappers
-    from lcm_export.fuse import fuse_into
-    from lcm_export.lora import LoraSpec, inspect_lora
-    from lcm_export.models import load_pipeline, resolve_base
+    from lcm_export.builder.components import sample_inputs, wrappers
+    from lcm_export.builder.fuse import fuse_into
+    from lcm_export.sources.lora import LoraSpec, inspect_lora
+    from lcm_export.sources.models import load_pipeline, resolve_base
 
     out = {}
     for key, specs in {"style": [("style", 0.8)], "mix": [("style", 0.8), ("pixel", -0.5)]}.items():
@@ -157,7 +157,7 @@ def twin_entry(entry, loras, tmp_path):
     """A copy of ``entry`` that also holds 'twin' (the style LoRA again): two adapters over the same layers."""
     import shutil
 
-    from lcm_export.adapters import add_adapter
+    from lcm_export.adapters.index import add_adapter
 
     d = tmp_path / "twin"
     shutil.copytree(entry, d, symlinks=True)
@@ -206,7 +206,7 @@ def test_a_set_is_never_concatenated_twice(twin_entry, monkeypatch):
 
 
 def test_an_adapter_removed_between_check_and_call_is_a_one_line_error(base_dir, loras, tmp_path):
-    from lcm_export.adapters import add_adapter, remove_adapter
+    from lcm_export.adapters.index import add_adapter, remove_adapter
     from lcm_export.errors import UserError
     from lcm_export.runtime.adapters import Adapters
 
@@ -223,7 +223,7 @@ def test_an_adapter_removed_between_check_and_call_is_a_one_line_error(base_dir,
 def test_an_entry_with_older_adapter_branches_is_rebuilt_and_keeps_its_adapters(base_dir, loras, tmp_path, capsys):
     """Branches written before the per-rank weight input (adapters version 1): one line that says to rebuild; a
     rebuild with the same flags (no --force needed) keeps the adapters, whose factors fit as they are."""
-    from lcm_export.adapters import add_adapter
+    from lcm_export.adapters.index import add_adapter
 
     d = tmp_path / "e"
     _build(base_dir, d, [f"{loras['lcm']}:1.0"], adapters=True)
@@ -248,7 +248,7 @@ def test_an_entry_with_older_adapter_branches_is_rebuilt_and_keeps_its_adapters(
 @needs_openvino
 def test_openvino_bf16_adapter_equals_fresh_build(base_dir, loras, tmp_path):
     from lcm_export._cpu import native_bf16
-    from lcm_export.adapters import add_adapter
+    from lcm_export.adapters.index import add_adapter
 
     precision = "bf16" if native_bf16() else "fp32"
     _build(base_dir, tmp_path / "a", [f"{loras['lcm']}:1.0"], "openvino", precision, adapters=True)
@@ -292,7 +292,7 @@ def bad_files(tmp_path_factory, loras):
     nan[k] = np.full_like(sd[k], np.nan)
     save_file(nan, str(d / "nan.safetensors"))
     sdxl = d / "sdxl"
-    from lcm_export.demo import build_demo_pipeline, write_demo_loras
+    from lcm_export.sources.demo import build_demo_pipeline, write_demo_loras
 
     other = write_demo_loras(build_demo_pipeline("sdxl"), sdxl, "sdxl")[1][0]
     return {"nan": d / "nan.safetensors", "sdxl": other}
@@ -342,7 +342,7 @@ def test_generate_refusals_are_one_line(entry, fresh, tmp_path, capsys):
 
 
 def test_factors_changed_on_disk_are_refused(base_dir, loras, tmp_path, capsys):
-    from lcm_export.adapters import add_adapter
+    from lcm_export.adapters.index import add_adapter
 
     d = tmp_path / "e"
     _build(base_dir, d, [f"{loras['lcm']}:1.0"], adapters=True)
@@ -371,7 +371,7 @@ def test_applying_an_adapter_is_lean(entry, tmp_path):
 
 
 def test_adapters_survive_a_refit_and_a_rebuild_with_the_same_branches(base_dir, loras, tmp_path):
-    from lcm_export.adapters import add_adapter, read_index
+    from lcm_export.adapters.index import add_adapter, read_index
 
     d = tmp_path / "e"
     _build(base_dir, d, [f"{loras['lcm']}:1.0"], adapters=True)
@@ -444,7 +444,7 @@ def test_a_damaged_index_is_one_line(entry, tmp_path, capsys, index, needle):
 
 def test_a_running_pipeline_sees_adapters_added_replaced_and_removed(base_dir, loras, tmp_path):
     """The index is re-read when it changes (a server need not restart); replaced factors are read again."""
-    from lcm_export.adapters import add_adapter, remove_adapter
+    from lcm_export.adapters.index import add_adapter, remove_adapter
     from lcm_export.errors import UserError
 
     d = tmp_path / "e"
@@ -489,7 +489,7 @@ def test_a_weight_that_would_overflow_is_refused(base_dir, loras, tmp_path, caps
     """Finite factors so large that the branch product would overflow float32: a one-line input error, not a 500."""
     from safetensors.numpy import load_file, save_file
 
-    from lcm_export.adapters import add_adapter
+    from lcm_export.adapters.index import add_adapter
 
     d = tmp_path / "e"
     _build(base_dir, d, [f"{loras['lcm']}:1.0"], adapters=True)

@@ -355,7 +355,7 @@ def _same_build(ctx, *extra):
     ("no-components", ["--force"]),  # case 3
 ], ids=["case1-truncate-force", "truncate", "case2-schema-99", "case3-no-components"])
 def test_damaged_entry_is_rebuilt(ctx, capsys, damage, extra):
-    from lcm_export.store import file_problems, manifest_problems
+    from lcm_export.store.manifest import file_problems, manifest_problems
 
     if damage == "truncate":
         _truncate(ctx.copy_entry())
@@ -586,7 +586,7 @@ def test_write_text_is_atomic(tmp_path, monkeypatch):
 # OpenVINO), transformers warns at its default verbosity and argv holds bytes, not str
 
 def _foreign_lora(c) -> Path:
-    from lcm_export.demo import build_demo_pipeline, write_demo_loras
+    from lcm_export.sources.demo import build_demo_pipeline, write_demo_loras
 
     return write_demo_loras(build_demo_pipeline("sdxl"), c.tmp / "sdxl-loras", "sdxl")[1][0]
 

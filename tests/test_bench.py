@@ -119,7 +119,7 @@ def test_diffusers_cold_start_runs_in_the_pipeline_dtype(demo_pipe, dtype):
 
     import torch
 
-    from lcm_export.bench import diffusers_cold_start
+    from lcm_export.bench.harness import diffusers_cold_start
 
     ref = copy.deepcopy(demo_pipe).to(getattr(torch, dtype))
     row = diffusers_cold_start(ref, 1, ["a cat", "1.0", "64", "64"])
@@ -135,7 +135,8 @@ def test_failed_rows_fail_the_run(demo_engine, tmp_path, capsys, monkeypatch):
 
     import torch
 
-    from lcm_export import bench, bench_torch
+    from lcm_export.bench import harness as bench
+    from lcm_export.bench import baselines as bench_torch
 
     real = bench_torch.torch_call
 
@@ -166,7 +167,7 @@ def test_failed_rows_fail_the_run(demo_engine, tmp_path, capsys, monkeypatch):
 
 
 def test_baseline_setup_per_device():
-    from lcm_export.bench_torch import baseline_setup
+    from lcm_export.bench.baselines import baseline_setup
 
     assert baseline_setup("eager", "cuda")["dtype"] == "float16" and baseline_setup("eager", "cpu")["dtype"] == "float32"
     assert baseline_setup("bf16", "cuda")["precision"] == "bf16"
@@ -184,7 +185,7 @@ def test_baseline_inputs_follow_pipeline_dtype(demo_pipe):
     import torch
     from diffusers import LCMScheduler
 
-    from lcm_export.bench_torch import torch_call
+    from lcm_export.bench.baselines import torch_call
 
     pipe = copy.deepcopy(demo_pipe).to(torch.bfloat16)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -227,7 +228,7 @@ def test_unet_flops_include_attention(demo_pipe):
     QK^T + PV from each attention's sequence lengths (2 FLOP per multiply-add)."""
     import torch
 
-    from lcm_export.bench_torch import unet_flops
+    from lcm_export.bench.baselines import unet_flops
 
     unet, total, hooks = demo_pipe.unet, [0], []
 

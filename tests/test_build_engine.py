@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import RESOLUTIONS, run_cli
-from lcm_export.build_engine import BuildOptions, build_engine
+from lcm_export.builder.build_engine import BuildOptions, build_engine
 
 
 def _rel_l2(a, b):
@@ -51,7 +51,7 @@ def test_graphs_match_fused_pytorch(demo_engine, fused_pipe, hw):
 def test_manifest(demo_engine, demo_loras):
     m = json.loads((demo_engine / "manifest.json").read_text())
     assert m["schema_version"] == 2 and m["family"] == "sd15" and m["size_multiple"] == 16
-    from lcm_export.store import entry_files, manifest_problems
+    from lcm_export.store.manifest import entry_files, manifest_problems
 
     assert manifest_problems(m) == []
     assert m["file_sizes"] == {f: (demo_engine / f).stat().st_size for f in entry_files(m)}
@@ -92,7 +92,7 @@ def test_reuse_then_rebuild_on_changed_weight(tmp_path, base_dir, demo_loras, de
     d = tmp_path / "entry"
     shutil.copytree(demo_engine, d)
     before = {f: (d / f).stat().st_mtime_ns for f in ("manifest.json", "unet/model.onnx")}
-    import lcm_export.build_engine as be
+    import lcm_export.builder.build_engine as be
 
     real_build = be._build_into
     be._build_into = lambda *a, **k: pytest.fail("an up-to-date entry was rebuilt")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lcm_export.calibration import CALIBRATION_PROMPTS, calibration_record, unet_calibration_feeds
-from lcm_export.verify import seeded_inputs
+from lcm_export.builder.quantize import CALIBRATION_PROMPTS, calibration_record, unet_calibration_feeds
+from lcm_export.builder.verify import seeded_inputs
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_the_prompt_set_covers_the_unconditional_embedding_and_the_record_says_w
 
 
 def test_sdxl_feeds_carry_the_added_conditioning():
-    from lcm_export.demo import build_demo_pipeline
+    from lcm_export.sources.demo import build_demo_pipeline
 
     pipe = build_demo_pipeline("sdxl")
     f = unet_calibration_feeds(pipe, (64, 64), prompts=("a cat",), steps=2)

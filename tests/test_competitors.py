@@ -20,7 +20,7 @@ import competitors_report as report  # noqa: E402
 def test_loras_cover_attention_linears_and_1x1_convs(base_dir, tmp_path):
     from safetensors import safe_open
 
-    from lcm_export.lora import inspect_lora
+    from lcm_export.sources.lora import inspect_lora
 
     rec = loras.write_loras(base_dir, tmp_path)
     files = rec["files"]
@@ -39,9 +39,9 @@ def test_loras_cover_attention_linears_and_1x1_convs(base_dir, tmp_path):
 
 
 def test_loras_load_in_diffusers_every_layer(base_dir, tmp_path):
-    from lcm_export.fuse import load_lora, unload_loras
-    from lcm_export.lora import inspect_lora
-    from lcm_export.models import load_pipeline, resolve_base
+    from lcm_export.builder.fuse import load_lora, unload_loras
+    from lcm_export.sources.lora import inspect_lora
+    from lcm_export.sources.models import load_pipeline, resolve_base
 
     rec = loras.write_loras(base_dir, tmp_path)
     pipe = load_pipeline(resolve_base(str(base_dir)))

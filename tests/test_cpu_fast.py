@@ -32,7 +32,7 @@ def _res(step, psnr_worst, ssim_worst):
 
 
 def test_decision_is_the_fastest_scheme_that_passes_the_gate_at_every_size(cf):
-    from lcm_export.verify import INT8_IMAGE_GATE
+    from lcm_export.builder.verify import INT8_IMAGE_GATE
 
     g = INT8_IMAGE_GATE
     results = {"int8-w8a8": _res(1.0, g["psnr_db"] - 1, 0.95),       # fastest, but below the PSNR gate

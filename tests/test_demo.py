@@ -8,7 +8,7 @@ from conftest import PY
 
 
 def test_demo_loras_are_identical_across_processes(tmp_path):
-    code = ("import sys\nfrom lcm_export.demo import build_demo_pipeline, write_demo_loras\n"
+    code = ("import sys\nfrom lcm_export.sources.demo import build_demo_pipeline, write_demo_loras\n"
             "from lcm_export._util import sha256_file\n"
             "print(' '.join(sha256_file(p) for p, _ in write_demo_loras(build_demo_pipeline('sd15'), sys.argv[1])))")
     a, b = (subprocess.run([PY, "-c", code, str(tmp_path / d)], capture_output=True, text=True, check=True).stdout.split()
@@ -17,7 +17,7 @@ def test_demo_loras_are_identical_across_processes(tmp_path):
 
 
 def test_demo_tokenizer_is_byte_level_and_offline(demo_pipe):
-    from lcm_export.demo import demo_vocab
+    from lcm_export.sources.demo import demo_vocab
 
     vocab, merges = demo_vocab()
     assert len(vocab) == len(demo_pipe.tokenizer) and merges

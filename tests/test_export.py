@@ -32,10 +32,10 @@ def test_export_cli(tmp_path, base_dir, capsys):
 def test_the_store_knows_each_familys_components():
     """The manifest schema requires exactly the components export writes for each family (issue 19: an
     entry without its UNet got past the schema and ended in a KeyError at generate time)."""
-    from lcm_export.demo import build_demo_pipeline
-    from lcm_export.export import components_for
-    from lcm_export.models import SUPPORTED_FAMILIES
-    from lcm_export.store import FAMILY_COMPONENTS
+    from lcm_export.sources.demo import build_demo_pipeline
+    from lcm_export.builder.export import components_for
+    from lcm_export.sources.models import SUPPORTED_FAMILIES
+    from lcm_export.store.manifest import FAMILY_COMPONENTS
 
     assert set(FAMILY_COMPONENTS) == set(SUPPORTED_FAMILIES)
     for family in SUPPORTED_FAMILIES:

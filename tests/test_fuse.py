@@ -183,7 +183,7 @@ def test_fused_weights_match_independent_math(tmp_path, base_dir, lora_files, pa
 
 
 def test_detected_formats_and_ranks(lora_files):
-    from lcm_export.fuse import inspect_lora
+    from lcm_export.builder.fuse import inspect_lora
 
     got = {n: inspect_lora(p) for n, (p, _) in lora_files.items()}
     assert got["kohya_locon"].format == "kohya+locon" and got["kohya_locon"].ranks == [4]
@@ -196,7 +196,7 @@ def test_detected_formats_and_ranks(lora_files):
 
 def test_lora_weight_parsing():
     from lcm_export.errors import UserError
-    from lcm_export.fuse import LoraSpec
+    from lcm_export.builder.fuse import LoraSpec
 
     assert LoraSpec.parse("a.safetensors").weight == 1.0
     assert LoraSpec.parse("dir/a.safetensors:-0.5").weight == -0.5
@@ -303,8 +303,8 @@ def test_unsupported_family_rejected_not_mishandled(tmp_path, base_dir, capsys):
 
 
 def test_family_detection():
-    from lcm_export.demo import demo_configs
-    from lcm_export.models import detect_family
+    from lcm_export.sources.demo import demo_configs
+    from lcm_export.sources.models import detect_family
 
     assert detect_family(demo_configs("sd15-full", 0)["unet"]) == "sd15"
     assert detect_family(demo_configs("sdxl-full", 0)["unet"]) == "sdxl"

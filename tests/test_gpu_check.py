@@ -24,7 +24,7 @@ def test_image_parity_restores_diffusers_noise_and_scheduler(demo_engine, fused_
     import numpy as np
     import torch
 
-    from lcm_export.bench_torch import torch_call
+    from lcm_export.bench.baselines import torch_call
 
     gpu_check = _load()
     assert "randn_tensor =" not in SCRIPT.read_text()  # no monkeypatch of its own
@@ -60,14 +60,14 @@ def test_engine_to_time(avail, backend, why):
 def no_engine_here(tmp_path, monkeypatch):
     """A CUDA machine without TensorRT or the ONNX Runtime CUDA provider, as the check sees it; building or
     benchmarking an engine raises."""
-    import lcm_export.bench
-    import lcm_export.build_engine
+    import lcm_export.bench.harness
+    import lcm_export.builder.build_engine
 
     def no(*a, **k):
         raise AssertionError("no engine may be built or timed here")
 
-    monkeypatch.setattr(lcm_export.build_engine, "build_engine", no)
-    monkeypatch.setattr(lcm_export.bench, "run_bench", no)
+    monkeypatch.setattr(lcm_export.builder.build_engine, "build_engine", no)
+    monkeypatch.setattr(lcm_export.bench.harness, "run_bench", no)
     monkeypatch.chdir(tmp_path)
     return {"cuda": True, "tensorrt": TRT_MISSING, "ort_cuda": False}
 
@@ -98,7 +98,7 @@ def test_without_an_engine_the_baselines_and_solvers_are_still_reported(no_engin
 
 
 def test_a_failed_baseline_fails_the_check(no_engine_here, tmp_path, capsys, monkeypatch):
-    from lcm_export import bench_torch
+    from lcm_export.bench import baselines as bench_torch
 
     def fails(pipe, *a, **k):
         raise RuntimeError("injected failure")

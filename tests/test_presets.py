@@ -7,7 +7,7 @@ import pytest
 
 from conftest import needs_openvino, run_cli
 from lcm_export.errors import UserError
-from lcm_export.presets import PRESETS, TRADES, resolve_preset
+from lcm_export.builder.presets import PRESETS, TRADES, resolve_preset
 
 # (cpu_int8, cpu_bf16) of CPUs we know: Sapphire Rapids (AMX), AMD Zen 4 (AVX512_VNNI + AVX512_BF16),
 # Cascade Lake (AVX512_VNNI, no bf16), Alder Lake (AVX_VNNI, no AVX-512), Zen 3 (neither)
@@ -80,7 +80,7 @@ def test_unknown_preset_is_one_line():
 def test_build_engine_applies_the_preset_with_this_machines_flags(monkeypatch, int8, bf16, want):
     """build_engine's step before anything loads: the CPU flags (mocked) decide; a demo base gets demo:taesd."""
     from lcm_export import _cpu
-    from lcm_export.build_engine import BuildOptions, _apply_preset
+    from lcm_export.builder.plan import BuildOptions, _apply_preset
 
     monkeypatch.setattr(_cpu, "native_int8", lambda flags=None: int8)
     monkeypatch.setattr(_cpu, "native_bf16", lambda flags=None: bf16)
@@ -120,7 +120,7 @@ def test_fast_preset_entry(fast_entry, capsys):
     import json
 
     from lcm_export._cpu import native_bf16, native_int8
-    from lcm_export.verify import INT8_IMAGE_GATE
+    from lcm_export.builder.verify import INT8_IMAGE_GATE
 
     d, out = fast_entry
     m = json.loads((d / "manifest.json").read_text())
@@ -143,13 +143,13 @@ def test_fast_preset_image_against_diffusers_with_the_tiny_decoder(fast_entry):
     fp32 with the same fused weights and an AutoencoderTiny, other prompt and seed."""
     from diffusers import StableDiffusionPipeline
 
-    from lcm_export.build_engine import resolve_loras
-    from lcm_export.demo import build_demo_pipeline, build_demo_tiny_vae
-    from lcm_export.fuse import fuse_into
-    from lcm_export.models import resolve_base
+    from lcm_export.builder.plan import resolve_loras
+    from lcm_export.sources.demo import build_demo_pipeline, build_demo_tiny_vae
+    from lcm_export.builder.fuse import fuse_into
+    from lcm_export.sources.models import resolve_base
     from lcm_export.runtime import LCMPipeline
-    from lcm_export.verify import INT8_IMAGE_GATE, diffusers_images, psnr, seeded_inputs, ssim
-    from lcm_export.build_engine import BuildOptions
+    from lcm_export.builder.verify import INT8_IMAGE_GATE, diffusers_images, psnr, seeded_inputs, ssim
+    from lcm_export.builder.build_engine import BuildOptions
 
     d, _ = fast_entry
     pipe = build_demo_pipeline("sd15")

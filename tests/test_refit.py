@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from lcm_export.errors import UserError
-from lcm_export.refit import new_initializers, patch_onnx, read_weight_map, targetable, trt_refit_plan
+from lcm_export.core.onnx_weights import new_initializers, patch_onnx, read_weight_map, targetable, trt_refit_plan
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, demo_pipe):
-    from lcm_export.export import export_pipeline
+    from lcm_export.builder.export import export_pipeline
 
     d = tmp_path_factory.mktemp("exp")
     rec = export_pipeline(demo_pipe, d, (64, 64))
@@ -26,7 +26,7 @@ def test_every_lora_targetable_weight_maps_to_one_initializer(exported, demo_pip
     """What a LoRA can touch (every Linear/Conv weight in each exported graph) has exactly one initializer."""
     import onnx
 
-    from lcm_export.components import wrappers as _wrappers
+    from lcm_export.builder.components import wrappers as _wrappers
 
     d, rec = exported
     wrappers = _wrappers(demo_pipe)
@@ -50,7 +50,7 @@ def test_patched_graph_equals_the_patched_module(exported, demo_pipe, tmp_path):
     """Scale some UNet weights in the graph (by the map) and in PyTorch: outputs agree as before."""
     import onnxruntime as ort
 
-    from lcm_export.components import sample_inputs, wrappers as _wrappers
+    from lcm_export.builder.components import sample_inputs, wrappers as _wrappers
 
     d, _ = exported
     wmap = read_weight_map(d / "unet")
@@ -92,8 +92,8 @@ def test_patch_refuses_wrong_shapes_and_names(exported, tmp_path):
 
 def test_tensorrt_refit_plan_for_the_demo_loras(exported, demo_loras, demo_pipe):
     """The TensorRT refit plan of the demo LoRAs' modules: every touched weight has an engine weight name."""
-    from lcm_export.fuse import LoraSpec, fuse_into, inspect_lora
-    from lcm_export.demo import build_demo_pipeline
+    from lcm_export.builder.fuse import LoraSpec, fuse_into, inspect_lora
+    from lcm_export.sources.demo import build_demo_pipeline
 
     d, _ = exported
     pipe = build_demo_pipeline("sd15")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import needs_openvino, run_cli
-from lcm_export.build_engine import BuildOptions, build_engine
-from lcm_export.verify import psnr, seeded_inputs
+from lcm_export.builder.build_engine import BuildOptions, build_engine
+from lcm_export.builder.verify import psnr, seeded_inputs
 from lcm_export.runtime import LCMPipeline
 
 BACKENDS = [("onnxruntime", "fp32"), pytest.param("openvino", "fp32", marks=needs_openvino)]
@@ -102,8 +102,8 @@ def test_refit_equals_fresh_build(base_dir, loras, tmp_path, backend, precision,
 
 
 def test_failed_refit_leaves_the_entry_intact(base_dir, loras, tmp_path, monkeypatch):
-    from lcm_export import build_engine as be
-    from lcm_export import verify
+    from lcm_export.builder import build_engine as be
+    from lcm_export.builder import verify
 
     entry = tmp_path / "e"
     _build(base_dir, entry, _specs(loras, ["lcm:1.0", "style:0.8"]), "onnxruntime", "fp32")
@@ -135,7 +135,8 @@ def test_graph_changes_fall_back_to_a_full_build_saying_why(base_dir, loras, tmp
 
 
 def test_lora_with_bias_terms_is_a_full_build(base_dir, loras, tmp_path, capsys, monkeypatch):
-    from lcm_export import fuse, lora
+    from lcm_export.builder import fuse
+    from lcm_export.sources import lora
 
     entry = tmp_path / "e"
     _build(base_dir, entry, _specs(loras, ["lcm:1.0"]), "onnxruntime", "fp32")

@@ -55,7 +55,7 @@ def _key(k, sd):
 @pytest.fixture(scope="module", params=FAMILIES)
 def xl(request, tmp_path_factory):
     """(family, base folder, pipeline, {lora name: (path, {component: {module: delta}})})."""
-    from lcm_export.demo import build_demo_pipeline
+    from lcm_export.sources.demo import build_demo_pipeline
 
     fam = request.param
     pipe = build_demo_pipeline(fam)
@@ -95,7 +95,7 @@ WEIGHTS = (1.0, -0.5)
 def fused(xl, tmp_path_factory):
     from diffusers import StableDiffusionXLPipeline
 
-    from lcm_export.fuse import LoraSpec, fuse
+    from lcm_export.builder.fuse import LoraSpec, fuse
 
     fam, base, _, loras = xl
     out = tmp_path_factory.mktemp(f"{fam}-fused") / "model"
@@ -144,7 +144,7 @@ def test_family_mismatch_is_refused(xl, tmp_path, capsys, base_dir, demo_loras):
 
 @pytest.fixture(scope="module")
 def xl_engine(xl, tmp_path_factory):
-    from lcm_export.build_engine import BuildOptions, build_engine
+    from lcm_export.builder.build_engine import BuildOptions, build_engine
 
     fam, base, _, loras = xl
     d = tmp_path_factory.mktemp(f"{fam}-engine") / "e"

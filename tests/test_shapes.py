@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lcm_export.shapes import component_profiles, plan_shapes, size_multiple, unet_batch_range, validate_resolution
+from lcm_export.core.shapes import component_profiles, plan_shapes, size_multiple, unet_batch_range, validate_resolution
 from lcm_export.errors import UserError
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers import LCMScheduler as RefScheduler
 
-from lcm_export.demo import SCHEDULER_CONFIG
+from lcm_export.sources.demo import SCHEDULER_CONFIG
 from lcm_export.runtime.device_loop import decoder_affine
 from lcm_export.runtime.scheduler import LCMScheduler
-from lcm_export.step_graph import COEF, lcm_step_onnx, write_lcm_step_onnx
+from lcm_export.core.step_graph import COEF, lcm_step_onnx, write_lcm_step_onnx
 
 
 def _session(cfg: bool) -> ort.InferenceSession:

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import RESOLUTIONS, run_cli
-from lcm_export.build_engine import BuildOptions, build_engine
-from lcm_export.demo import build_demo_tiny_vae
+from lcm_export.builder.build_engine import BuildOptions, build_engine
+from lcm_export.sources.demo import build_demo_tiny_vae
 from lcm_export.runtime import LCMPipeline
-from lcm_export.tiny_vae import decoder_identity, family_from_name, load_vae_decoder, resolve_vae_decoder
-from lcm_export.verify import diffusers_images, psnr, seeded_inputs
+from lcm_export.sources.tiny_vae import decoder_identity, family_from_name, load_vae_decoder, resolve_vae_decoder
+from lcm_export.builder.verify import diffusers_images, psnr, seeded_inputs
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_manifest_and_inspect_record_the_decoder(taesd_entry, capsys):
 
 def test_the_decoder_is_part_of_the_keys(taesd_entry, base_dir, demo_loras):
     """Same inputs: up to date. Without the flag: another graph (a rebuild, not a refit)."""
-    from lcm_export.refit_build import refit_blocker
+    from lcm_export.builder.plan import refit_blocker
 
     opts = BuildOptions(base=str(base_dir), loras=tuple(f"{p}:{w}" for p, w in demo_loras), resolutions=RESOLUTIONS,
                         engine_dir=str(taesd_entry), backend="onnxruntime", precision="fp32", vae_decoder="demo:taesd",
@@ -117,7 +117,7 @@ def test_a_local_folder_loads_with_its_family_and_hash(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), loaded.state_dict().values()))
     assert list(decoder_identity(src)["files"]) == ["diffusion_pytorch_model.safetensors"]
     (tmp_path / "taesdxl").rename(tmp_path / "decoder")  # a name that says nothing: accepted, with a note
-    from lcm_export.tiny_vae import family_note
+    from lcm_export.sources.tiny_vae import family_note
 
     src = resolve_vae_decoder(str(tmp_path / "decoder"), "sd15")
     assert src.family is None and "does not say which latents" in family_note(src, "sd15")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import OV_OK, OV_WHY, run_cli
-from lcm_export.verify import FP32_FACTOR, FP32_FLOOR, Reference, check_outputs, failures, float64_outputs, rel_l2
+from lcm_export.builder.verify import FP32_FACTOR, FP32_FLOOR, Reference, check_outputs, failures, float64_outputs, rel_l2
 from strong_lora import strong_pipeline, write_strong_loras
 
 
@@ -61,7 +61,7 @@ def test_rule_over_several_inputs_is_rel_l2_of_them_together():
 
 def test_one_failing_input_is_confirmed_on_more(monkeypatch):
     """The first input decides a pass; a failure there is decided by CONFIRM_INPUTS inputs together."""
-    from lcm_export import verify
+    from lcm_export.builder import verify
 
     refs = {s: _ref(2e-4, seed=s) for s in range(3)}
 
@@ -91,7 +91,7 @@ def test_rule_constants_and_non_finite():
 
 
 def test_float64_outputs_equal_a_float64_copy_and_restore_every_weight(demo_pipe):
-    from lcm_export.components import components_for, run_module, sample_inputs, wrappers
+    from lcm_export.builder.components import components_for, run_module, sample_inputs, wrappers
 
     mods = wrappers(demo_pipe)
     for comp in components_for(demo_pipe):
@@ -157,7 +157,7 @@ def _corrupt(onnx_path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["weight", "op"])
 def test_planted_export_bug_fails_with_its_figures(strong, tmp_path, capsys, monkeypatch, how):
-    from lcm_export import export
+    from lcm_export.builder import export
 
     real = export.export_component
 
@@ -227,7 +227,7 @@ def _ssim_torch(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("shape", [(1, 64, 64, 3), (2, 40, 57, 3), (1, 16, 16, 1)])
 def test_ssim_matches_an_independent_implementation(shape):
-    from lcm_export.verify import ssim
+    from lcm_export.builder.verify import ssim
 
     rng = np.random.default_rng(3)
     a = rng.random(shape)
@@ -243,7 +243,7 @@ def test_ssim_equals_scikit_image_where_installed():
     """Where scikit-image is installed: its structural_similarity with Wang et al.'s settings (it averages over
     the same 'valid' positions: it crops (11 - 1) / 2 pixels of its reflect-padded map)."""
     skm = pytest.importorskip("skimage.metrics")
-    from lcm_export.verify import ssim
+    from lcm_export.builder.verify import ssim
 
     rng = np.random.default_rng(4)
     a = rng.random((48, 52, 3))
@@ -254,7 +254,7 @@ def test_ssim_equals_scikit_image_where_installed():
 
 
 def test_ssim_refuses_what_it_cannot_measure():
-    from lcm_export.verify import ssim
+    from lcm_export.builder.verify import ssim
 
     with pytest.raises(ValueError, match="shapes differ"):
         ssim(np.zeros((16, 16, 3)), np.zeros((16, 17, 3)))
@@ -266,7 +266,7 @@ def test_ssim_refuses_what_it_cannot_measure():
                                                        ("int8", 24.0, True), ("fp32", 10.0, False)])
 def test_every_reduced_precision_has_an_image_gate(monkeypatch, precision, value, refused):
     """bf16, ONNX Runtime fp16 and int8 entries are refused below their gate; fp32 entries are gated by the fp32 rule."""
-    from lcm_export import verify
+    from lcm_export.builder import verify
     from lcm_export.errors import UserError
 
     assert set(verify.REDUCED) <= set(verify.IMAGE_GATES)

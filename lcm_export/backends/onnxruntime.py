@@ -154,7 +154,7 @@ def build_component(job) -> dict:
 
 def write_step_graphs(folder: Path) -> dict[str, str]:
     """The LCM step graphs (``step_graph.py``, fp32, without and with guidance) into ``folder``."""
-    from ..step_graph import write_lcm_step_onnx
+    from ..core.step_graph import write_lcm_step_onnx
 
     for cfg, name in STEP_FILES.items():
         write_lcm_step_onnx(folder / name, cfg == "cfg")

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .._util import folder_bytes, writing
-from ..adapter_spec import INPUT_PREFIX
+from ..adapters.spec import INPUT_PREFIX
 from ..errors import UserError
 from . import is_str_list, is_threads, rebuild_hint, thread_count
 

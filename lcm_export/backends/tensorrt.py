@@ -28,8 +28,8 @@ import numpy as np
 
 from .._util import writing
 from ..errors import UserError
-from ..shapes import ShapePlan, component_profiles
-from ..step_graph import COEF, write_lcm_step_onnx
+from ..core.shapes import ShapePlan, component_profiles
+from ..core.step_graph import COEF, write_lcm_step_onnx
 from . import rebuild_hint
 from .tensorrt_runtime import (  # noqa: F401 (the runtime half; check_feeds & co. re-exported for callers of this module)
     TrtEngine, check_feeds, cuda_graphs_enabled, cuda_runtime_dirs, ensure_cuda_runtime, tensorrt_cuda_major)
@@ -115,7 +115,7 @@ def refit_component(job, record: dict) -> dict:
 def refit_weight_count(weight_map: dict, modules: list[str]) -> int:
     """How many engine weights a refit of ``modules`` sets (recorded in the refit record); UserError for
     a module with no refittable weight."""
-    from ..refit import trt_refit_plan
+    from ..core.onnx_weights import trt_refit_plan
 
     return len(trt_refit_plan(weight_map, modules))
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapter_spec import ADAPTER_DIR, RANK_AXIS, empty_factors, read_index
+from ..adapters.spec import ADAPTER_DIR, RANK_AXIS, empty_factors, read_index
 from ..errors import UserError
 
 MAX_WEIGHT = 8.0

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from ..step_graph import INPUTS as STEP_INPUTS
+from ..core.step_graph import INPUTS as STEP_INPUTS
 
 F32 = np.dtype(np.float32)
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import EngineError, UserError
-from ..store import read_manifest
+from ..store.manifest import read_manifest
 from .adapters import Adapters
 from .device_loop import decoder_affine, device_loop_for
 from .engines import load_engines
@@ -146,7 +146,7 @@ class LCMPipeline:
         raise self._resolution_error(h, w)
 
     def _resolution_error(self, h: int, w: int) -> UserError:
-        from ..shapes import MAX_SIDE
+        from ..core.shapes import MAX_SIDE
 
         built = ", ".join(self.manifest["resolutions"])
         dyn = [p["name"] for p in self.manifest["shape_plans"] if not p["static"]]

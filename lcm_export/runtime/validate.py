@@ -16,7 +16,7 @@ import numbers
 import numpy as np
 
 from ..errors import UserError
-from ..shapes import MAX_BATCH, machine_memory
+from ..core.shapes import MAX_BATCH, machine_memory
 
 OUTPUT_TYPES = ("pil", "np")
 MAX_GUIDANCE = 30.0

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EngineError, UserError
 from ..runtime.validate import MAX_GUIDANCE
-from ..shapes import MAX_BATCH
+from ..core.shapes import MAX_BATCH
 from .guard import BODY_TIMEOUT_S, MAX_BODY_BYTES, BodyLimit, error  # noqa: F401 (re-exported: the API's shape)
 
 TYPES = ("Types are strict, as in the Python API: steps, seed, batch, width and height must be JSON integers "

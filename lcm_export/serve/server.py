@@ -50,7 +50,7 @@ class ServeOptions:
 
 
 def check_options(o: ServeOptions) -> None:
-    from ..store import read_manifest
+    from ..store.manifest import read_manifest
 
     read_manifest(Path(o.engine_dir))  # one-line UserError if it is not a usable entry
     for name in ("replicas", "max_ongoing_requests"):

@@ -15,7 +15,7 @@ from lcm_export.backends.onnxruntime_runtime import DevBuf, OrtDeviceEngine, fix
 from lcm_export.errors import EngineError
 from lcm_export.runtime import LCMPipeline, NonFiniteOutput
 from lcm_export.runtime.device_loop import device_loop_for
-from lcm_export.step_graph import COEF
+from lcm_export.core.step_graph import COEF
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_step_engines_come_from_the_entry_record(demo_engine, step_files, tmp_pa
     """A CUDA entry's UNet record names its step graphs; load_device_engine attaches them (guidance off and on)."""
     import shutil
 
-    from lcm_export.store import read_manifest
+    from lcm_export.store.manifest import read_manifest
 
     d = tmp_path / "entry"
     shutil.copytree(demo_engine, d)
@@ -223,7 +223,7 @@ def test_step_engines_come_from_the_entry_record(demo_engine, step_files, tmp_pa
 def test_text_encoder_on_the_device_engine_equals_the_plain_engine(demo_engine, monkeypatch):
     """On CUDA every component is a device engine (text encoders without graphs): int32 ids uploaded, outputs
     allocated by ONNX Runtime on the device and copied back; the same numbers as the plain session."""
-    from lcm_export.store import read_manifest
+    from lcm_export.store.manifest import read_manifest
 
     m = read_manifest(demo_engine)
     path = demo_engine / m["components"]["text_encoder"]["engines"]["*"]

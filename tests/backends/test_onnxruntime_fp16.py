@@ -21,9 +21,9 @@ from onnx import TensorProto
 from lcm_export import backends
 from lcm_export.backends import onnxruntime as ort_backend
 from lcm_export.backends.onnxruntime_fp16 import CUDA_ONLY_FUSIONS, convert, fp32_island
-from lcm_export.components import decoder_probe_inputs, run_module, sample_inputs, wrappers
+from lcm_export.builder.components import decoder_probe_inputs, run_module, sample_inputs, wrappers
 from lcm_export.errors import UserError
-from lcm_export.verify import rel_l2
+from lcm_export.builder.verify import rel_l2
 
 CPU_ONLY = {"onnxruntime": (True, "cpu", "ok"), "openvino": (True, "cpu", "ok"),
             "tensorrt": (False, "cuda", "TensorRT is not installed; install it")}
@@ -110,8 +110,8 @@ def test_the_timestep_embedding_stays_fp32(fp16_graphs):
 
 
 def test_sdxl_islands_cover_the_time_ids_embedding(tmp_path):
-    from lcm_export.demo import build_demo_pipeline
-    from lcm_export.export import export_component
+    from lcm_export.sources.demo import build_demo_pipeline
+    from lcm_export.builder.export import export_component
 
     pipe = build_demo_pipeline("sdxl")
     src = export_component("unet", pipe, tmp_path / "export", (64, 64))
@@ -227,7 +227,7 @@ def test_fp16_without_a_cuda_provider_is_one_line(backend):
 
 
 def test_build_engine_refuses_fp16_on_this_cpu_before_building(tmp_path):
-    from lcm_export.build_engine import BuildOptions, build_engine
+    from lcm_export.builder.build_engine import BuildOptions, build_engine
 
     if ort_backend.cuda_available():
         pytest.skip("this machine has ONNX Runtime's CUDA provider")
@@ -238,7 +238,7 @@ def test_build_engine_refuses_fp16_on_this_cpu_before_building(tmp_path):
 
 def test_an_fp16_entry_is_refused_without_a_cuda_provider(demo_engine, tmp_path, monkeypatch):
     from lcm_export.runtime import LCMPipeline
-    from lcm_export.store import read_manifest
+    from lcm_export.store.manifest import read_manifest
 
     d = tmp_path / "entry"
     shutil.copytree(demo_engine, d)
@@ -266,7 +266,7 @@ def test_cuda_provider_options_and_graph_sessions():
 
 def test_load_engine_picks_the_device_engine_only_with_a_cuda_provider(demo_engine, monkeypatch):
     from lcm_export.backends.onnxruntime_runtime import OrtDeviceEngine
-    from lcm_export.store import read_manifest
+    from lcm_export.store.manifest import read_manifest
 
     m = read_manifest(demo_engine)
     path = demo_engine / m["components"]["unet"]["engines"]["*"]

@@ -12,9 +12,9 @@ import torch
 
 from conftest import OV_OK, OV_WHY, PY, RESOLUTIONS, needs_openvino, run_cli
 from lcm_export._cpu import native_bf16
-from lcm_export.build_engine import BuildOptions, build_engine
+from lcm_export.builder.build_engine import BuildOptions, build_engine
 from lcm_export.errors import UserError
-from lcm_export.verify import diffusers_images, psnr, seeded_inputs
+from lcm_export.builder.verify import diffusers_images, psnr, seeded_inputs
 from lcm_export.runtime import LCMPipeline
 
 needs_bf16 = pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16 (AMX / AVX512_BF16): bf16 builds are refused here")
@@ -48,7 +48,7 @@ def _rel_l2(a, b):
 
 def _component_errors(engine_dir, fused_pipe, hw, seed):
     """Each component's engine against its PyTorch module on fresh seeded inputs (not the build's)."""
-    from lcm_export.components import sample_inputs, wrappers as _wrappers
+    from lcm_export.builder.components import sample_inputs, wrappers as _wrappers
 
     pipe = LCMPipeline.from_engine_dir(engine_dir)
     mods = _wrappers(fused_pipe)
@@ -155,7 +155,7 @@ def test_bf16_entry_within_its_gate(ov_bf16, fused_pipe):
 @needs_openvino
 @needs_bf16
 def test_fidelity_failure_writes_nothing(base_dir, tmp_path, monkeypatch, capsys):
-    from lcm_export import verify as fidelity
+    from lcm_export.builder import verify as fidelity
 
     monkeypatch.setattr(fidelity, "image_fidelity", lambda *a, **k: {"image_psnr_db": 21.5, "image_ssim": 0.95})
     d = tmp_path / "e"

@@ -14,9 +14,9 @@ import pytest
 
 from conftest import OV_OK, OV_WHY, PY, run_cli
 from lcm_export._cpu import native_bf16, native_int8
-from lcm_export.build_engine import BuildOptions, build_engine
+from lcm_export.builder.build_engine import BuildOptions, build_engine
 from lcm_export.runtime import LCMPipeline
-from lcm_export.verify import INT8_IMAGE_GATE, diffusers_images, psnr, seeded_inputs, ssim
+from lcm_export.builder.verify import INT8_IMAGE_GATE, diffusers_images, psnr, seeded_inputs, ssim
 
 nncf = pytest.importorskip("nncf", reason="int8 builds need NNCF (the [build] extra)")
 needs_int8 = pytest.mark.skipif(not native_int8(), reason="this CPU has no int8 dot products (VNNI / AMX-INT8): int8 builds are refused here")
@@ -76,7 +76,7 @@ def test_image_against_diffusers_fp32_with_other_inputs(ov_int8, fused_pipe):
     p, s = psnr(ours, ref), ssim(ours, ref)
     assert INT8_IMAGE_GATE["psnr_db"] <= p < 60 and s >= INT8_IMAGE_GATE["ssim"], (p, s)  # close, and not secretly fp32/bf16
     # the UNet alone: quantized, so further from PyTorch than a bf16 UNet is (< 1e-2 here) but sane
-    from lcm_export.components import sample_inputs, wrappers
+    from lcm_export.builder.components import sample_inputs, wrappers
 
     feeds = sample_inputs("unet", fused_pipe, 1, HW, seed=3)
     got = runtime.engines["unet"]["*"].run(feeds)
@@ -127,7 +127,7 @@ def test_refit_requantizes_on_the_new_weights(ov_int8, tmp_path, base_dir, demo_
     new weights' trajectories; its image then follows diffusers at the new λ, not the old one."""
     from diffusers import StableDiffusionPipeline
 
-    from lcm_export.fuse import LoraSpec, fuse
+    from lcm_export.builder.fuse import LoraSpec, fuse
 
     entry = tmp_path / "int8"
     shutil.copytree(ov_int8, entry)
@@ -160,8 +160,8 @@ def test_each_scheme_quantizes_what_it_says(ov_int8, scheme):
     import openvino as ov
 
     from lcm_export.backends.openvino import INT8_SCHEMES, quantize
-    from lcm_export.components import sample_inputs
-    from lcm_export.demo import build_demo_pipeline
+    from lcm_export.builder.components import sample_inputs
+    from lcm_export.sources.demo import build_demo_pipeline
 
     pipe = build_demo_pipeline("sd15")
     feeds = [sample_inputs("unet", pipe, 1, HW, seed=s) for s in range(4)]
@@ -212,7 +212,7 @@ def test_bad_int8_flags_are_one_line(base_dir, tmp_path, monkeypatch, capsys, fl
 def test_gate_failure_writes_nothing_and_names_the_way_out(base_dir, tmp_path, monkeypatch, capsys):
     if not OV_OK:
         pytest.skip(OV_WHY)
-    from lcm_export import verify
+    from lcm_export.builder import verify
 
     monkeypatch.setattr(verify, "image_fidelity", lambda *a, **k: {"image_psnr_db": 31.0, "image_ssim": 0.62})
     d = tmp_path / "e"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lcm_export.shapes import plan_shapes
+from lcm_export.core.shapes import plan_shapes
 from lcm_export.backends.tensorrt import build_plan, tensorrt_status, timing_cache_path
 
 TRT_OK, TRT_WHY = tensorrt_status()
@@ -60,8 +60,8 @@ def test_exported_ops_are_in_tensorrt_parser_list(demo_engine):
     ONNX parser supports, for the TensorRT version named in the data file."""
     import onnx
 
-    from lcm_export.export import export_pipeline
-    from lcm_export.demo import build_demo_pipeline
+    from lcm_export.builder.export import export_pipeline
+    from lcm_export.sources.demo import build_demo_pipeline
 
     data = json.loads((Path(__file__).parents[2] / "lcm_export" / "data" / "trt_onnx_ops.json").read_text())
     supported = set(data["supported"])
@@ -81,7 +81,7 @@ def test_exported_ops_are_in_tensorrt_parser_list(demo_engine):
 
 @pytest.mark.parametrize("cfg", [False, True])
 def test_step_graph_ops_are_in_tensorrt_parser_list(cfg):
-    from lcm_export.step_graph import lcm_step_onnx
+    from lcm_export.core.step_graph import lcm_step_onnx
 
     data = json.loads((Path(__file__).parents[2] / "lcm_export" / "data" / "trt_onnx_ops.json").read_text())
     m = lcm_step_onnx(cfg)
@@ -97,7 +97,7 @@ def test_tensorrt_fp16_build_and_parity(tmp_path, base_dir):
     """On a GPU machine: build fp16 engines for the tiny model and compare with ORT fp32."""
     import numpy as np
 
-    from lcm_export.build_engine import BuildOptions, build_engine
+    from lcm_export.builder.build_engine import BuildOptions, build_engine
     from lcm_export.runtime import LCMPipeline
 
     trt_dir = tmp_path / "trt"
@@ -172,8 +172,8 @@ def test_fp16_onnx_keeps_fp32_io_and_matches(tmp_path, demo_pipe):
     import onnxruntime as ort
 
     from lcm_export.backends.tensorrt import fp16_onnx
-    from lcm_export.components import sample_inputs
-    from lcm_export.export import export_component
+    from lcm_export.builder.components import sample_inputs
+    from lcm_export.builder.export import export_component
 
     src = export_component("unet", demo_pipe, tmp_path, (64, 64))
     dst = fp16_onnx(src, src.with_name("model.fp16.onnx"))
@@ -629,7 +629,7 @@ def test_device_events_time_gpu_work_and_are_destroyed():
 
 def test_lcm_step_plan_follows_the_unet_profile():
     from lcm_export.backends.tensorrt import lcm_step_plan
-    from lcm_export.step_graph import COEF
+    from lcm_export.core.step_graph import COEF
 
     def unet(lo, opt, hi):
         return {"file": "unet/512x512.plan", "plan": "512x512", "builder_optimization_level": 3,

@@ -8,7 +8,7 @@ import pytest
 
 
 def test_postprocess_matches_diffusers_formula_bit_exact(demo_engine):
-    from lcm_export.overhead import stub_pipeline
+    from lcm_export.bench.overhead import stub_pipeline
 
     pipe = stub_pipeline(demo_engine, (64, 96))
     img = np.random.default_rng(0).standard_normal((2, 3, 64, 96), dtype=np.float32)
@@ -24,7 +24,7 @@ def test_postprocess_matches_diffusers_formula_bit_exact(demo_engine):
 
 
 def test_decoder_input_scaling(demo_engine):
-    from lcm_export.overhead import stub_pipeline
+    from lcm_export.bench.overhead import stub_pipeline
 
     pipe = stub_pipeline(demo_engine, (64, 64))
     x = np.random.default_rng(1).standard_normal((1, 4, 8, 8), dtype=np.float32)
@@ -39,7 +39,7 @@ def test_decoder_input_scaling(demo_engine):
 
 def test_outputs_by_name_not_position(demo_engine):
     from lcm_export.errors import UserError
-    from lcm_export.overhead import FixedEngine, stub_pipeline
+    from lcm_export.bench.overhead import FixedEngine, stub_pipeline
 
     pipe = stub_pipeline(demo_engine, (64, 64))
     pipe.manifest["components"]["text_encoder_2"] = {"outputs": [["hidden_states", "float32", []], ["text_embeds", "float32", []]]}
@@ -51,7 +51,7 @@ def test_outputs_by_name_not_position(demo_engine):
 
 
 def test_overhead_measurement_reports_parts(demo_engine):
-    from lcm_export.overhead import measure_overhead
+    from lcm_export.bench.overhead import measure_overhead
 
     r = measure_overhead(demo_engine, (64, 64), runs=2, warmup=1)
     assert r["resolution"] == "64x64" and r["median_s"] > 0 and r["engines_median_s"] < r["median_s"]
@@ -60,7 +60,7 @@ def test_overhead_measurement_reports_parts(demo_engine):
 
 @pytest.mark.parametrize("guidance", [1.0, 8.0])
 def test_overhead_of_the_device_loop_is_measured_on_the_device_loop(demo_engine, guidance):
-    from lcm_export.overhead import measure_overhead
+    from lcm_export.bench.overhead import measure_overhead
 
     r = measure_overhead(demo_engine, (64, 64), runs=2, warmup=1, guidance=guidance, device_loop=True)
     assert r["loop"] == "device" and "device loop" in r["method"] and r["median_s"] > 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import LCMScheduler as RefScheduler
 
-from lcm_export.demo import SCHEDULER_CONFIG
+from lcm_export.sources.demo import SCHEDULER_CONFIG
 from lcm_export.runtime.scheduler import LCMScheduler
 
 

@@ -12,7 +12,7 @@ PROMPTS = ["a photo of an astronaut riding a horse", "", "Hello, WORLD!!  multip
 
 @pytest.fixture(scope="module")
 def saved_tokenizer(tmp_path_factory, demo_pipe):
-    from lcm_export.build_engine import _copy_tokenizer
+    from lcm_export.builder.build_engine import _copy_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     _copy_tokenizer(demo_pipe.tokenizer, d)

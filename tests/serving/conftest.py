@@ -36,8 +36,8 @@ def adapter_entry(tmp_path_factory, cache_env):
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
-    from lcm_export.adapters import add_adapter
-    from lcm_export.demo import demo_lora_dir, demo_lora_paths
+    from lcm_export.adapters.index import add_adapter
+    from lcm_export.sources.demo import demo_lora_dir, demo_lora_paths
 
     d = _build(tmp_path_factory.mktemp("serve-entries") / "tiny-adapters", "--batch", "4", "--adapters")
     style = demo_lora_paths(demo_lora_dir(), "sd15")[1][0]

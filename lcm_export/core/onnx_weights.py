@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 MAP_FILE = "weight_map.json"
 PREFIX = {"text_encoder": "te.", "text_encoder_2": "te.", "unet": "unet.", "vae_decoder": "vae."}
@@ -107,7 +107,7 @@ def record_weight_map(wrapper, comp: str, onnx_path: Path) -> dict:
     mapping = {k: v for k, v in mapping.items() if uses.get(v["initializer"], 0) == 1}
     unmapped = sorted(set(weights) - set(mapping))
     rec = {"component": comp, "graph": onnx_path.name, "weights": mapping, "unmapped": unmapped}
-    from ._util import write_json
+    from .._util import write_json
 
     write_json(onnx_path.parent / MAP_FILE, rec)
     return rec

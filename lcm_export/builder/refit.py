@@ -7,7 +7,7 @@ base weights, other LoRAs or λ: the entry is refit instead of rebuilt.
 1. The new fused weights come from the same code a fresh build runs (the base loaded, each LoRA
    fused by diffusers in PyTorch), so they are bit-identical to a fresh build's.
 2. For every weight a LoRA touches, now or before (the union: removing a LoRA restores W0), the
-   weight map recorded at export (``refit.py``) names the ONNX initializer and its layout; the
+   weight map recorded at export (``core/onnx_weights.py``) names the ONNX initializer and its layout; the
    entry's exported graph is patched (no torch export).
 3. Each changed component is re-derived by its backend from the patched graph (ONNX Runtime:
    re-optimized; OpenVINO: new IR + compiled blob; TensorRT: refit through its refitter) and checked
@@ -22,57 +22,13 @@ base weights, other LoRAs or λ: the entry is refit instead of rebuilt.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import time
 from pathlib import Path
 
-from . import backends
-from ._util import atomic_dir, disk_error, link_tree, progress, write_json
-from .errors import UserError
-from .store import MANIFEST, record_file_sizes
-
-GRAPH_CHANGES = {"plans": "resolutions or shape plans", "batch": "batch", "guidance": "guidance shapes",
-                 "backend": "backend", "device": "device", "precision": "precision", "vae_fp32": "--vae-fp32",
-                 "refit": "--refit", "versions": "tool versions", "architecture": "base architecture",
-                 "family": "family", "recipe": "lcm-export build recipe", "schema": "manifest schema",
-                 "int8": "int8 scheme or calibration", "vae_decoder": "tiny VAE decoder", "preset": "preset",
-                 "adapters": "--adapters"}
-
-
-def _jsonable(x):
-    return json.loads(json.dumps(x, default=str))
-
-
-def refit_blocker(old: dict, keys: dict, graph_inputs: dict, weights_inputs: dict, opts) -> str | None:
-    """Why the entry ``old`` cannot be refit to the new inputs (None: it can)."""
-    if opts.no_refit:
-        return "--no-refit was given"
-    if not old.get("graph_key") or not isinstance(old.get("graph_inputs"), dict):
-        return "the entry was built before refit support (no graph key); this build makes it refittable"
-    if old["graph_key"] != keys["graph_key"]:
-        was = old["graph_inputs"]
-        now = _jsonable(graph_inputs)
-        changed = [GRAPH_CHANGES.get(k, k) for k in dict.fromkeys([*now, *was]) if was.get(k) != now.get(k)]
-        return f"the graph changed ({', '.join(changed) or 'graph key'}), so the engines must be rebuilt"
-    if _jsonable(old.get("weights_inputs", {}).get("base")) != _jsonable(weights_inputs["base"]):
-        return "the base model's weights changed (a refit only swaps LoRAs and λ)"
-    if _jsonable(old.get("weights_inputs", {}).get("vae_decoder")) != _jsonable(weights_inputs.get("vae_decoder")):
-        return "the tiny VAE decoder's weights changed (a refit only swaps LoRAs and λ)"
-    mod = backends.get(old["backend"])
-    if not getattr(mod, "REFIT", False):
-        return f"the {old['backend']} backend cannot refit"
-    if mod.REFIT_NEEDS_FLAG and not old["graph_inputs"].get("refit"):
-        return f"its {old['backend']} engines were built without --refit (not refittable); add --refit to build refittable ones"
-    for comp, c in old["components"].items():
-        if not c.get("onnx_files") or not c.get("weight_map"):
-            return f"the entry keeps no exported graph for {comp}"
-    here = mod.entry_settings(None, old.get("device", "cpu"))
-    section = old.get(old["backend"], {})
-    for k in ("cpu_isa", "cpu_flags"):
-        if k in section and section[k] != here.get(k):
-            return f"the entry was built on another CPU ({k} {section[k]} here {here.get(k)}), so its engines are re-derived in full"
-    return None
-
+from .. import backends
+from .._util import atomic_dir, disk_error, link_tree, progress, write_json
+from ..errors import UserError
+from ..store.manifest import MANIFEST, record_file_sizes
 
 def _modules(fusion: dict) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
@@ -82,8 +38,11 @@ def _modules(fusion: dict) -> dict[str, set[str]]:
     return out
 
 
-def refit_entry(engine_dir: Path, old: dict, opts, src, plans, items, keys: dict, weights_inputs: dict, key: str):
-    """Refit ``engine_dir`` (manifest ``old``) to the LoRAs ``items``; return (manifest, seconds)."""
+def refit_entry(plan):
+    """Refit the plan's entry (``plan.existing``, whose ``action`` is "refit") to the plan's LoRAs; return
+    (manifest, seconds). The same plan a full build runs, with fewer stages."""
+    engine_dir, old, opts, src, plans, items = plan.engine_dir, plan.existing, plan.opts, plan.src, list(plan.plans), list(plan.loras)
+    keys, weights_inputs, key = plan.keys, plan.weights_inputs, plan.key
     t0 = time.perf_counter()
     bar = progress(2 + 2 * len(items) + len(old["components"]) + 1, "refit", enabled=opts.show_progress)
     try:
@@ -99,10 +58,10 @@ def refit_entry(engine_dir: Path, old: dict, opts, src, plans, items, keys: dict
 def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar, t0) -> dict:
     from .components import model_dims, pipe_module
     from .fuse import fuse_into
-    from .lora import lora_has_bias
-    from .models import base_record, load_pipeline
-    from .refit import new_initializers, patch_onnx, read_weight_map
-    from .adapter_spec import empty_factors
+    from ..sources.lora import lora_has_bias
+    from ..sources.models import base_record, load_pipeline
+    from ..core.onnx_weights import new_initializers, patch_onnx, read_weight_map
+    from ..adapters.spec import empty_factors
     from .verify import REDUCED, References, image_gate, verify_engine, verify_graph
 
     RefitImpossible = backends.RefitImpossible
@@ -127,7 +86,7 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
     lap("fuse LoRAs (PyTorch)")
     full_vae = None
     if isinstance(old.get("vae_decoder"), dict) and opts.vae_decoder:  # the same decoder (its weights are in the key)
-        from .tiny_vae import load_vae_decoder, resolve_vae_decoder
+        from ..sources.tiny_vae import load_vae_decoder, resolve_vae_decoder
 
         full_vae, pipe.vae = pipe.vae, load_vae_decoder(resolve_vae_decoder(opts.vae_decoder, old["family"]))
     calibration = None
@@ -174,7 +133,7 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
         bar.set_description_str(f"{old['backend']} {comp}")
         quant = rec.get("quantization") if isinstance(rec.get("quantization"), dict) else None
         if quant is not None and calibration is None:  # re-quantize on the new weights' own trajectories
-            from .calibration import calibrate
+            from .quantize import calibrate
 
             calibration = calibrate(pipe, plans)
             lap("int8 calibration (PyTorch)")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .step_graph import INPUTS as STEP_INPUTS, OUTPUTS as STEP_OUTPUTS
-from .store import read_manifest
+from ..core.step_graph import INPUTS as STEP_INPUTS, OUTPUTS as STEP_OUTPUTS
+from ..store.manifest import read_manifest
 
 
 class FixedEngine:
@@ -90,7 +90,7 @@ class FixedDeviceEngine(FixedEngine):
 def stub_pipeline(engine_dir: str | Path, hw: tuple[int, int] = (512, 512), max_batch: int = 2, device_loop: bool = False):
     """The entry's tokenizers, scheduler and manifest, with every engine a ``FixedEngine`` at ``hw``;
     ``device_loop``: UNet and VAE on a ``NullDevice``, with step engines (the GPU path's host work)."""
-    from .runtime import ClipTokenizer, LCMPipeline
+    from ..runtime import ClipTokenizer, LCMPipeline
 
     d = Path(engine_dir)
     m = copy.deepcopy(read_manifest(d))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .demo import DEMO_NAMES
-from .errors import UserError
+from ..errors import UserError
 
 SUPPORTED_FAMILIES = ("sd15", "sdxl", "ssd1b")
 XL_FAMILIES = ("sdxl", "ssd1b")
@@ -179,7 +179,7 @@ def base_record(src: BaseSource, pipe=None) -> dict:
 
     A demo has no files; its record hashes the generated state dicts instead (deterministic).
     """
-    from ._util import sha256_file
+    from .._util import sha256_file
 
     rec = {"source": src.spec, "kind": src.kind}
     if src.kind == "demo":
@@ -205,7 +205,7 @@ def base_identity(src: BaseSource) -> dict:
 
     Demo models are deterministic functions of (name, lcm_export version, torch version).
     """
-    from ._util import sha256_file, tool_versions
+    from .._util import sha256_file, tool_versions
 
     if src.kind == "demo":
         v = tool_versions()
@@ -216,7 +216,7 @@ def base_identity(src: BaseSource) -> dict:
 
 def base_architecture(src: BaseSource) -> dict:
     """What fixes the exported graphs' structure (configs, not weights): part of the graph key."""
-    from ._util import sha256_file
+    from .._util import sha256_file
 
     if src.kind == "demo":
         return base_identity(src)  # a demo's configs are a function of its name and our version

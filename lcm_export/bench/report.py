@@ -137,7 +137,7 @@ def _save(fig, path: Path) -> None:
     """The chart as PNG, written atomically (rendered in memory, then temp file and rename)."""
     import io
 
-    from ._util import write_bytes
+    from .._util import write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

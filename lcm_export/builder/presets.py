@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UserError
-from .tiny_vae import DEMO_DECODER, FAMILY_DECODER
+from ..errors import UserError
+from ..sources.tiny_vae import DEMO_DECODER, FAMILY_DECODER
 
 PRESETS = ("quality", "fast")
 TRADES = {

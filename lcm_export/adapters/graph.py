@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .adapter_spec import INPUT_PREFIX, RANK_AXIS  # noqa: F401 (the layouts live with the rest of the spec)
+from .spec import INPUT_PREFIX, RANK_AXIS  # noqa: F401 (the layouts live with the rest of the spec)
 
 
 def _attr(node, name, default=None):

@@ -9,8 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._util import sha256_file
-from .errors import UserError
+from .._util import sha256_file
+from ..errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 DEFAULT_LCM_WEIGHT = 1.0  # the LCM-LoRA paper's λ for the acceleration vector

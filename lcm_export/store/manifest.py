@@ -9,7 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 SCHEMA_VERSION = 2
 """2: ``file_sizes`` (every file of the entry, in bytes) and ``size_multiple`` are recorded and checked."""
@@ -109,14 +109,14 @@ def _is_io(v) -> bool:
 
 
 def _backends() -> tuple[str, ...]:
-    from .backends import names
+    from ..backends import names
 
     return names()
 
 
 def _precisions() -> tuple[str, ...]:
     """Every precision some backend builds (the registry's list: one place to add one)."""
-    from .backends import PRECISIONS
+    from ..backends import PRECISIONS
 
     return PRECISIONS
 
@@ -183,14 +183,14 @@ def manifest_problems(m) -> list[str]:
         if f not in m["file_sizes"]:
             out.append(f"the manifest records no size for {f}")
     if "adapters" in m:  # run-time adapter branches: the runtime builds its inputs from this section
-        from .adapter_spec import spec_problems
+        from ..adapters.spec import spec_problems
 
         out += spec_problems(m["adapters"])
         branched = m["adapters"].get("branches") if isinstance(m["adapters"], dict) else None
         out += [f"the manifest's adapters.branches names a component {c!r} the entry does not have"
                 for c in (branched if isinstance(branched, dict) else {}) if c not in m["components"]]
     if not out:
-        from .backends import manifest_problems as backend_problems
+        from ..backends import manifest_problems as backend_problems
 
         out += backend_problems(m)
     return out
@@ -274,7 +274,7 @@ def existing_entry(engine_dir: Path, base_source: str, key: str, force: bool) ->
     Refuses (unless ``force``) a folder holding another model's entry, a manifest too damaged to
     tell whose it is, or something that is not an entry at all.
     """
-    from ._util import check_dir_path
+    from .._util import check_dir_path
 
     check_dir_path(engine_dir, "engine dir")
     if not engine_dir.exists():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 INPUT_PREFIX = "adapter"
 """Branch inputs are named ``adapter.<component>.<i>.A`` / ``.B`` / ``.s`` (each rank's weight λ)."""
@@ -17,6 +17,8 @@ RANK_AXIS = {"matmul": (1, 0), "conv1x1": (0, 1)}
 """The rank axis of (A, B) for each branch kind: matmul A [in, r], B [r, out]; conv1x1 A [r, in], B [out, r]."""
 ADAPTER_DIR = "adapters"
 INDEX = "index.json"
+CONFIG_DIR = "config"
+"""The entry's copies of the model configs a skeleton for ``adapter add`` is made from."""
 INDEX_VERSION = 1
 SPEC_VERSION = 2
 """The manifest's ``adapters`` section: 2 = branches take A, B and a per-rank weight ``s`` (1: A and B with λ

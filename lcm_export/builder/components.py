@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .shapes import LATENT_FACTOR, TEXT_LEN
+from ..core.shapes import LATENT_FACTOR, TEXT_LEN
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 XL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")

@@ -14,10 +14,10 @@ import logging
 import warnings
 from pathlib import Path
 
-from ._util import atomic_dir, check_dir_path, disk_error, progress, tool_versions, write_json, writing
-from .errors import EngineError, UserError
-from .lora import LORA_COMPONENTS, LoraInfo, LoraSpec, finite_tensor, inspect_lora, lora_has_bias  # noqa: F401 (fuse's API takes them)
-from .models import base_family, base_record, load_pipeline, resolve_base
+from .._util import atomic_dir, check_dir_path, disk_error, progress, tool_versions, write_json, writing
+from ..errors import EngineError, UserError
+from ..sources.lora import LORA_COMPONENTS, LoraInfo, LoraSpec, finite_tensor, inspect_lora, lora_has_bias  # noqa: F401 (fuse's API takes them)
+from ..sources.models import base_family, base_record, load_pipeline, resolve_base
 
 FUSION_SCHEMA = 1
 
@@ -29,7 +29,7 @@ def _check_fused_finite(pipe, touched: dict[str, list[str]], spec: "LoraSpec", i
     import numpy as np
 
     from .components import run_module, sample_inputs, wrappers
-    from .shapes import size_multiple
+    from ..core.shapes import size_multiple
 
     largest = (0.0, "")
     for comp, names in touched.items():

@@ -117,8 +117,8 @@ def export_pipeline(pipe, out_dir: Path, hw: tuple[int, int], bar=None, check=No
     """Export every component (three for SD 1.5; four for SDXL / SSD-1B: two text encoders) into
     ``out_dir``; return the components record. ``check(comp, graph_path)``, when given, checks each
     exported graph (``verify``) and its result is recorded as the component's ``parity``."""
-    from ._util import progress
-    from .refit import MAP_FILE, record_weight_map
+    from .._util import progress
+    from ..core.onnx_weights import MAP_FILE, record_weight_map
 
     bar = bar or progress(0, "", enabled=False)
     dims = model_dims(pipe)
@@ -129,7 +129,7 @@ def export_pipeline(pipe, out_dir: Path, hw: tuple[int, int], bar=None, check=No
         try:
             path = export_component(comp, pipe, out_dir, hw)
         except OSError as exc:
-            from ._util import disk_error
+            from .._util import disk_error
 
             raise disk_error(exc, out_dir / comp) from None
         wmap = record_weight_map(mods[comp], comp, path)
@@ -146,11 +146,11 @@ def export_pipeline(pipe, out_dir: Path, hw: tuple[int, int], bar=None, check=No
 
 def export_model(model: str, out: str | Path, resolution=None, force: bool = False, show_progress: bool = True) -> dict:
     """``lcm-export export``: load ``model`` (fused folder, diffusers folder, hub id, demo:NAME) and export it."""
-    from ._util import atomic_dir, check_dir_path, disk_error, progress, tool_versions, write_json
-    from .errors import UserError
+    from .._util import atomic_dir, check_dir_path, disk_error, progress, tool_versions, write_json
+    from ..errors import UserError
     from .fuse import read_fusion
-    from .models import DEFAULT_RESOLUTION, base_family, load_pipeline, read_unet_config, resolve_base
-    from .shapes import check_memory, plan_shapes, size_multiple
+    from ..sources.models import DEFAULT_RESOLUTION, base_family, load_pipeline, read_unet_config, resolve_base
+    from ..core.shapes import check_memory, plan_shapes, size_multiple
     from .verify import References, verify_graph
 
     src = resolve_base(str(model), flag="--model")

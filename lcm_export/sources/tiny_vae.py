@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .demo import TINY_VAE_DEMOS
-from .errors import UserError
+from ..errors import UserError
 from .lora import PICKLE_SUFFIXES
 
 FLAG = "--vae-decoder"
@@ -182,7 +182,7 @@ def load_vae_decoder(src: DecoderSource):
 
 def decoder_identity(src: DecoderSource) -> dict:
     """What identifies the decoder's weights (the weights key), computed without loading it."""
-    from ._util import sha256_file, tool_versions
+    from .._util import sha256_file, tool_versions
 
     if src.kind == "demo":
         v = tool_versions()

@@ -6,7 +6,7 @@ converts kohya / PEFT / diffusers keys; every layer in the file must find its mo
 of the entry's model made from the configs the build stored (no base weights are read: its tensors
 are allocated, never filled). From each LoRA layer PEFT holds, it takes A, B and the scale
 (alpha / rank, rsLoRA's alpha / sqrt(rank) too) and writes them in the graph's layout for the layer's
-adapter branch (``adapter_graph.py``), with the scale folded into B:
+adapter branch (``adapters/graph.py``), with the scale folded into B:
 
     adapters/<name>-<sha>/factors.safetensors   "<component>.<branch>.A" / ".B", float32 (a new folder per
                                                 content: a running server keeps reading the one it has)
@@ -28,15 +28,13 @@ import re
 import shutil
 from pathlib import Path
 
-from ._util import disk_error, sha256_file, write_json, writing
-from .adapter_spec import ADAPTER_DIR, INDEX, INDEX_VERSION, RANK_AXIS, entry_lock
-from .adapter_spec import read_index as spec_read_index
-from .errors import UserError
-from .store import read_manifest
+from .._util import disk_error, sha256_file, write_json, writing
+from .spec import ADAPTER_DIR, CONFIG_DIR, INDEX, INDEX_VERSION, RANK_AXIS, entry_lock
+from .spec import read_index as spec_read_index
+from ..errors import UserError
+from ..store.manifest import read_manifest
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-CONFIG_DIR = "config"
-"""The entry's copies of the model configs a skeleton for ``adapter add`` is made from."""
 
 
 def read_index(engine_dir: Path) -> dict:
@@ -93,7 +91,7 @@ def extract_factors(pipe, touched: dict[str, list[str]], adapter: str, branches:
     ``adapter`` (loaded into ``pipe`` by PEFT) touches; UserError for a layer the entry cannot take."""
     import numpy as np
 
-    from .components import pipe_module
+    from ..builder.components import pipe_module
 
     out = {}
     for comp, names in touched.items():
@@ -135,8 +133,8 @@ def add_adapter(engine_dir: str | Path, lora_file: str | Path, name: str | None 
     """Prepare ``lora_file`` as adapter ``name`` of the entry at ``engine_dir``; return its index record."""
     from safetensors.numpy import save_file
 
-    from .fuse import load_lora, unload_loras
-    from .lora import inspect_lora
+    from ..builder.fuse import load_lora, unload_loras
+    from ..sources.lora import inspect_lora
 
     engine_dir = Path(engine_dir)
     m = _entry(engine_dir)

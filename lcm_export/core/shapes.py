@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UserError
+from ..errors import UserError
 
 LATENT_FACTOR = 8
 MAX_SIDE = 4096

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cpu import usable_cores
-from ._util import progress, tool_versions, write_json, write_text, writing
-from .bench_torch import (BASELINES, PROMPT, SOLVERS, measure_peak, reference_pipeline, stats, time_baselines, time_solvers,
+from .._cpu import usable_cores
+from .._util import progress, tool_versions, write_json, write_text, writing
+from .baselines import (BASELINES, PROMPT, SOLVERS, measure_peak, reference_pipeline, stats, time_baselines, time_solvers,
                           unet_flops)
-from .errors import UserError
-from .store import read_manifest
+from ..errors import UserError
+from ..store.manifest import read_manifest
 
 STAGES = ("text_encoder", "unet_step", "vae_decoder", "end_to_end")
 REPORT_SCHEMA = "lcm-export-bench/2"
@@ -93,7 +93,7 @@ def _validate(o: BenchOptions, manifest: dict) -> tuple[int, int]:
     bad = [b for b in o.baselines if b not in BASELINES]
     if bad:
         raise UserError(f"--baselines {','.join(bad)}: unknown; choose from {', '.join(BASELINES)}")
-    from .runtime.validate import MAX_GUIDANCE
+    from ..runtime.validate import MAX_GUIDANCE
 
     if not (np.isfinite(o.guidance) and 0 <= o.guidance <= MAX_GUIDANCE):
         raise UserError(f"--guidance {o.guidance}: must be a number from 0 to {MAX_GUIDANCE:g} (the runtime's range)")
@@ -120,7 +120,7 @@ def median_time(fn, runs: int, warmup: int = 1) -> tuple[float, list[float]]:
 def machine_info(threads: int) -> dict:
     """The machine a figure was measured on: CPU name, its ISA and the speed-deciding flags (AMX and AVX512_BF16
     among them: two CPUs of one name can differ in both), cores, GPU."""
-    from ._cpu import cpu_isa, cpu_name, recorded_flags, usable_cores
+    from .._cpu import cpu_isa, cpu_name, recorded_flags, usable_cores
 
     gpu = None
     try:
@@ -151,7 +151,7 @@ def _rss_mb() -> float:
 
 _LEAN_COLD = """
 import json, sys, time
-from lcm_export.bench import _rss_mb
+from lcm_export.bench.harness import _rss_mb
 from lcm_export.runtime import LCMPipeline
 pipe = LCMPipeline.from_engine_dir(sys.argv[1], threads=int(sys.argv[2]))
 pipe(sys.argv[3], steps=4, guidance=float(sys.argv[4]), height=int(sys.argv[5]), width=int(sys.argv[6]))
@@ -161,7 +161,7 @@ print(json.dumps({"peak_rss_mb": _rss_mb(), "torch_loaded": "torch" in sys.modul
 _TORCH_COLD = """
 import json, sys
 import torch
-from lcm_export.bench import _rss_mb
+from lcm_export.bench.harness import _rss_mb
 torch.set_num_threads(int(sys.argv[2]))
 import json as _j, pathlib
 from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -221,7 +221,7 @@ def failures(paths: dict, cold: dict) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 def run_bench(o: BenchOptions) -> dict:
-    from .runtime import LCMPipeline
+    from ..runtime import LCMPipeline
 
     engine_dir = Path(o.engine_dir)
     manifest = read_manifest(engine_dir)
@@ -347,7 +347,7 @@ def run_bench(o: BenchOptions) -> dict:
     report["summary_line"] = f"{report['resolution']}: " + ", ".join(parts)
     if report["failures"]:
         report["summary_line"] = f"FAILED ({', '.join(f['row'] for f in report['failures'])}) " + report["summary_line"]
-    from .bench_report import write_charts, write_markdown
+    from .report import write_charts, write_markdown
 
     with writing(out):  # each file atomic; a failed write is the one-line disk error
         out.mkdir(parents=True, exist_ok=True)

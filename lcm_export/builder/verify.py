@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .components import run_module, sample_inputs, wrappers
-from .errors import UserError
+from ..errors import UserError
 
 FP32_FLOOR = 1e-4
 """An fp32 engine within this rel-L2 of the fp64 answer always passes (well-conditioned models: PyTorch
@@ -362,7 +362,7 @@ def image_fidelity(pipe, entry: Path, hw: tuple[int, int], full_vae=None, steps:
     """PSNR and SSIM of the entry's 4-step image (lean runtime) against ``pipe`` (diffusers PyTorch fp32, same
     latents and step noise). ``full_vae``: where the entry decodes with a tiny decoder (``pipe.vae`` is it),
     the base's own VAE; the image is then also compared with diffusers decoding through that one."""
-    from .runtime import LCMPipeline
+    from ..runtime import LCMPipeline
 
     runtime = LCMPipeline.from_engine_dir(entry)
     latents, noise = seeded_inputs(runtime.latent_channels, hw, steps, seed)

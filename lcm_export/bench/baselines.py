@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 SOLVERS = {"lcm": "LCMScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolver", "dpmpp": "DPMSolver++"}
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -25,9 +25,9 @@ def stats(xs) -> dict:
 
 def reference_pipeline(manifest: dict, engine_dir: Path):
     """The fused model the engine was built from, rebuilt in diffusers (same LoRA files, same λ)."""
-    from ._util import sha256_file
-    from .fuse import LoraSpec, fuse_into, inspect_lora
-    from .models import load_pipeline, resolve_base
+    from .._util import sha256_file
+    from ..builder.fuse import LoraSpec, fuse_into, inspect_lora
+    from ..sources.models import load_pipeline, resolve_base
 
     items = []
     for l in manifest["fusion"]["loras"]:
@@ -39,7 +39,7 @@ def reference_pipeline(manifest: dict, engine_dir: Path):
     fuse_into(pipe, items)
     tiny = manifest.get("vae_decoder")
     if isinstance(tiny, dict) and tiny.get("kind") == "tiny":  # the entry decodes with a tiny decoder: so does the baseline
-        from .tiny_vae import load_vae_decoder, resolve_vae_decoder
+        from ..sources.tiny_vae import load_vae_decoder, resolve_vae_decoder
 
         pipe.vae = load_vae_decoder(resolve_vae_decoder(tiny["source"], manifest["family"]))
     return _lcm(pipe, json.loads((engine_dir / manifest["scheduler"]["file"]).read_text()))
@@ -50,7 +50,7 @@ def base_pipeline(base: str):
     holds it): the PyTorch side when no engine entry is built."""
     from diffusers import LCMScheduler
 
-    from .models import load_pipeline, resolve_base
+    from ..sources.models import load_pipeline, resolve_base
 
     pipe = load_pipeline(resolve_base(base))
     cfg = dict(LCMScheduler.from_config(pipe.scheduler.config).config)
