@@ -9,7 +9,7 @@ DEMO_ORT := engines/demo-sd15-onnxruntime
 DEMO_ADAPT := engines/demo-sd15-adapters
 PROMPT  := a photo of an astronaut riding a horse
 
-.PHONY: setup demo test lean-check bench-ci clean
+.PHONY: setup demo test docs lean-check bench-ci clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: setup
 
 test: setup
 	$(VPY) -m pytest -q tests
+
+# The docs site (docs/*.md, mkdocs.yml) into out/site; --strict: a broken link, a missing page or anchor fails.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict -d out/site
 
 # The runtime with the base install only (no extras: no torch, diffusers, transformers), in its own venv,
 # on the demo entry (`auto`: OpenVINO bf16 on CPUs with native bf16, else OpenVINO fp32), on

@@ -41,6 +41,20 @@ def _lora_help() -> str:
             "WEIGHT is any real number (default 1.0; the paper uses 1.0 for LCM-LoRA, 0.8 for style LoRAs). Repeatable.")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The epilog's example keeps its line breaks (raw); descriptions are wrapped as argparse wraps them."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith("example:"):
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+
+def _example(*lines: str) -> dict:
+    """``add_parser`` / parser keywords: one example command, shown at the end of ``--help``."""
+    return {"epilog": "example:\n" + "\n".join("  " + line for line in lines), "formatter_class": _HelpFormatter}
+
+
 class _Parser(argparse.ArgumentParser):
     """A bad flag is bad input like any other: one ``error:`` line, exit 2 (argparse would print its
     usage block first)."""
@@ -54,11 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lcm-export",
         description="Fuse LCM-LoRA + style LoRAs into Stable Diffusion, export to ONNX, build TensorRT / OpenVINO / "
                     "ONNX Runtime engines and run 4-step LCM generation with a lean numpy runtime.",
+        **_example("lcm-export build-engine --engine-dir engines/demo-sd15"),
     )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     f = sub.add_parser("fuse", help="merge LoRAs into a base model: W = W0 + Σ λ·(alpha/r)·B·A",
-                       description="Fuse LoRAs into a base model and save a diffusers folder plus fusion.json.")
+                       description="Fuse LoRAs into a base model and save a diffusers folder plus fusion.json.",
+                       **_example("lcm-export fuse --base runwayml/stable-diffusion-v1-5 \\",
+                                  "    --lora lcm-lora-sdv1-5.safetensors:1.0 --lora papercut.safetensors:0.8 --out out/sd15-papercut"))
     f.add_argument("--base", required=True, help="hub id, local diffusers folder, or demo:sd15 / demo:sd15-full / demo:sdxl / demo:ssd1b / demo:sdxl-full (random weights)")
     f.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help=_lora_help())
     f.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
@@ -66,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
 
     e = sub.add_parser("export", help="export a fused model's text encoder, UNet and VAE decoder to ONNX",
-                       description="Export text encoder, UNet and VAE decoder to ONNX and check each against PyTorch in ONNX Runtime.")
+                       description="Export text encoder, UNet and VAE decoder to ONNX and check each against PyTorch in ONNX Runtime.",
+                       **_example("lcm-export export --model out/sd15-papercut --out out/sd15-papercut-onnx"))
     e.add_argument("--model", required=True, help="fused model folder (from `fuse`), a diffusers folder, hub id or demo:NAME")
     e.add_argument("--out", required=True, help="output folder for the ONNX files and export.json")
     e.add_argument("--resolution", type=_resolution, default=None, metavar="HxW", help="resolution of the parity check inputs (default: the family's: 512x512 for SD 1.5, 1024x1024 for SDXL / SSD-1B)")
@@ -79,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "engine against a float64 run of it, passing when its rel-L2 is within max(1e-4, 10 x PyTorch "
                                    "fp32's own); a bf16 entry by its 4-step image (at least 30 dB PSNR against PyTorch fp32), an int8 entry "
                                    "by PSNR and SSIM (at least 25 dB and 0.90). "
-                                   "A failing build writes nothing.")
+                                   "A failing build writes nothing.",
+                       **_example("lcm-export build-engine --engine-dir engines/demo-sd15-fast --preset fast"))
     b.add_argument("--base", default=None, help="hub id, local diffusers folder or demo:NAME (default: demo:sd15 with the demo LoRAs)")
     b.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help=_lora_help())
     b.add_argument("--resolution", action="append", type=_resolution, default=[], metavar="HxW",
@@ -135,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--adapters", action="store_true",
                    help="build adapter branches into the UNet and text encoder(s), so style LoRAs added with `lcm-export "
                         "adapter add` apply per call (`generate --adapter NAME:WEIGHT`) without a rebuild (CPU entries: ONNX Runtime "
-                        "and OpenVINO, not int8; Linear layers and 1x1 convolutions; a little slower per step, see the README)")
+                        "and OpenVINO, not int8; Linear layers and 1x1 convolutions; a little slower per step, see docs/adapters-and-refit.md)")
     b.add_argument("--engine-dir", default=None, help="engine-store entry to write (default: engines/<name>)")
     b.add_argument("--name", default=None, help="entry name under engines/ (default: derived from the base)")
     b.add_argument("--threads", type=int, default=None,
@@ -147,12 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "the entry there is reused, refit or rebuilt) and stop before any fusion or export: the entry is not touched")
     b.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
 
-    i = sub.add_parser("inspect", help="show an engine-store entry's manifest", description="Print an engine-store entry's manifest.")
+    i = sub.add_parser("inspect", help="show an engine-store entry's manifest", description="Print an engine-store entry's manifest.",
+                       **_example("lcm-export inspect engines/demo-sd15"))
     i.add_argument("engine_dir", help="engine-store entry (folder with manifest.json); its schema and file sizes are checked")
     i.add_argument("--json", action="store_true", help="print the raw manifest JSON")
 
     g = sub.add_parser("generate", help="text → image with the lean runtime (numpy + engines; no torch)",
-                       description="Generate images with the lean runtime around a built engine.")
+                       description="Generate images with the lean runtime around a built engine.",
+                       **_example("lcm-export generate --engine-dir engines/demo-sd15 \\",
+                                  "    --prompt \"a photo of an astronaut riding a horse\" --out out/demo.png"))
     g.add_argument("--engine-dir", required=True, help="engine-store entry built by build-engine")
     g.add_argument("--prompt", required=True, help="text prompt (may be empty: unconditional); UTF-8 text")
     g.add_argument("--negative-prompt", default=None, help="negative prompt (used when --guidance > 1)")
@@ -170,24 +192,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     ad = sub.add_parser("adapter", help="style LoRAs as run-time adapters of an entry: add, list, remove",
                         description="Prepare style LoRAs once into an entry built with --adapters, then apply them per "
-                                    "call (generate --adapter, serve's \"adapters\" field) without rebuilding.")
+                                    "call (generate --adapter, serve's \"adapters\" field) without rebuilding.",
+                        **_example("lcm-export adapter add --engine-dir engines/sd15-lcm papercut.safetensors"))
     asub = ad.add_subparsers(dest="adapter_cmd", required=True, metavar="ACTION")
     aa = asub.add_parser("add", help="prepare a LoRA file (kohya, PEFT, diffusers) as an adapter of the entry",
                          description="Read a LoRA .safetensors file as build-engine --lora does (every layer must match the "
-                                     "entry's model) and store its factors in the entry's layout; needs the [build] extra.")
+                                     "entry's model) and store its factors in the entry's layout; needs the [build] extra.",
+                         **_example("lcm-export adapter add --engine-dir engines/sd15-lcm pixel-art.safetensors --name pixel"))
     aa.add_argument("--engine-dir", required=True, help="engine-store entry built with --adapters")
     aa.add_argument("file", help="LoRA .safetensors file")
     aa.add_argument("--name", default=None, help="adapter name (default: the file's stem); letters, digits, . _ -")
     aa.add_argument("--force", action="store_true", help="replace an adapter of the same name")
-    al = asub.add_parser("list", help="the adapters an entry holds")
+    al = asub.add_parser("list", help="the adapters an entry holds",
+                         **_example("lcm-export adapter list --engine-dir engines/sd15-lcm"))
     al.add_argument("--engine-dir", required=True, help="engine-store entry")
     al.add_argument("--json", action="store_true", help="print the index as JSON")
-    ar = asub.add_parser("remove", help="remove an adapter from the entry")
+    ar = asub.add_parser("remove", help="remove an adapter from the entry",
+                         **_example("lcm-export adapter remove --engine-dir engines/sd15-lcm pixel"))
     ar.add_argument("--engine-dir", required=True, help="engine-store entry")
     ar.add_argument("name", help="adapter name")
 
     s = sub.add_parser("bench", help="latency of the engine vs PyTorch baselines; writes report.json/.md and charts",
-                       description="Benchmark the engine path against diffusers eager / torch.compile and the paper's solver comparison.")
+                       description="Benchmark the engine path against diffusers eager / torch.compile and the paper's solver comparison.",
+                       **_example("lcm-export bench --engine-dir engines/demo-sd15 --baselines eager,compile --runs 2 --warmup 1 \\",
+                                  "    --out out/bench-demo"))
     s.add_argument("--engine-dir", required=True, help="engine-store entry built by build-engine")
     s.add_argument("--baselines", type=_csv, default=["eager"], help="comma list of eager,compile,reduce-overhead,bf16 (default: eager; empty string for none; reduce-overhead = torch.compile with CUDA graphs, GPU only; bf16 = modules cast to bf16)")
     s.add_argument("--solvers", type=_csv, default=["lcm:4", "ddim:32", "dpm:16", "dpmpp:8"],
@@ -204,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="HTTP text → image on Ray Serve: replicas, batching, backpressure (needs [serve])",
                        description="Serve an engine-store entry over HTTP with Ray Serve: POST /generate, GET /health, "
-                                   "docs at /docs. Starts a local Ray cluster unless --address names one. Ctrl-C stops.")
+                                   "docs at /docs. Starts a local Ray cluster unless --address names one. Ctrl-C stops.",
+                       **_example("lcm-export serve --engine-dir engines/demo-sd15 --port 8000"))
     v.add_argument("--engine-dir", required=True, help="engine-store entry built by build-engine")
     v.add_argument("--replicas", type=int, default=1, help="replicas, each with its own copy of the engines (default 1)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it)")
