@@ -361,7 +361,7 @@ def _dispatch(a) -> int:
         from .store.manifest import format_manifest, read_manifest
 
         m = read_manifest(a.engine_dir)
-        print(json.dumps(m, indent=2) if a.json else format_manifest(m))
+        print(json.dumps(m, indent=2) if a.json else format_manifest(m, a.engine_dir))
         return 0
     if a.cmd == "generate":
         from .runtime.cli import generate_cmd

@@ -160,3 +160,23 @@ def test_inspect(demo_engine, capsys):
     assert json.loads(out)["backend"] == "onnxruntime"
     code, _, err = run_cli(["inspect", demo_engine.parent / "missing"], capsys)
     assert code == 2 and "does not exist" in err
+
+
+def test_inspect_lists_every_file_with_its_purpose_and_the_weights(demo_engine, fused_pipe, capsys):
+    from conftest import run_cli
+
+    code, out, err = run_cli(["inspect", demo_engine], capsys)
+    assert code == 0, err
+    section = out.split("files (every file in the folder: size, purpose)\n", 1)[1].splitlines()
+    listed = {line.split()[0]: line for line in section if line.strip() and not line.strip().startswith("total")}
+    on_disk = {p.relative_to(demo_engine).as_posix(): p.stat().st_size for p in demo_engine.rglob("*") if p.is_file()}
+    assert set(listed) == set(on_disk)
+    for f, size in on_disk.items():
+        assert f"{size / 1e6:.1f} MB" in listed[f] or f"{size / 1e9:.2f} GB" in listed[f]
+    assert "unet: engine graph" in listed["unet/model.onnx"] and "tokenizer" in listed["tokenizer/tokenizer.json"]
+    # the weights, counted here from the PyTorch modules (fp32 entry: 4 bytes each; the VAE decoder without its encoder)
+    vae = fused_pipe.vae
+    n = sum(p.numel() for m in (fused_pipe.text_encoder, fused_pipe.unet, vae.decoder, vae.post_quant_conv) for p in m.parameters())
+    total = sum(on_disk.values())
+    line = next(l for l in section if l.strip().startswith("total"))
+    assert f"= {total / (4 * n):.2f}x the weights at their compute precision" in line

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import needs_openvino, run_cli
+from lcm_export.store.manifest import refit_source_dir
 from lcm_export.builder.build_engine import BuildOptions, build_engine
 from lcm_export.builder.verify import psnr, seeded_inputs
 from lcm_export.runtime import LCMPipeline
@@ -92,7 +93,7 @@ def test_refit_equals_fresh_build(base_dir, loras, tmp_path, backend, precision,
     assert psnr(ours, ref) >= 60
     import onnx  # the patched exported graph holds exactly the fresh export's weights, bit for bit
     for comp in ("unet", "text_encoder"):
-        g1, g2 = (onnx.load(str(d / "onnx" / comp / "model.onnx")) for d in (entry, tmp_path / "fresh"))
+        g1, g2 = (onnx.load(str(refit_source_dir(d) / comp / "model.onnx")) for d in (entry, tmp_path / "fresh"))
         assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in g1.graph.initializer} == \
             {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in g2.graph.initializer}
     # and the refit really changed the model (by far more than it differs from the fresh build)
@@ -186,3 +187,26 @@ def test_bad_lora_in_a_refit_gets_the_fresh_build_error(base_dir, loras, tmp_pat
     assert code == code2 == 2 and err_refit.count("\n") == 1 and msg in err_refit
     assert err_refit.replace(str(entry), "X") == err_fresh.replace(str(tmp_path / "fresh"), "X")
     assert (entry / "manifest.json").read_bytes() == snapshot and not (tmp_path / "fresh").exists()
+
+
+def test_refit_source_lives_beside_the_store_not_in_the_entry(base_dir, loras, tmp_path):
+    entry = tmp_path / "store" / "entry"
+    res = _build(base_dir, entry, _specs(loras, ["lcm:1.0", "style:0.8"]), "onnxruntime", "fp32")
+    source = refit_source_dir(entry)
+    assert source == tmp_path / "store" / ".refit-sources" / "entry"
+    assert not (entry / "onnx").exists()
+    assert not any(p.name == "weight_map.json" for p in entry.rglob("*"))
+    for comp, c in res.manifest["components"].items():  # the exported graphs and weight maps are in the source, not the entry
+        assert (source / c["onnx_files"][0]).is_file() and (source / c["weight_map"]).is_file()
+        assert c["weight_map"] not in res.manifest["file_sizes"]  # (ONNX Runtime's engine is also named model.onnx: optimized)
+    stamp = json.loads((source / "source.json").read_text())
+    assert stamp["weights_key"] == res.manifest["weights_key"]
+    # without its source, a change of λ is a full build that says why, and writes the source again
+    shutil.rmtree(source)
+    again = _build(base_dir, entry, _specs(loras, ["lcm:1.0", "style:0.3"]), "onnxruntime", "fp32")
+    assert not again.refit and any("refit source" in m and "missing" in m for m in again.messages)
+    assert json.loads((source / "source.json").read_text())["weights_key"] == again.manifest["weights_key"]
+    # with it, the next change is a refit again, and the source follows the entry's new weights
+    third = _build(base_dir, entry, _specs(loras, ["lcm:1.0", "style:0.5"]), "onnxruntime", "fp32")
+    assert third.refit
+    assert json.loads((source / "source.json").read_text())["weights_key"] == third.manifest["weights_key"]

@@ -45,7 +45,8 @@ VERIFY_IN_BUILD = True
 REFIT = True
 """Refit: the stored graph is re-optimized from the patched exported graph (weights are pre-packed)."""
 REFIT_NEEDS_FLAG = False
-"""Every entry is refittable (it keeps the exported graph): ``--refit`` changes nothing."""
+"""Every entry is refittable (its exported graph is kept beside the store, ``store.manifest.refit_source_dir``):
+``--refit`` changes nothing."""
 ADAPTERS = True
 """Adapter branches take their factors as ordinary inputs (``adapter_graph.py``)."""
 MERGE_EXACT = True

@@ -47,7 +47,8 @@ VERIFY_IN_BUILD = True
 REFIT = True
 """Refit: new IR and compiled blob from the patched exported graph (constants replaced, recompiled)."""
 REFIT_NEEDS_FLAG = False
-"""Every entry is refittable (it keeps the exported graph): ``--refit`` changes nothing."""
+"""Every entry is refittable (its exported graph is kept beside the store, ``store.manifest.refit_source_dir``):
+``--refit`` changes nothing."""
 ADAPTERS = True
 """Adapter branches take their factors as inputs with a dynamic rank (``adapter_graph.py``)."""
 MERGE_EXACT = False

@@ -14,7 +14,7 @@ from .._cpu import cpu_name, recorded_flags
 from .._util import atomic_dir, disk_error, link_tree, progress, write_json
 from ..core.shapes import size_multiple
 from ..errors import UserError
-from ..store.manifest import MANIFEST, SCHEMA_VERSION, record_file_sizes
+from ..store.manifest import MANIFEST, SCHEMA_VERSION, record_file_sizes, refit_source_dir, write_refit_stamp
 from .plan import BuildOptions, BuildPlan, make_plan
 
 __all__ = ["BuildOptions", "BuildResult", "build_engine", "carry_adapters"]
@@ -72,9 +72,10 @@ def build_engine(opts: BuildOptions) -> BuildResult:
         if why is not None:
             messages.append(f"full build, not a refit: {why}")
         bar = progress(plan.build_steps(), "build", enabled=plan.opts.show_progress)
-        try:
-            with atomic_dir(plan.engine_dir, force=True, what="engine dir") as tmp:
-                manifest = _build_into(tmp, plan, bar)
+        try:  # the entry and its refit source (beside the store) are each replaced in one rename, the entry first
+            with atomic_dir(refit_source_dir(plan.engine_dir), force=True, what="refit source") as source, \
+                    atomic_dir(plan.engine_dir, force=True, what="engine dir") as tmp:
+                manifest = _build_into(tmp, plan, bar, source)
                 messages += carry_adapters(plan.engine_dir, tmp, manifest)
         except OSError as exc:
             raise disk_error(exc, plan.engine_dir) from None
@@ -83,13 +84,14 @@ def build_engine(opts: BuildOptions) -> BuildResult:
         return BuildResult(plan.engine_dir, manifest, False, time.perf_counter() - t0, messages)
 
 
-def _build_into(tmp: Path, plan: BuildPlan, bar) -> dict:
-    """The full build's stages, in order, into the temp folder ``tmp``: load, fuse, export, (adapter branches),
-    (int8 calibration), each component's engine and its check, tokenizer and scheduler, manifest, image check."""
+def _build_into(tmp: Path, plan: BuildPlan, bar, source: Path) -> dict:
+    """The full build's stages, in order, into the temp folder ``tmp``: load, fuse, export (into ``source``, the
+    refit source's temp folder beside the store), (adapter branches), (int8 calibration), each component's engine
+    and its check, tokenizer and scheduler, manifest, image check."""
     opts, src, family, engine_dir, items = plan.opts, plan.src, plan.family, plan.engine_dir, list(plan.loras)
     backend, device, precision, plans = plan.backend, plan.device, plan.precision, list(plan.plans)
     key, versions, key_record, decoder, scheme, notes = plan.key, plan.versions, plan.key_record, plan.decoder, plan.int8_scheme, plan.notes
-    from .components import component_io, components_for, decoder_probe_inputs, model_dims
+    from .components import component_io, component_parameters, components_for, decoder_probe_inputs, model_dims
     from .export import export_pipeline
     from .fuse import fuse_into
     from ..sources.models import DEFAULT_RESOLUTION, base_record, load_pipeline
@@ -107,7 +109,7 @@ def _build_into(tmp: Path, plan: BuildPlan, bar) -> dict:
 
         full_vae, pipe.vae = pipe.vae, load_vae_decoder(decoder)
 
-    work = tmp / ONNX_DIR  # kept in the entry: what a weights-only update (refit) patches
+    work = source  # beside the store, not in the entry: what a weights-only update (refit) patches
     mod = backends.get(backend)
     refs = References(pipe)
     # backends whose engines run here are checked through the engine itself (below); the others
@@ -139,8 +141,9 @@ def _build_into(tmp: Path, plan: BuildPlan, bar) -> dict:
         if "quantization" in rec:
             rec["quantization"]["calibration"] = calib_rec
         rec.update(component_io(comp, dims))
-        rec["onnx_files"] = [f"{ONNX_DIR}/{f}" for f in exported[comp]["files"]]
-        rec["weight_map"] = f"{ONNX_DIR}/{exported[comp]['weight_map']['file']}"
+        rec["parameters"] = component_parameters(pipe, comp)  # the weights `inspect` compares the entry's bytes with
+        rec["onnx_files"] = list(exported[comp]["files"])  # relative to the refit source's folder
+        rec["weight_map"] = exported[comp]["weight_map"]["file"]
         if mod.VERIFY_IN_BUILD:
             bar.set_description_str(f"check {comp} against PyTorch")
             verify_engine(mod, section, comp, rec, refs, plans, tmp, opts.threads, graph=work / comp / "model.onnx",
@@ -214,6 +217,7 @@ def _build_into(tmp: Path, plan: BuildPlan, bar) -> dict:
         manifest["fidelity"] = image_gate(pipe, tmp, plans, components, precision, full_vae)
         write_json(tmp / MANIFEST, record_file_sizes(manifest, tmp))
         bar.update()
+    write_refit_stamp(manifest, source)
     return manifest
 
 
@@ -279,10 +283,6 @@ def _add_adapter_branches(pipe, work: Path, entry: Path, exported: dict) -> dict
         configs[comp] = f"{CONFIG_DIR}/{comp}.json"
         write_json(entry / configs[comp], json.loads(json.dumps(cfg, default=list)))
     return {"version": SPEC_VERSION, "branches": branches, "configs": configs}
-
-
-ONNX_DIR = "onnx"
-"""The entry's folder for the exported graphs and their weight maps (``core/onnx_weights.py``)."""
 
 
 def _copy_tokenizer(tok, dst: Path) -> None:

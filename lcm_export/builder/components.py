@@ -47,6 +47,14 @@ def pipe_module(pipe, comp: str):
     return getattr(pipe, PIPE_ATTR.get(comp, comp))
 
 
+def component_parameters(pipe, comp: str) -> int:
+    """How many weights the exported ``comp`` holds (the VAE decoder: its decoder and post-quant convolution,
+    not the encoder the graph never runs)."""
+    module = pipe_module(pipe, comp)
+    parts = [module.decoder, getattr(module, "post_quant_conv", None)] if comp == "vae_decoder" else [module]
+    return int(sum(p.numel() for m in parts if m is not None for p in m.parameters()))
+
+
 def model_dims(pipe) -> dict:
     """Widths the ONNX I/O depends on: UNet text width D, each text encoder's width, pooled width P."""
     dims = {"text_dim": int(pipe.unet.config.cross_attention_dim), "latent_channels": int(pipe.unet.config.in_channels),

@@ -17,14 +17,15 @@ from .. import backends
 from .._util import tool_versions
 from ..core.shapes import check_memory, plan_shapes, size_multiple
 from ..errors import UserError
-from ..store.manifest import DEFAULT_ROOT, SCHEMA_VERSION, cache_key, existing_entry, reusable_entry
+from ..store.manifest import DEFAULT_ROOT, SCHEMA_VERSION, cache_key, existing_entry, refit_source_problem, reusable_entry
 
 # Bump when a change to lcm-export alters what a build writes for the same inputs, so existing
 # entries rebuild instead of being reported up to date. 2: CPU graphs stored at ORT_ENABLE_ALL.
 # 3: CPU UNets with attention fused (withdrawn: no measured gain). 4: graphs failing parity are refused.
 # 5: backends as plug-ins (OpenVINO added; parity checked through each built engine).
 # 6: fp32 engines gated against a float64 PyTorch reference (parity records carry both figures).
-BUILD_RECIPE = 6
+# 7: the refit source (exported fp32 graphs) beside the store, no longer inside the entry.
+BUILD_RECIPE = 7
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class BuildOptions:
     TensorRT builds detect anyway)."""
     refit: bool = False
     """TensorRT: build refittable engines (slightly slower), so that a change of LoRAs or λ is refit
-    into them instead of rebuilt. CPU entries are always refittable (they keep the exported ONNX)."""
+    into them instead of rebuilt. CPU entries are always refittable (their exported ONNX is kept beside the store)."""
     no_refit: bool = False
     """Never refit: a change of LoRAs or λ takes the full fuse -> export -> build path."""
     adapters: bool = False
@@ -213,7 +214,7 @@ def make_plan(opts: BuildOptions) -> BuildPlan:
     if not opts.force:
         old = reusable_entry(engine_dir, base)
         if old is not None:
-            why = refit_blocker(old, keys, graph_inputs, weights_inputs, opts)
+            why = refit_blocker(old, keys, graph_inputs, weights_inputs, opts) or refit_source_problem(old, engine_dir)
             return replace(plan, action="build" if why else "refit", existing=None if why else old, refit_blocker=why)
     return plan
 

@@ -8,7 +8,8 @@ base weights, other LoRAs or λ: the entry is refit instead of rebuilt.
    fused by diffusers in PyTorch), so they are bit-identical to a fresh build's.
 2. For every weight a LoRA touches, now or before (the union: removing a LoRA restores W0), the
    weight map recorded at export (``core/onnx_weights.py``) names the ONNX initializer and its layout; the
-   entry's exported graph is patched (no torch export).
+   entry's exported graph (its refit source, kept beside the store: ``store.manifest.refit_source_dir``) is
+   patched (no torch export).
 3. Each changed component is re-derived by its backend from the patched graph (ONNX Runtime:
    re-optimized; OpenVINO: new IR + compiled blob; TensorRT: refit through its refitter) and checked
    against PyTorch exactly as a fresh build checks it (and the image gate for bf16 and int8). An int8
@@ -28,7 +29,7 @@ from pathlib import Path
 from .. import backends
 from .._util import atomic_dir, disk_error, link_tree, progress, write_json
 from ..errors import UserError
-from ..store.manifest import MANIFEST, record_file_sizes
+from ..store.manifest import MANIFEST, REFIT_SOURCE_STAMP, record_file_sizes, refit_source_dir, write_refit_stamp
 
 def _modules(fusion: dict) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
@@ -45,9 +46,10 @@ def refit_entry(plan):
     keys, weights_inputs, key = plan.keys, plan.weights_inputs, plan.key
     t0 = time.perf_counter()
     bar = progress(2 + 2 * len(items) + len(old["components"]) + 1, "refit", enabled=opts.show_progress)
-    try:
-        with atomic_dir(engine_dir, force=True, what="engine dir") as tmp:
-            manifest = _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar, t0)
+    try:  # the entry and its refit source are each replaced in one rename (the entry first): a failure leaves both
+        with atomic_dir(refit_source_dir(engine_dir), force=True, what="refit source") as source, \
+                atomic_dir(engine_dir, force=True, what="engine dir") as tmp:
+            manifest = _refit_into(tmp, source, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar, t0)
     except OSError as exc:
         raise disk_error(exc, engine_dir) from None
     finally:
@@ -55,7 +57,7 @@ def refit_entry(plan):
     return manifest, time.perf_counter() - t0
 
 
-def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar, t0) -> dict:
+def _refit_into(tmp, source, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar, t0) -> dict:
     from .components import model_dims, pipe_module
     from .fuse import fuse_into
     from ..sources.lora import lora_has_bias
@@ -78,6 +80,8 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
 
     bar.set_description_str("link the current entry")
     link_tree(engine_dir, tmp)
+    old_source = refit_source_dir(engine_dir)
+    link_tree(old_source, source, skip=lambda name: name == REFIT_SOURCE_STAMP)
     bar.set_description_str(f"load {src.spec}")
     pipe = load_pipeline(src)
     bar.update()
@@ -113,7 +117,7 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
         graph = rec["onnx_files"][0]
         changed = []
         if modules:
-            wmap = read_weight_map(tmp / Path(rec["weight_map"]).parent)
+            wmap = read_weight_map(source / Path(rec["weight_map"]).parent)
             weight_keys = [f"{m}.weight" for m in modules]
             state = pipe_module(pipe, comp).state_dict()
             try:
@@ -122,7 +126,7 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
                 values = new_initializers(wmap, {k: state[k].detach().numpy() for k in weight_keys if k in state}, weight_keys)
             except (UserError, KeyError) as exc:
                 raise RefitImpossible(f"a LoRA touches a layer this entry cannot refit ({exc})") from None
-            changed = patch_onnx(engine_dir / graph, tmp / graph, values)
+            changed = patch_onnx(old_source / graph, source / graph, values)
             n_weights += len(changed)
             lap("patch exported graphs")
         if not changed and not force:
@@ -137,7 +141,7 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
 
             calibration = calibrate(pipe, plans)
             lap("int8 calibration (PyTorch)")
-        job = backends.ComponentJob(comp, tmp / graph, tmp, plans, old["precision"], dims, section,
+        job = backends.ComponentJob(comp, source / graph, tmp, plans, old["precision"], dims, section,
                                     vae_fp32=bool(old["graph_inputs"].get("vae_fp32")), refit=bool(old["graph_inputs"].get("refit")),
                                     store_root=engine_dir.resolve().parent, previous=engine_dir,
                                     int8_scheme=quant["scheme"] if quant else None, calibration=calibration[0] if quant else None)
@@ -148,10 +152,10 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
         new_rec = {**rec, **new}
         lap(f"{old['backend']} re-derive")
         if mod.VERIFY_IN_BUILD:  # checked exactly as a fresh build checks it
-            verify_engine(mod, section, comp, new_rec, refs, plans, tmp, opts.threads, graph=tmp / graph,
+            verify_engine(mod, section, comp, new_rec, refs, plans, tmp, opts.threads, graph=source / graph,
                           extra=empty.get(comp))
         else:  # its engines can't run here: the patched graph itself, as a fresh build checks its export
-            new_rec["parity"] = verify_graph(comp, tmp / graph, refs, plans, "the patched graph")
+            new_rec["parity"] = verify_graph(comp, source / graph, refs, plans, "the patched graph")
         lap("parity vs PyTorch")
         components[comp] = new_rec
         changed_comps.append(comp)
@@ -172,5 +176,6 @@ def _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inp
     manifest["refit"]["phases_s"] = phases
     manifest = record_file_sizes(manifest, tmp)
     write_json(tmp / MANIFEST, manifest)
+    write_refit_stamp(manifest, source)
     bar.update()
     return manifest

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from ..errors import UserError
@@ -22,6 +23,12 @@ FAMILY_COMPONENTS = {
 }
 """The components an entry of each family holds, no more, no fewer (``export.components_for`` exports
 exactly these; a test checks that the two agree)."""
+REFIT_SOURCES = ".refit-sources"
+"""Beside the store, not in any entry: ``<store>/.refit-sources/<entry name>/`` holds the exported fp32 graphs and
+their weight maps that a weights-only update (refit) patches. An entry never holds them (it is what people
+deploy: its weights once, in the precision they compute in); deleting this folder only turns later refits
+into full builds."""
+REFIT_SOURCE_STAMP = "source.json"
 SHARED_ENGINE_KEYS = ("*", "all")
 """Engine-map keys that are not a shape plan's name: one engine for every plan ("*": CPU backends;
 "all": TensorRT's text encoders)."""
@@ -229,17 +236,56 @@ def manifest_files(m: dict) -> list[str]:
     return files
 
 
-def entry_files(m: dict) -> list[str]:
-    """Every file an entry needs: each component's files (its exported graph too), the tokenizer(s),
-    the scheduler config."""
-    files = manifest_files(m)
+def refit_source_dir(engine_dir: str | Path) -> Path:
+    """Where the refit source of the entry at ``engine_dir`` is kept: beside the store, never inside the entry."""
+    d = Path(engine_dir).absolute()
+    return d.parent / REFIT_SOURCES / d.name
+
+
+def refit_source_files(m: dict) -> list[str]:
+    """The refit source's files (each component's ``onnx_files`` and ``weight_map``, relative to
+    :func:`refit_source_dir`)."""
+    files = []
     comps = m.get("components") if isinstance(m, dict) else None
     for c in (comps.values() if isinstance(comps, dict) else []):
-        if not isinstance(c, dict):
-            continue
-        extra = (c["onnx_files"] if isinstance(c.get("onnx_files"), list) else []) + \
-            ([c["weight_map"]] if isinstance(c.get("weight_map"), str) else [])
-        files += [f for f in extra if isinstance(f, str)]
+        if isinstance(c, dict):
+            files += [f for f in (c["onnx_files"] if isinstance(c.get("onnx_files"), list) else []) if isinstance(f, str)]
+            files += [c["weight_map"]] if isinstance(c.get("weight_map"), str) else []
+    return files
+
+
+def refit_source_problem(m: dict, engine_dir: str | Path) -> str | None:
+    """Why the refit source beside the store cannot be patched for the entry ``m`` (None: it can): missing,
+    written for other weights than the entry holds, or a file missing or of another size."""
+    d = refit_source_dir(engine_dir)
+    where = f"the refit source (the exported fp32 graphs, kept beside the store in {d})"
+    try:
+        stamp = json.loads((d / REFIT_SOURCE_STAMP).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"{where} is missing; this build writes it again"
+    sizes = stamp.get("file_sizes") if isinstance(stamp, dict) else None
+    if not isinstance(sizes, dict) or stamp.get("weights_key") != m.get("weights_key") or stamp.get("graph_key") != m.get("graph_key"):
+        return f"{where} was written for other weights than the entry holds; this build writes it again"
+    for f in refit_source_files(m):
+        p = d / f
+        if not _is_relpath(f) or f not in sizes or not p.is_file() or p.is_symlink() or p.stat().st_size != sizes[f]:
+            return f"{where} is damaged ({f}); this build writes it again"
+    return None
+
+
+def write_refit_stamp(m: dict, source_dir: Path) -> None:
+    """Record which weights the refit source in ``source_dir`` holds, and its files' sizes."""
+    from .._util import write_json
+
+    write_json(Path(source_dir) / REFIT_SOURCE_STAMP, {
+        "graph_key": m.get("graph_key"), "weights_key": m.get("weights_key"), "entry": m.get("name"),
+        "file_sizes": {f: (Path(source_dir) / f).stat().st_size for f in refit_source_files(m)}})
+
+
+def entry_files(m: dict) -> list[str]:
+    """Every file an entry needs: each component's files, the tokenizer(s), the scheduler config, the
+    adapter configs (not the refit source: it lives beside the store, :func:`refit_source_dir`)."""
+    files = manifest_files(m)
     for k in ("tokenizer", "tokenizer_2", "scheduler"):
         if isinstance(m.get(k), dict) and "file" in m[k]:
             files.append(m[k]["file"])
@@ -309,6 +355,69 @@ def reusable_entry(engine_dir: Path, base_source: str) -> dict | None:
     if not isinstance(m, dict) or m.get("base_source") != base_source or manifest_problems(m) or file_problems(m, engine_dir):
         return None
     return m
+
+
+BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+"""Bytes of one weight at each compute precision (int8: the quantized layers' weights; their per-channel scales
+and the few layers left unquantized make an int8 component slightly larger)."""
+_FOLDER_PURPOSE = {"tokenizer": "tokenizer", "tokenizer_2": "second tokenizer", "scheduler": "LCM scheduler config",
+                   "config": "model configs (`adapter add` builds a weightless skeleton from them)",
+                   "adapters": "run-time style adapter (`adapter add`)"}
+
+
+def file_purpose(m: dict, f: str) -> str:
+    """What one file of an entry is for, in words (``inspect``)."""
+    top, name = f.split("/", 1)[0], f.rsplit("/", 1)[-1]
+    c = (m.get("components") or {}).get(top) if isinstance(m.get("components"), dict) else None
+    if f == MANIFEST:
+        return "manifest: what the entry holds and how it was built"
+    if isinstance(c, dict):
+        if c.get("compiled_blob") == f:
+            return f"{top}: compiled model for this CPU and engine version (faster cold start)"
+        if f in (c.get("engines") or {}).values():
+            return f"{top}: engine graph"
+        if name.endswith((".bin", ".data", ".onnx_data", ".weights")):
+            return f"{top}: weights"
+        return f"{top}: engine file"
+    return _FOLDER_PURPOSE.get(top, "not written by lcm-export (ignored)")
+
+
+def footprint(m: dict, engine_dir: str | Path) -> dict:
+    """Every file in the entry folder (symlinks not followed) with its size and purpose; the total; and the
+    weights' bytes at the precision each component computes in, where the build recorded parameter counts."""
+    d = Path(engine_dir)
+    files = []
+    for root, dirs, names in os.walk(d):
+        for n in names:
+            p = Path(root) / n
+            rel = p.relative_to(d).as_posix()
+            files.append((rel, p.lstat().st_size, file_purpose(m, rel)))
+    files.sort()
+    weights, per = 0, {}
+    for comp, c in (m.get("components") or {}).items():
+        n = c.get("parameters") if isinstance(c, dict) else None
+        if not (isinstance(n, int) and n > 0):
+            weights = None
+            break
+        per[comp] = n * BYTES_PER_WEIGHT.get(c.get("precision", m.get("precision")), 4)
+        weights += per[comp]
+    return {"files": files, "total": sum(b for _, b, _ in files), "weights": weights, "weights_per_component": per if weights else {}}
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def format_footprint(fp: dict) -> list[str]:
+    w = max([len(f) for f, _, _ in fp["files"]] + [4])
+    out = ["", "files (every file in the folder: size, purpose)"]
+    out += [f"  {f:<{w}}  {_gb(b):>9}  {why}" for f, b, why in fp["files"]]
+    if fp["weights"]:
+        out.append(f"  {'total':<{w}}  {_gb(fp['total']):>9}  = {fp['total'] / fp['weights']:.2f}x the weights at their compute "
+                   f"precision ({_gb(fp['weights'])}: " + ", ".join(f"{c} {_gb(b)}" for c, b in fp["weights_per_component"].items()) + ")")
+    else:
+        out.append(f"  {'total':<{w}}  {_gb(fp['total']):>9}  (weights not recorded by the build that wrote this entry)")
+    return out
 
 
 def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
@@ -382,6 +491,8 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
         out.append("")
         out.append("shape plans: " + "; ".join(
             f"{p['name']} (unet batch {p['unet_batch'][0]}-{p['unet_batch'][2]})" for p in plans))
+    if engine_dir is not None:
+        out += format_footprint(footprint(m, engine_dir))
     return "\n".join(out)
 
 

@@ -18,6 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
+from lcm_export.store.manifest import refit_source_dir
 from lcm_export import backends
 from lcm_export.backends import onnxruntime as ort_backend
 from lcm_export.backends.onnxruntime_fp16 import CUDA_ONLY_FUSIONS, convert, fp32_island
@@ -36,7 +37,7 @@ CUDA_ONLY_OPS = ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "Nhwc
 def fp16_graphs(demo_engine, tmp_path_factory):
     """Each exported component of the demo entry converted as a CUDA fp16 entry stores it: {comp: (path, record)}."""
     out = tmp_path_factory.mktemp("fp16")
-    return {c: (out / c / "model.onnx", convert(demo_engine / "onnx" / c / "model.onnx", out / c / "model.onnx", c))
+    return {c: (out / c / "model.onnx", convert(refit_source_dir(demo_engine) / c / "model.onnx", out / c / "model.onnx", c))
             for c in COMPONENTS}
 
 
@@ -56,7 +57,7 @@ def test_fp16_graph_is_fused_fp16_inside_and_fp32_at_the_edges(demo_engine, fp16
     path, rec = fp16_graphs[comp]
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
-    exported = onnx.load(str(demo_engine / "onnx" / comp / "model.onnx"), load_external_data=False)
+    exported = onnx.load(str(refit_source_dir(demo_engine) / comp / "model.onnx"), load_external_data=False)
     io = lambda m: [(v.name, v.type.tensor_type.elem_type) for v in [*m.graph.input, *m.graph.output]]  # noqa: E731
     assert io(model) == io(exported)  # same names, fp32 (and int32 ids) in and out: keep_io_types
 
@@ -133,7 +134,7 @@ def test_fp16_conversion_numerics_on_cpu_against_pytorch_fp32(demo_engine, fused
     """The same conversion with the CUDA-only fusions left out runs on ORT's CPU provider: its output is within
     fp16's error of PyTorch fp32 (and not bit-equal: the weights really are fp16). The UNet's island matters:
     without it the error is several times larger (t = 999 included)."""
-    rec = convert(demo_engine / "onnx" / comp / "model.onnx", tmp_path / "a" / "model.onnx", comp, cuda_fusions=False)
+    rec = convert(refit_source_dir(demo_engine) / comp / "model.onnx", tmp_path / "a" / "model.onnx", comp, cuda_fusions=False)
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "a" / "model.onnx")).graph.node)
     assert not any(ops[op] for op in CUDA_ONLY_OPS) and rec["fusions"] == "cpu-capable"
     feeds = decoder_probe_inputs(fused_pipe, 2, (64, 64)) if comp == "vae_decoder" else sample_inputs(comp, fused_pipe, 2, (64, 64), 7)
@@ -146,7 +147,7 @@ def test_fp16_conversion_numerics_on_cpu_against_pytorch_fp32(demo_engine, fused
         import lcm_export.backends.onnxruntime_fp16 as fp16
 
         monkeypatch.setattr(fp16, "fp32_island", lambda model, *a, **k: [])
-        convert(demo_engine / "onnx" / comp / "model.onnx", tmp_path / "b" / "model.onnx", comp, cuda_fusions=False)
+        convert(refit_source_dir(demo_engine) / comp / "model.onnx", tmp_path / "b" / "model.onnx", comp, cuda_fusions=False)
         without = rel_l2(_cpu_session(tmp_path / "b" / "model.onnx").run(None, feeds)[0], want)
         assert without > 2 * err, (without, err)  # measured 3.7e-3 against 8e-4
 
@@ -185,7 +186,7 @@ def test_build_component_for_a_cuda_entry_without_a_gpu(demo_engine, tmp_path):
     assert section["cuda_provider_options"]["arena_extend_strategy"] == "kSameAsRequested"
     assert section["cuda_graphs"]["components"] == ["unet", "vae_decoder", "lcm_step"]
     job = lambda comp, vae_fp32=False: backends.ComponentJob(  # noqa: E731
-        comp, demo_engine / "onnx" / comp / "model.onnx", tmp_path, [], "fp16", {}, section, vae_fp32=vae_fp32)
+        comp, refit_source_dir(demo_engine) / comp / "model.onnx", tmp_path, [], "fp16", {}, section, vae_fp32=vae_fp32)
     unet = ort_backend.build_component(job("unet"))
     assert unet["precision"] == "fp16" and unet["graph"]["fused_ops"]["MultiHeadAttention"] == 12
     assert unet["lcm_step"] == {"plain": "unet/lcm_step.onnx", "cfg": "unet/lcm_step_cfg.onnx"}
@@ -198,7 +199,7 @@ def test_build_component_for_a_cuda_entry_without_a_gpu(demo_engine, tmp_path):
     assert not ort_backend.converts_to_fp16("vae_decoder", "fp16", True) and ort_backend.converts_to_fp16("vae_decoder", "fp16", False)
     assert not ort_backend.converts_to_fp16("unet", "fp32", False)
 
-    cpu_job = backends.ComponentJob("unet", demo_engine / "onnx" / "unet" / "model.onnx", tmp_path / "cpu", [], "fp16", {},
+    cpu_job = backends.ComponentJob("unet", refit_source_dir(demo_engine) / "unet" / "model.onnx", tmp_path / "cpu", [], "fp16", {},
                                     ort_backend.entry_settings(2, "cpu"))
     with pytest.raises(UserError, match="no fast fp16 kernels"):
         ort_backend.build_component(cpu_job)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import OV_OK, OV_WHY, PY, run_cli
+from lcm_export.store.manifest import refit_source_dir
 from lcm_export._cpu import native_bf16, native_int8
 from lcm_export.builder.build_engine import BuildOptions, build_engine
 from lcm_export.runtime import LCMPipeline
@@ -64,7 +65,7 @@ def test_the_unet_ir_is_really_quantized(ov_int8):
     assert types.get("FakeQuantize", 0) > 0
     fp32_types = _op_types(ov_int8 / "text_encoder" / "model.xml")
     assert "FakeQuantize" not in fp32_types
-    onnx_bytes = sum(f.stat().st_size for f in (ov_int8 / "onnx" / "unet").glob("model.onnx*"))
+    onnx_bytes = sum(f.stat().st_size for f in (refit_source_dir(ov_int8) / "unet").glob("model.onnx*"))
     assert (ov_int8 / "unet" / "model.bin").stat().st_size < 0.45 * onnx_bytes
 
 
@@ -165,7 +166,7 @@ def test_each_scheme_quantizes_what_it_says(ov_int8, scheme):
 
     pipe = build_demo_pipeline("sd15")
     feeds = [sample_inputs("unet", pipe, 1, HW, seed=s) for s in range(4)]
-    model = ov.Core().read_model(str(ov_int8 / "onnx" / "unet" / "model.onnx"))
+    model = ov.Core().read_model(str(refit_source_dir(ov_int8) / "unet" / "model.onnx"))
     q, rec = quantize(model, scheme, feeds)
     fq = sum(op.get_type_name() == "FakeQuantize" for op in q.get_ops())
     assert rec["scheme"] == scheme and rec["what"] == INT8_SCHEMES[scheme]
