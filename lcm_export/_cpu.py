@@ -38,6 +38,40 @@ def native_int8(flags: set[str] | None = None) -> bool:
     return any(f in flags for f in INT8_FLAGS)
 
 
+INT8_MEASURED = {
+    "amx": "Intel Xeon with AMX-INT8: these CPUs have AVX512_VNNI too (the vnni class's instructions at least), and int8 "
+           "runs on AMX tiles",
+    "vnni": "AMD EPYC Zen 4 (AVX512_VNNI, AVX512_BF16): w8a8 UNet step 1.68x faster than bf16 at 256², 1.58x at 512² "
+            "(demo:sd15-full, benchmarks/reports/cpu-fast)",
+    "avx2": "AMD EPYC Zen 3 (AVX2 only: no AVX-512, no VNNI): w8a8 UNet step 1.10x faster than fp32 at 256² in an "
+            "interleaved same-process A/B, 1.17-1.33x in a side-by-side run (demo:sd15-full; issue 29's measurements)",
+}
+"""CPU classes (``int8_class``) where an OpenVINO int8 (w8a8) UNet was measured no slower than the same entry at
+fp32 / bf16, with the measurement. ``avx512`` (AVX-512 without VNNI: Skylake-X) has not been measured: int8 stays
+refused there (conservative) until it is; ``other`` (no AVX2) too."""
+INT8_CLASS_NAMES = {"amx": "AMX-INT8", "vnni": "AVX512_VNNI / AVX_VNNI", "avx512": "AVX-512 without VNNI",
+                    "avx2": "AVX2 without VNNI", "other": "no AVX2"}
+
+
+def int8_class(flags: set[str] | None = None) -> str:
+    """The CPU's class for int8 engines: ``amx`` (AMX-INT8), ``vnni`` (AVX512_VNNI or AVX_VNNI), ``avx512``
+    (AVX-512 without VNNI), ``avx2`` (AVX2 without VNNI or AVX-512) or ``other``."""
+    flags = cpu_flags() if flags is None else flags
+    if "amx_int8" in flags:
+        return "amx"
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        return "vnni"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else "other"
+
+
+def int8_pays(flags: set[str] | None = None) -> bool:
+    """Whether an int8 UNet was measured no slower than fp32 / bf16 on this CPU's class (``INT8_MEASURED``): where
+    ``--precision int8`` builds and ``--preset fast`` picks int8."""
+    return int8_class(flags) in INT8_MEASURED
+
+
 def recorded_flags(flags: set[str] | None = None) -> list[str]:
     """The ISA flags an entry's manifest records (those that decide speed and compatibility)."""
     flags = cpu_flags() if flags is None else flags

@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ONNX Runtime has no CUDA provider: its CPU provider has no fast fp16 kernels). bf16 and ONNX "
                         "Runtime fp16 entries' 4-step images are checked against PyTorch fp32 and refused below 30 dB PSNR. "
                         "int8: the UNet quantized by NNCF (OpenVINO), calibrated on the entry's own 4-step LCM trajectories "
-                        "of 8 built-in prompts; text encoder and VAE as in a bf16 entry (fp32 without native bf16); needs a "
-                        "CPU with int8 dot products (AVX512_VNNI, AVX_VNNI or AMX-INT8) and the [build] extra's nncf; its "
+                        "of 8 built-in prompts; text encoder and VAE as in a bf16 entry (fp32 without native bf16); builds on "
+                        "the CPU classes where int8 measured no slower than fp32 (AMX, AVX512_VNNI / AVX_VNNI, AVX2; not on "
+                        "AVX-512 without VNNI, unmeasured) and needs the [build] extra's nncf; its "
                         "image is refused below 25 dB PSNR or SSIM 0.90")
     b.add_argument("--vae-fp32", action="store_true",
                    help="fp16 GPU entries (TensorRT, ONNX Runtime): keep the VAE decoder in fp32 (always done for VAEs "
@@ -140,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "decoder's FLOPs at 512² (141 vs 2515 GFLOP, benchmarks/decoder_flops.py); it approximates the full decoder: its image is compared with diffusers using the same decoder, and with the base's VAE "
                         "(manifest, inspect). A decoder for another family is refused")
     b.add_argument("--preset", choices=("quality", "fast"), default="quality",
-                   help="quality (default): the entry described above. fast: an int8 UNet where the CPU has int8 dot "
-                        "products (else the auto precision, said in one line) and a tiny VAE decoder (--vae-decoder, "
+                   help="quality (default): the entry described above. fast: an int8 UNet where int8 measured faster "
+                        "on this CPU class (AMX, VNNI, AVX2; else the auto precision, said in one line) and a tiny VAE decoder (--vae-decoder, "
                         "default the family's TAESD: madebyollin/taesd(xl), demo:taesd(xl) for demo bases). Explicit "
                         "--precision / --vae-decoder win over the preset")
     b.add_argument("--refit", action="store_true",

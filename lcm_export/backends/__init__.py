@@ -96,7 +96,7 @@ def choose(backend: str = "auto", precision: str = "auto", cpu_bf16: bool | None
            statuses: dict[str, tuple[bool, str, str]] | None = None, cpu_int8: bool | None = None) -> Choice:
     """Pick (backend, device, precision) for ``--backend`` / ``--precision``. Pure given ``statuses``
     ({name: (usable, device, reason)}), ``cpu_bf16`` (whether the CPU has native bf16) and ``cpu_int8``
-    (whether it has int8 dot-product instructions).
+    (whether int8 engines were measured no slower than fp32 / bf16 on its class: ``_cpu.int8_pays``).
 
     auto precision: fp16 on a GPU backend; on CPU bf16 where the CPU has native bf16 (AMX or
     AVX512_BF16) and a usable backend builds it, else fp32. auto backend: a usable GPU backend
@@ -104,13 +104,13 @@ def choose(backend: str = "auto", precision: str = "auto", cpu_bf16: bool | None
     precision, the one with the best measured SPEED_RANK. auto precision never picks int8 (a quality
     trade: ``--preset fast`` or ``--precision int8`` asks for it).
     """
-    from .._cpu import native_bf16, native_int8
+    from .._cpu import int8_pays, native_bf16
 
     if precision not in ("auto", *PRECISIONS):
         raise UserError(f"--precision {precision!r}: choose auto, {', '.join(PRECISIONS)}")
     statuses = _statuses() if statuses is None else statuses
     cpu_bf16 = native_bf16() if cpu_bf16 is None else cpu_bf16
-    cpu_int8 = native_int8() if cpu_int8 is None else cpu_int8
+    cpu_int8 = int8_pays() if cpu_int8 is None else cpu_int8
     mods = {n: get(n) for n in REGISTRY}
 
     if backend != "auto":
@@ -164,9 +164,11 @@ def _check_bf16(precision: str, device: str, cpu_bf16: bool) -> None:
 
 def _check_int8(precision: str, device: str, cpu_int8: bool) -> None:
     if precision == "int8" and device == "cpu" and not cpu_int8:
-        raise UserError("--precision int8: this CPU has no int8 dot-product instructions (neither AVX512_VNNI, AVX_VNNI nor "
-                        "AMX-INT8), so an int8 UNet would run no faster than fp32 and lose quality; use --precision auto "
-                        "(bf16 or fp32), or --preset fast (it falls back to that UNet with the tiny VAE decoder)")
+        from .._cpu import INT8_CLASS_NAMES, int8_class
+
+        raise UserError(f"--precision int8: int8 engines have not been measured faster than fp32 on this CPU class "
+                        f"({INT8_CLASS_NAMES[int8_class()]}), so an int8 UNet may be no faster and would lose quality; use "
+                        "--precision auto (bf16 or fp32), or --preset fast (it falls back to that UNet with the tiny VAE decoder)")
 
 
 def builds_int8(statuses: dict[str, tuple[bool, str, str]] | None = None) -> bool:

@@ -52,7 +52,7 @@ class BuildOptions:
     """auto | fp32 | fp16 | bf16 | int8. auto: fp16 on NVIDIA GPUs (TensorRT, else ONNX Runtime's CUDA provider; 2x+
     faster on TensorRT, small quality cost; ONNX Runtime fp16 not measured yet, image-gated); on CPUs bf16 where
     the CPU has native bf16 (AMX / AVX512_BF16: UNet 2.05x faster at 512² on an AMD EPYC Zen 4, image PSNR ~50 dB against fp32,
-    gated at 30 dB), else fp32. int8 (OpenVINO, CPUs with AVX512_VNNI / AVX_VNNI / AMX-INT8): the UNet
+    gated at 30 dB), else fp32. int8 (OpenVINO; CPU classes in ``_cpu.INT8_MEASURED``: AMX, VNNI, AVX2): the UNet
     quantized by NNCF after calibrating on the entry's own LCM trajectories — int8 arithmetic and int8
     weights in the IR, a larger quality cost (image gated by PSNR and SSIM, verify.INT8_IMAGE_GATE); the
     build runs 32 PyTorch fp32 UNet calls and the quantizer on top (minutes for SD 1.5 at 512²)."""
@@ -65,7 +65,7 @@ class BuildOptions:
     FlopCounterMode, real configs), and approximates it (how closely: ``fidelity.vs_full_vae``). None: the
     base's own VAE decoder."""
     preset: str = "quality"
-    """quality | fast (``presets.py``). fast = int8 UNet where the CPU has int8 dot products + a tiny VAE
+    """quality | fast (``presets.py``). fast = int8 UNet where int8 was measured to pay on this CPU class + a tiny VAE
     decoder (the family's TAESD, ``demo:taesd*`` for demo bases) unless the flags above say otherwise."""
     vae_fp32: bool = False
     """fp16 GPU entries (TensorRT, ONNX Runtime): VAE decoder in fp32 (slower; avoids fp16 overflow, which
@@ -157,7 +157,7 @@ def make_plan(opts: BuildOptions) -> BuildPlan:
                             "calibrated too); use --precision bf16 or fp32 with --adapters, or bake the LoRAs in with --lora")
     elif opts.int8_scheme != "auto":
         raise UserError(f"--int8-scheme {opts.int8_scheme} applies to int8 UNets only (--precision int8 or --preset fast "
-                        f"on a CPU with int8 dot products); this build is {precision}")
+                        f"on a CPU class where int8 pays); this build is {precision}")
     unet_cfg = read_unet_config(src)
     multiple = size_multiple(len(unet_cfg["block_out_channels"]))
     resolutions = list(opts.resolutions) or ([] if opts.dynamic else [DEFAULT_RESOLUTION[family]])
@@ -270,14 +270,14 @@ def resolve_loras(opts: BuildOptions, src, demo_default: bool):
 
 def _apply_preset(opts: BuildOptions, family: str, demo: bool) -> tuple[BuildOptions, tuple[str, ...]]:
     """``opts`` with the preset's precision and VAE decoder filled in (``presets.resolve_preset``), and its notes."""
-    from .._cpu import native_bf16, native_int8
+    from .._cpu import int8_pays, native_bf16
     from .presets import resolve_preset
 
     if opts.preset == "quality":
         return opts, resolve_preset(opts.preset, opts.precision, opts.vae_decoder, family, demo, "cpu", False, False, False).notes
     probe = backends.choose(opts.backend, "auto")
     builder = "int8" in backends.get(probe.backend).PRECISIONS if opts.backend != "auto" else backends.builds_int8()
-    pc = resolve_preset(opts.preset, opts.precision, opts.vae_decoder, family, demo, probe.device, native_int8(), builder,
+    pc = resolve_preset(opts.preset, opts.precision, opts.vae_decoder, family, demo, probe.device, int8_pays(), builder,
                         native_bf16(), opts.adapters)
     return replace(opts, precision=pc.precision, vae_decoder=pc.vae_decoder), pc.notes
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lcm_export import backends
-from lcm_export._cpu import cpu_isa, native_bf16, native_int8, recorded_flags
+from lcm_export._cpu import cpu_isa, int8_class, int8_pays, native_bf16, native_int8, recorded_flags
 from lcm_export.errors import UserError
 
 CPU_ONLY = {"onnxruntime": (True, "cpu", "ok"), "openvino": (True, "cpu", "ok"),
@@ -26,6 +26,15 @@ ALDER_LAKE = ZEN3 | {"avx_vnni"}
                                              (ZEN4, False), (ZEN3, False), (SKYLAKE_X, False), (set(), False)])
 def test_native_int8_from_flags(flags, expected):
     assert native_int8(flags) is expected
+
+
+@pytest.mark.parametrize("flags, cls, pays", [(SAPPHIRE_RAPIDS, "amx", True), (ZEN4_FULL, "vnni", True), (CASCADE_LAKE, "vnni", True),
+                                              (ALDER_LAKE, "vnni", True), (ZEN3, "avx2", True), (SKYLAKE_X, "avx512", False),
+                                              (ZEN4, "avx512", False), ({"sse4_1", "avx"}, "other", False), (set(), "other", False)])
+def test_int8_rule_by_measured_cpu_class(flags, cls, pays):
+    """int8 builds where it was measured no slower than fp32 / bf16: AMX, VNNI and AVX2-only (Zen 3, issue 29);
+    AVX-512 without VNNI is unmeasured and stays refused."""
+    assert int8_class(flags) == cls and int8_pays(flags) is pays
 
 
 @pytest.mark.parametrize("flags, expected", [(SAPPHIRE_RAPIDS, True), (ZEN4, True), (ZEN3, False), (SKYLAKE_X, False), (set(), False)])
@@ -91,10 +100,11 @@ def test_bad_choices_are_one_line_errors(backend, precision, cpu_bf16, statuses,
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
-def test_int8_is_openvino_on_cpus_with_int8_dot_products():
+def test_int8_is_openvino_where_int8_pays():
     for backend in ("auto", "openvino"):
-        c = backends.choose(backend, "int8", cpu_bf16=False, cpu_int8=native_int8(CASCADE_LAKE), statuses=CPU_ONLY)
-        assert (c.backend, c.device, c.precision) == ("openvino", "cpu", "int8")
+        for flags in (CASCADE_LAKE, ZEN3):
+            c = backends.choose(backend, "int8", cpu_bf16=False, cpu_int8=int8_pays(flags), statuses=CPU_ONLY)
+            assert (c.backend, c.device, c.precision) == ("openvino", "cpu", "int8")
     # on a GPU machine too: int8 is a CPU entry (TensorRT builds no int8 here)
     assert backends.choose("auto", "int8", cpu_bf16=True, cpu_int8=True, statuses=GPU).backend == "openvino"
     # auto never picks int8: it is a quality trade asked for by --precision int8 or --preset fast
@@ -102,8 +112,8 @@ def test_int8_is_openvino_on_cpus_with_int8_dot_products():
 
 
 @pytest.mark.parametrize("backend, flags, statuses, msg", [
-    ("auto", ZEN3, CPU_ONLY, "no int8 dot-product instructions (neither AVX512_VNNI, AVX_VNNI nor AMX-INT8)"),
-    ("openvino", SKYLAKE_X, CPU_ONLY, "--precision int8: this CPU has no int8 dot-product instructions"),
+    ("auto", {"sse4_1", "avx"}, CPU_ONLY, "int8 engines have not been measured faster than fp32 on this CPU class"),
+    ("openvino", SKYLAKE_X, CPU_ONLY, "--precision int8: int8 engines have not been measured faster than fp32"),
     ("auto", ZEN4, CPU_ONLY, "--preset fast"),  # AVX512_BF16 without VNNI: the message names the fallback
     ("onnxruntime", ZEN4_FULL, CPU_ONLY, "--precision int8 is not built by onnxruntime"),
     ("tensorrt", ZEN4_FULL, GPU, "--precision int8 is not built by tensorrt"),
@@ -111,7 +121,7 @@ def test_int8_is_openvino_on_cpus_with_int8_dot_products():
 ])
 def test_int8_refusals_are_one_line(backend, flags, statuses, msg):
     with pytest.raises(UserError) as e:
-        backends.choose(backend, "int8", cpu_bf16=native_bf16(flags), cpu_int8=native_int8(flags), statuses=statuses)
+        backends.choose(backend, "int8", cpu_bf16=native_bf16(flags), cpu_int8=int8_pays(flags), statuses=statuses)
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
