@@ -189,6 +189,10 @@ def manifest_problems(m) -> list[str]:
         branched = m["adapters"].get("branches") if isinstance(m["adapters"], dict) else None
         out += [f"the manifest's adapters.branches names a component {c!r} the entry does not have"
                 for c in (branched if isinstance(branched, dict) else {}) if c not in m["components"]]
+    genai = m.get("genai")
+    if genai is not None and not (isinstance(genai, dict) and (isinstance(genai.get("why"), str) or (
+            isinstance(genai.get("files"), list) and all(_is_relpath(f) for f in genai["files"])))):
+        out.append("the manifest's 'genai' section is malformed (a 'files' list inside the entry, or a 'why')")
     if not out:
         from ..backends import manifest_problems as backend_problems
 
@@ -231,7 +235,7 @@ def manifest_files(m: dict) -> list[str]:
 
 def entry_files(m: dict) -> list[str]:
     """Every file an entry needs: each component's files (its exported graph too), the tokenizer(s),
-    the scheduler config."""
+    the scheduler config, adapter configs, and the files that make it an OpenVINO GenAI folder."""
     files = manifest_files(m)
     comps = m.get("components") if isinstance(m, dict) else None
     for c in (comps.values() if isinstance(comps, dict) else []):
@@ -245,6 +249,8 @@ def entry_files(m: dict) -> list[str]:
             files.append(m[k]["file"])
     configs = m.get("adapters", {}).get("configs") if isinstance(m.get("adapters"), dict) else None
     files += [f for f in configs.values() if isinstance(f, str)] if isinstance(configs, dict) else []
+    genai = m.get("genai", {}).get("files") if isinstance(m.get("genai"), dict) else None
+    files += [f for f in genai if isinstance(f, str)] if isinstance(genai, list) else []  # the OpenVINO GenAI layout
     return list(dict.fromkeys(files))
 
 
@@ -358,6 +364,11 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
                                             f"{full.get('image_ssim', float('nan')):.3f} (what the tiny decoder trades)")))
         if m.get("demo"):
             rows.append(("", "random weights: these figures compare noise images, not pictures (README, int8 UNet)"))
+    genai = m.get("genai")
+    if isinstance(genai, dict):
+        rows.append(("openvino genai", _shown(lambda: f"a {genai['pipeline']} folder too: openvino_genai.Text2ImagePipeline(entry, "
+                                                      "\"CPU\"), guidance_scale=1.0 (docs/genai.md)" if "files" in genai
+                                                      else f"not a GenAI folder: {genai['why']}")))
     fusion = m.get("fusion")
     for l in fusion.get("loras", []) if isinstance(fusion, dict) and isinstance(fusion.get("loras"), list) else []:
         rows.append(("lora", _shown(lambda: f"{Path(l['path']).name}  λ={l['weight']:g}  {l['format']}  rank "
