@@ -132,3 +132,34 @@ def test_default_properties_against_pytorch(ov_engine, fused_pipe):
         got = _genai_image(pipe, latents, noise, guidance) / 255.0
         ref = diffusers_images(fused_pipe, PROMPT, 4, guidance, latents, noise, sched)[0]
         assert psnr(got, ref) >= IMAGE_GATES["bf16"]["psnr_db"], (guidance, psnr(got, ref), ssim(got, ref))
+
+
+@pytest.fixture(scope="module")
+def int8_engine(tmp_path_factory, base_dir, demo_loras):
+    """An int8 entry (NNCF-quantized UNet, the rest bf16 where the CPU has it) of the same model."""
+    from lcm_export._cpu import native_int8
+    from lcm_export.builder.build_engine import BuildOptions, build_engine
+
+    if not native_int8():
+        pytest.skip("this CPU has no int8 dot products (VNNI / AMX-INT8): int8 builds are refused here")
+    d = tmp_path_factory.mktemp("genai") / "tiny-int8"
+    build_engine(BuildOptions(base=str(base_dir), loras=tuple(f"{p}:{w}" for p, w in demo_loras), resolutions=((64, 64),),
+                              engine_dir=str(d), backend="openvino", precision="int8", show_progress=False))
+    return d
+
+
+def test_int8_entry(int8_engine, fused_pipe):
+    """The int8 UNet's IR (FakeQuantize nodes) runs in GenAI with its default properties: its image against our
+    runtime's from the same draws, and against PyTorch fp32 through the int8 image gate."""
+    assert read_manifest(int8_engine)["components"]["unet"]["precision"] == "int8"
+    pipe = og.Text2ImagePipeline(str(int8_engine), "CPU")
+    latents, noise = seeded_inputs(4, (64, 64), steps=4, seed=5)
+    got = _genai_image(pipe, latents, noise, 1.0) / 255.0
+    ours = LCMPipeline.from_engine_dir(int8_engine)(PROMPT, steps=4, guidance=1.0, latents=latents, step_noise=noise,
+                                                    output_type="np")[0]
+    sched = json.loads((int8_engine / "scheduler" / "scheduler_config.json").read_text())
+    ref = diffusers_images(fused_pipe, PROMPT, 4, 1.0, latents, noise, sched)[0]
+    gate = IMAGE_GATES["int8"]
+    figures = (psnr(got, ours), psnr(got, ref), ssim(got, ref), psnr(ours, ref))
+    assert psnr(got, ours) >= IMAGE_GATES["bf16"]["psnr_db"], figures
+    assert psnr(got, ref) >= gate["psnr_db"] and ssim(got, ref) >= gate["ssim"], figures
