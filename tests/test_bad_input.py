@@ -273,8 +273,8 @@ CLI_ROWS = [
     ("store-tokenizer-zeroed", lambda c: _gen(_zero(c.copy_entry(), "tokenizer/tokenizer.json"), c), {}, 2,
      ["tokenizer.json is damaged", "--force"]),
     ("store-openvino-xml-zeroed", lambda c: _gen(_zero(c.manifest(_section("openvino", "version", "2020.1"), ov=True),
-                                                     "unet/model.xml"), c), {}, 2,  # another version: the IR is read
-     ["unet/model.xml", "corrupt or truncated", "Unable to read the model", "!Exception from"]),
+                                                     "unet/openvino_model.xml"), c), {}, 2,  # another version: the IR is read
+     ["unet/openvino_model.xml", "corrupt or truncated", "Unable to read the model", "!Exception from"]),
     ("store-inspect-no-unet", lambda c: ["inspect", c.manifest(_components(lambda cs: cs.pop("unet")))], {}, 2,
      ["no component 'unet'"]),
     # -- issue 19, limits on everything that sizes memory, checked before anything is allocated
@@ -593,7 +593,7 @@ def _foreign_lora(c) -> Path:
 
 PROCESS_ROWS = [
     ("openvino-xml-zeroed-native-noise", lambda c: _gen(_zero(c.manifest(_section("openvino", "version", "2020.1"), ov=True),
-                                                              "unet/model.xml"), c), ["corrupt or truncated"]),
+                                                              "unet/openvino_model.xml"), c), ["corrupt or truncated"]),
     ("build-foreign-lora-no-quiet", lambda c: ["build-engine", "--base", c.base, "--lora", f"{_foreign_lora(c)}:0.8",
                                                "--resolution", "64x64", "--backend", "onnxruntime", "--engine-dir", c.out],
      ["another model family"]),

@@ -14,6 +14,8 @@ this registry. A backend module defines
     ADAPTERS        whether its engines take run-time adapter inputs (``build-engine --adapters``)
     MERGE_EXACT     whether requests merged into one engine call give each one's solo image byte for
                     byte (``serve`` merges by default only then)
+    GENAI           optional (False when absent): whether its entries are OpenVINO GenAI folders too
+                    (``builder/genai.py`` writes the rest of that layout)
     status() -> (usable, device, reason)         imports and hardware; reason says how to fix it
     precision_refusal(precision, device) -> str | None   optional: why it cannot build ``precision`` on
                                                  ``device`` although PRECISIONS lists it (one line), else None

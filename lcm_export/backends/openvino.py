@@ -1,8 +1,9 @@
 """OpenVINO engines on the CPU: fp32, or bf16 where the CPU computes bf16 natively (AMX, AVX512_BF16).
 
 Built from the exported ONNX (ONNX stays the interchange format). Each component stores
-  - ``model.xml`` / ``model.bin``: OpenVINO IR with fp32 weights (the portable form);
-  - ``model.blob``: the compiled model (``CompiledModel.export_model``) for this OpenVINO version, CPU
+  - ``openvino_model.xml`` / ``.bin``: OpenVINO IR with fp32 weights (the portable form), under the name
+    OpenVINO GenAI and optimum-intel read (``IR_NAME``; ``builder/genai.py``);
+  - ``openvino_model.blob``: the compiled model (``CompiledModel.export_model``) for this OpenVINO version, CPU
     and precision, imported memory-mapped at load (SD 1.5 UNet: 0.8 s, against 1.8-4.6 s to compile
     the IR and 17 s to import the same blob from bytes).
 The runtime imports the blob when the manifest's OpenVINO version and CPU flags match this machine,
@@ -82,6 +83,17 @@ at 512² / 256²: w8a8 1.448 / 0.307 s (1.58x / 1.68x the bf16 step), w8a8-sq 1.
 NNCF_HINT = "pip install nncf (part of lcm-export's [build] extra)"
 INSTALL_HINT = "pip install 'openvino>=2024.0' (part of lcm-export's base install)"
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+IR_NAME = "openvino_model"
+"""Each component's IR is ``<component>/openvino_model.xml`` + ``.bin`` and its compiled blob ``.blob``: the
+names OpenVINO GenAI's ``Text2ImagePipeline`` (and optimum-intel) read, so an entry is also a GenAI folder."""
+IR_XML, IR_BLOB = f"{IR_NAME}.xml", f"{IR_NAME}.blob"
+GENAI = True
+"""An entry is also an OpenVINO GenAI model folder (``builder/genai.py`` writes the rest of that layout)."""
+GENAI_INPUT_TYPES = {"unet": {"timestep": "i64"}}  # names of ov.Type members
+"""Inputs whose IR element type is what GenAI feeds rather than what was exported: GenAI sets the UNet's
+``timestep`` as an i64 tensor (our graph takes float32). The IR takes i64 and converts it to f32 as its first
+operation, so nothing else changes; the lean runtime's float32 timesteps (LCM's are whole numbers) are
+converted to i64 by OpenVINO when fed."""
 SECTION = {  # the manifest section's values the runtime reads (checked with the manifest's schema)
     "version": lambda v: isinstance(v, str), "inference_num_threads": is_threads, "cpu_flags": is_str_list,
 }
@@ -221,19 +233,35 @@ def build_component(job) -> dict:
     if precision == "int8":
         model, extra["quantization"] = quantize(model, job.int8_scheme or DEFAULT_INT8_SCHEME, job.calibration)
         runs_in = extra["inference_precision"] = "bf16" if native_bf16() else "fp32"
+    model = genai_inputs(model, comp)
     need = int(folder_bytes(job.onnx) * 1.3)  # IR = the fp32 weights (.bin) + a text graph (.xml; measured <= 1.3x the ONNX)
-    with writing(folder / "model.xml", need):  # a full disk: RuntimeError "basic_ios::clear: iostream error"
-        ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
+    with writing(folder / IR_XML, need):  # a full disk: RuntimeError "basic_ios::clear: iostream error"
+        ov.save_model(model, str(folder / IR_XML), compress_to_fp16=False)
     del model
-    compiled = core.compile_model(str(folder / "model.xml"), "CPU", compile_config(runs_in, job.section["inference_num_threads"]))
+    compiled = core.compile_model(str(folder / IR_XML), "CPU", compile_config(runs_in, job.section["inference_num_threads"]))
     stream = compiled.export_model()  # a BytesIO in current releases (bytes in some older ones)
     del compiled
-    with writing(folder / "model.blob"), open(folder / "model.blob", "wb") as f:
+    with writing(folder / IR_BLOB), open(folder / IR_BLOB, "wb") as f:
         f.write(stream.getbuffer() if hasattr(stream, "getbuffer") else stream)
     del stream
-    files = [f"{comp}/model.xml", f"{comp}/model.bin", f"{comp}/model.blob"]
-    return {"engines": {"*": f"{comp}/model.xml"}, "files": files, "precision": precision,
-            "compiled_blob": f"{comp}/model.blob", **extra}
+    files = [f"{comp}/{IR_XML}", f"{comp}/{IR_NAME}.bin", f"{comp}/{IR_BLOB}"]
+    return {"engines": {"*": f"{comp}/{IR_XML}"}, "files": files, "precision": precision,
+            "compiled_blob": f"{comp}/{IR_BLOB}", **extra}
+
+
+def genai_inputs(model, comp: str):
+    """``model`` with the input element types GenAI feeds (``GENAI_INPUT_TYPES``): a Convert at the input,
+    the graph after it unchanged."""
+    import openvino as ov
+
+    types = {n: t for n, t in GENAI_INPUT_TYPES.get(comp, {}).items()
+             if any(n in i.get_names() and i.get_element_type() != getattr(ov.Type, t) for i in model.inputs)}
+    if not types:
+        return model
+    ppp = ov.preprocess.PrePostProcessor(model)
+    for name, t in types.items():
+        ppp.input(name).tensor().set_element_type(getattr(ov.Type, t))
+    return ppp.build()
 
 
 def ov_message(exc: Exception) -> str:

@@ -42,6 +42,9 @@ class BuildResult:
         if isinstance(fid, dict) and isinstance(fid.get("image_psnr_db"), (int, float)):
             lines.append(f"image check at {fid.get('resolution')}: PSNR {fid['image_psnr_db']:.1f} dB, SSIM "
                          f"{fid.get('image_ssim', float('nan')):.3f} against PyTorch fp32")
+        genai = m.get("genai")
+        if isinstance(genai, dict) and genai.get("why") and getattr(backends.get(m["backend"]), "GENAI", False):
+            lines.append(f"not an OpenVINO GenAI folder: {genai['why']}")
         if m.get("demo"):
             lines.append("note: demo model with random weights: its images are noise")
         return "\n".join(lines + self.messages)
@@ -162,6 +165,7 @@ def _build_into(tmp: Path, plan: BuildPlan, bar, source: Path) -> dict:
     sched = _lcm_scheduler_config(pipe)
     (tmp / "scheduler").mkdir()
     write_json(tmp / "scheduler" / "scheduler_config.json", sched)
+    genai = _genai_section(mod, family, pipe, tmp, decoder is not None, bool(adapter_spec))
     vae_cfg = pipe.vae.config
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -201,6 +205,7 @@ def _build_into(tmp: Path, plan: BuildPlan, bar, source: Path) -> dict:
         "preset": _preset_record(opts.preset, notes),
         **({"vae_decoder": _decoder_record(decoder, pipe.vae)} if decoder is not None else {}),
         **({"adapters": adapter_spec} if adapter_spec else {}),
+        "genai": genai,
         **extra,
         "fusion": fusion,
         "versions": versions,
@@ -249,6 +254,16 @@ def carry_adapters(old_dir: Path, new_dir: Path, manifest: dict) -> list[str]:
         return [f"adapters kept: {', '.join(names)}"]
     return [f"adapters dropped ({', '.join(names)}): the new entry has other adapter branches; add them again with "
             "`lcm-export adapter add`"]
+
+
+def _genai_section(mod, family: str, pipe, entry: Path, tiny_decoder: bool, adapters: bool) -> dict:
+    """The entry as an OpenVINO GenAI folder too where it can be (``genai.py``): the manifest's ``genai`` section."""
+    from .genai import genai_blocker, write_genai_layout
+
+    why = genai_blocker(mod, family, pipe, tiny_decoder, adapters)
+    if why is not None:
+        return {"why": why}
+    return write_genai_layout(pipe, entry, _tokenizer_record(pipe.tokenizer, "tokenizer")["max_length"])
 
 
 def _preset_record(preset: str, notes) -> dict:

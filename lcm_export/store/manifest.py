@@ -284,13 +284,16 @@ def write_refit_stamp(m: dict, source_dir: Path) -> None:
 
 def entry_files(m: dict) -> list[str]:
     """Every file an entry needs: each component's files, the tokenizer(s), the scheduler config, the
-    adapter configs (not the refit source: it lives beside the store, :func:`refit_source_dir`)."""
+    adapter configs, and the files that make it an OpenVINO GenAI folder (not the refit source: it lives beside
+    the store, :func:`refit_source_dir`)."""
     files = manifest_files(m)
     for k in ("tokenizer", "tokenizer_2", "scheduler"):
         if isinstance(m.get(k), dict) and "file" in m[k]:
             files.append(m[k]["file"])
     configs = m.get("adapters", {}).get("configs") if isinstance(m.get("adapters"), dict) else None
     files += [f for f in configs.values() if isinstance(f, str)] if isinstance(configs, dict) else []
+    genai = m.get("genai", {}).get("files") if isinstance(m.get("genai"), dict) else None
+    files += [f for f in genai if isinstance(f, str)] if isinstance(genai, list) else []  # the OpenVINO GenAI layout
     return list(dict.fromkeys(files))
 
 

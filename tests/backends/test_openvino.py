@@ -77,7 +77,7 @@ def test_fp32_manifest_records_parity_and_files(ov_fp32):
     assert isinstance(m["hardware"]["cpu_flags"], list)
     for comp, c in m["components"].items():
         assert c["precision"] == "fp32"
-        assert {f.split("/")[-1] for f in c["files"]} == {"model.xml", "model.bin", "model.blob"}
+        assert {f.split("/")[-1] for f in c["files"]} == {"openvino_model.xml", "openvino_model.bin", "openvino_model.blob"}
         assert all((ov_fp32 / f).stat().st_size > 0 for f in c["files"])
         res = {p["resolution"] for p in c["parity"]}
         assert res == ({"64x64"} if comp.startswith("text") else {"64x64", "64x96"})
@@ -120,14 +120,14 @@ def _scramble(f, at=0.5):
 def test_damaged_blob_falls_back_to_the_ir_and_damaged_ir_is_one_line_error(ov_fp32, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(ov_fp32, bad)
-    _scramble(bad / "unet" / "model.blob", 0.0)  # its header
+    _scramble(bad / "unet" / "openvino_model.blob", 0.0)  # its header
     pipe = LCMPipeline.from_engine_dir(bad)
     assert pipe.engines["unet"]["*"].source == "ir" and pipe.engines["vae_decoder"]["*"].source == "blob"
     good = LCMPipeline.from_engine_dir(ov_fp32)
     assert np.array_equal(pipe("x", output_type="np"), good("x", output_type="np"))
-    _scramble(bad / "unet" / "model.xml", 0.3)
+    _scramble(bad / "unet" / "openvino_model.xml", 0.3)
     code, _, err = run_cli(["generate", "--engine-dir", bad, "--prompt", "x", "--out", tmp_path / "o.png"], capsys)
-    assert code == 2 and "corrupt or truncated" in err and "unet/model.xml" in err and err.count("\n") == 1
+    assert code == 2 and "corrupt or truncated" in err and "unet/openvino_model.xml" in err and err.count("\n") == 1
     assert not (tmp_path / "o.png").exists()
 
 

@@ -61,12 +61,12 @@ def test_manifest_records_the_scheme_calibration_and_image_figures(ov_int8):
 def test_the_unet_ir_is_really_quantized(ov_int8):
     """FakeQuantize nodes in the IR (the CPU plugin runs them as int8 kernels) and int8 weights on disk:
     the IR's weights are about a quarter of the exported fp32 graph's."""
-    types = _op_types(ov_int8 / "unet" / "model.xml")
+    types = _op_types(ov_int8 / "unet" / "openvino_model.xml")
     assert types.get("FakeQuantize", 0) > 0
-    fp32_types = _op_types(ov_int8 / "text_encoder" / "model.xml")
+    fp32_types = _op_types(ov_int8 / "text_encoder" / "openvino_model.xml")
     assert "FakeQuantize" not in fp32_types
     onnx_bytes = sum(f.stat().st_size for f in (refit_source_dir(ov_int8) / "unet").glob("model.onnx*"))
-    assert (ov_int8 / "unet" / "model.bin").stat().st_size < 0.45 * onnx_bytes
+    assert (ov_int8 / "unet" / "openvino_model.bin").stat().st_size < 0.45 * onnx_bytes
 
 
 def test_image_against_diffusers_fp32_with_other_inputs(ov_int8, fused_pipe):
@@ -133,14 +133,14 @@ def test_refit_requantizes_on_the_new_weights(ov_int8, tmp_path, base_dir, demo_
     entry = tmp_path / "int8"
     shutil.copytree(ov_int8, entry)
     (lcm, _), (style, sw) = demo_loras  # the LCM-LoRA at λ -1: the tiny model's image moves by ~37 dB PSNR
-    old_blob = (entry / "unet" / "model.bin").read_bytes()
+    old_blob = (entry / "unet" / "openvino_model.bin").read_bytes()
     res = build_engine(BuildOptions(base=str(base_dir), loras=(f"{lcm}:-1.0", f"{style}:{sw}"), resolutions=(HW,),
                                     engine_dir=str(entry), backend="openvino", precision="int8", show_progress=False))
     assert res.refit, res.messages
     m = res.manifest
     assert "unet" in m["refit"]["components"] and "int8 calibration (PyTorch)" in m["refit"]["phases_s"]
     assert m["components"]["unet"]["quantization"]["calibration"]["samples"] == 32
-    assert (entry / "unet" / "model.bin").read_bytes() != old_blob
+    assert (entry / "unet" / "openvino_model.bin").read_bytes() != old_blob
     assert m["fidelity"]["image_psnr_db"] >= INT8_IMAGE_GATE["psnr_db"]
 
     out = tmp_path / "fused-new"
