@@ -1,6 +1,6 @@
 """Validate a bench report folder: no failed row (a baseline or cold start that errored fails the report),
 report.json against the schema, ratios from medians, each path's FLOP/s share
-against the peak of its own precision, skipped baselines with their reason, report.md and PNGs.
+against the peak of its own precision, skipped baselines and peaks with their reason, report.md and PNGs.
 
 Usage: python benchmarks/check_report.py REPORT_DIR   (exit 1 with the reason on failure)
 """
@@ -42,6 +42,10 @@ def check(d: Path) -> None:
     for name, p in r["paths"].items():
         if "skipped" in p:
             assert f"{p['label']} skipped:** {p['skipped']}" in md, f"report.md does not say why {name} was skipped"
+    for prec, why in f.get("peaks_skipped", {}).items():
+        assert prec not in f["peaks"], f"the {prec} peak is both measured and skipped"
+        assert all(p["precision"] != prec for p in r["paths"].values() if "stages" in p), f"a {prec} path ran without its peak"
+        assert f"- {prec}: not measured — {why}" in md, f"report.md does not say why the {prec} peak was not measured"
     for png in ("stages.png", "solvers.png"):
         with Image.open(d / png) as im:
             im.verify()

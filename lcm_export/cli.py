@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                        **_example("lcm-export bench --engine-dir engines/demo-sd15 --baselines eager,compile --runs 2 --warmup 1 \\",
                                   "    --out out/bench-demo"))
     s.add_argument("--engine-dir", required=True, help="engine-store entry built by build-engine")
-    s.add_argument("--baselines", type=_csv, default=["eager"], help="comma list of eager,compile,reduce-overhead,bf16 (default: eager; empty string for none; reduce-overhead = torch.compile with CUDA graphs, GPU only; bf16 = modules cast to bf16)")
+    s.add_argument("--baselines", type=_csv, default=["eager"], help="comma list of eager,compile,reduce-overhead,bf16 (default: eager; empty string for none; reduce-overhead = torch.compile with CUDA graphs, GPU only; bf16 = modules cast to bf16, on CPUs only with native bf16 (AMX or AVX512_BF16)). A baseline that cannot run here is skipped: one warning line and the report say why")
     s.add_argument("--solvers", type=_csv, default=["lcm:4", "ddim:32", "dpm:16", "dpmpp:8"],
                    help="PyTorch solver comparison as NAME:STEPS, NAME in lcm,ddim,dpm,dpmpp (default: the paper's Table 2; empty for none)")
     s.add_argument("--resolution", type=_resolution, default=None, metavar="HxW", help="one the engine was built for (default: its first)")
@@ -393,6 +393,9 @@ def _dispatch(a) -> int:
         report = run_bench(opts)
         print(report["summary_line"])
         print(f"report: {os.path.join(a.out, 'report.md')}")
+        for name, p in report["paths"].items():  # a baseline asked for but not run here, and why (also in the report)
+            if "skipped" in p:
+                print(f"warning: {name} baseline skipped: {p['skipped']}", file=sys.stderr)
         for f in report["failures"]:  # recorded in the report; the run failed
             print(f"error: {f['row']} failed: {f['error']}", file=sys.stderr)
         return 1 if report["failures"] else 0

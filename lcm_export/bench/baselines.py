@@ -1,5 +1,5 @@
 """The PyTorch side of ``bench``: the reference pipeline (same fused weights), per-stage timers,
-the paper's solvers, the UNet FLOP count and the fp32 peak measured on this machine."""
+the paper's solvers, the UNet FLOP count and the matrix-product peaks measured on this machine."""
 
 from __future__ import annotations
 
@@ -101,14 +101,31 @@ def scheduler_for(name: str, cfg: dict):
 
 
 BASELINES = ("eager", "compile", "reduce-overhead", "bf16")
+NO_NATIVE_BF16 = ("this CPU has no native bf16 (neither AMX nor AVX512_BF16): torch would emulate bf16, far slower than "
+                  "fp32, so a bf16 timing would mean nothing (the build refuses --precision bf16 here too)")
+"""Why bf16 is neither timed nor peak-measured on such a CPU: emulated bf16 matrix products run ~70x slower
+than fp32 (0.9 against 65 GFLOP/s on an AMD EPYC Zen 3)."""
 
 
-def baseline_setup(base: str, device: str) -> dict:
-    """How one PyTorch baseline runs on ``device`` ("cpu" | "cuda"). Pure.
+def bf16_emulated(device: str, cpu_bf16: bool | None = None) -> bool:
+    """Whether bf16 on ``device`` would be emulated: a CPU without AMX or AVX512_BF16 (``cpu_bf16``, or this
+    CPU's flags by ``_cpu.native_bf16`` when None). CUDA counts as native."""
+    if device != "cpu":
+        return False
+    if cpu_bf16 is None:
+        from .._cpu import native_bf16
+
+        cpu_bf16 = native_bf16()
+    return not cpu_bf16
+
+
+def baseline_setup(base: str, device: str, cpu_bf16: bool | None = None) -> dict:
+    """How one PyTorch baseline runs on ``device`` ("cpu" | "cuda"). Pure, given ``cpu_bf16`` (None: this CPU's flags).
 
     {"dtype": torch dtype name, "precision", "compile": None | torch.compile mode, "skip": reason or None,
     "label"}. eager/compile/reduce-overhead run in the device's native precision (fp16 on CUDA, fp32 on
-    CPU); bf16 casts every module to bf16. reduce-overhead (CUDA graphs) needs CUDA: skipped elsewhere."""
+    CPU); bf16 casts every module to bf16. reduce-overhead (CUDA graphs) needs CUDA: skipped elsewhere; bf16
+    needs native bf16 on a CPU (``bf16_emulated``): skipped on CPUs without it."""
     precision = "fp16" if device == "cuda" else "fp32"
     if base == "bf16":
         precision = "bf16"
@@ -117,6 +134,8 @@ def baseline_setup(base: str, device: str) -> dict:
     skip = None
     if base == "reduce-overhead" and device != "cuda":
         skip = "needs a CUDA GPU: torch.compile(mode='reduce-overhead') is CUDA graphs, which CPUs do not have"
+    if base == "bf16" and bf16_emulated(device, cpu_bf16):
+        skip = NO_NATIVE_BF16
     what = {"eager": "eager", "compile": "torch.compile", "reduce-overhead": "torch.compile reduce-overhead (CUDA graphs)",
             "bf16": "eager, modules cast to bf16"}[base]
     return {"dtype": dtype, "precision": precision, "compile": mode, "skip": skip,
@@ -152,10 +171,12 @@ def time_torch(pipe, timer, latents, hw, guidance, runs, warmup, steps=4, bar=No
     return {"text_encoder": stats(text), "unet_step": stats(unet), "vae_decoder": stats(vae), "end_to_end": stats(e2e)}, warm
 
 
-def time_baselines(ref, baselines, device: str, latents, hw, guidance: float, runs: int, warmup: int, bar) -> dict:
+def time_baselines(ref, baselines, device: str, latents, hw, guidance: float, runs: int, warmup: int, bar,
+                   cpu_bf16: bool | None = None) -> dict:
     """Each PyTorch baseline on ``ref`` (on ``device``, in the device's native precision): {name: row}, a row
-    with "stages", "skipped" (why it cannot run here) or "error" (what failed; the report counts it as a
-    failure). A cast baseline runs on a copy; ``ref`` keeps its weights and forwards."""
+    with "stages", "skipped" (why it cannot run here: ``baseline_setup``, ``cpu_bf16`` passed on) or "error"
+    (what failed; the report counts it as a failure). A cast baseline runs on a copy; ``ref`` keeps its
+    weights and forwards."""
     import copy
 
     import torch
@@ -164,7 +185,7 @@ def time_baselines(ref, baselines, device: str, latents, hw, guidance: float, ru
     rows = {}
     for base in baselines:
         bar.set_description_str(f"PyTorch {base}")
-        setup = baseline_setup(base, device)
+        setup = baseline_setup(base, device, cpu_bf16)
         row = rows[base] = {"label": setup["label"], "precision": setup["precision"]}
         if setup["skip"]:
             row["skipped"] = setup["skip"]
@@ -254,30 +275,72 @@ def unet_flops(pipe, batch: int, hw: tuple[int, int]) -> int:
     return int(counter.get_total_flops())
 
 
-def measure_peak(threads: int, n: int = 4096, repeats: int = 3, precision: str = "fp32", device: str = "cpu") -> dict:
-    """Matrix-multiply peak measured here in ``precision`` (fp32 | bf16 | fp16) on ``device``: best of a large
-    square product in torch (MKL/oneDNN; AMX for bf16 where the CPU has it; cuBLAS on CUDA) and, for fp32
-    on CPU, numpy."""
+PEAK_BUDGET_S = 2.0
+"""Seconds one library's peak measurement takes, whatever the machine: the matrix size is calibrated to fit."""
+
+
+def measure_peak(threads: int, n: int = 4096, repeats: int = 3, precision: str = "fp32", device: str = "cpu",
+                 budget_s: float = PEAK_BUDGET_S) -> dict:
+    """Matrix-multiply peak measured here in ``precision`` (fp32 | bf16 | fp16) on ``device``: best of square products
+    in torch (MKL/oneDNN; AMX for bf16 where the CPU has it; cuBLAS on CUDA) and, for fp32 on CPU, numpy.
+
+    Each library's product is sized by ``calibrated_rate`` to take about ``budget_s`` (``n`` is the largest size
+    tried), so a slow CPU measures a smaller product instead of taking minutes. bf16 on a CPU without native bf16
+    is refused (``UserError``): emulated, it would be slow and mean nothing (``bench`` skips it with a note)."""
     import torch
 
+    if precision == "bf16" and bf16_emulated(device):
+        raise UserError(f"no bf16 peak: {NO_NATIVE_BF16}")
+    t0 = time.perf_counter()
     torch.set_num_threads(threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+
+    def torch_product(k: int):
+        a, b = (torch.randn(k, k, device=device).to(dtype) for _ in range(2))
+        return lambda: torch.mm(a, b)
+
     out = {"precision": precision, "device": device}
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    torch.mm(a, b)
-    sync()
-    best = min(_timeit(lambda: torch.mm(a, b), sync) for _ in range(repeats))
-    out["torch_mm_flops_per_s"] = 2 * n**3 / best
+    out["torch_mm_flops_per_s"], out["matrix_size"] = calibrated_rate(torch_product, n, repeats, budget_s, sync)
     out["best_flops_per_s"] = out["torch_mm_flops_per_s"]
     if precision == "fp32" and device == "cpu":
-        an, bn = a.numpy(), b.numpy()
-        an @ bn
-        best = min(_timeit(lambda: an @ bn) for _ in range(repeats))
-        out["numpy_matmul_flops_per_s"] = 2 * n**3 / best
+        rng = np.random.default_rng(0)
+
+        def numpy_product(k: int):
+            a, b = (rng.standard_normal((k, k), dtype=np.float32) for _ in range(2))
+            return lambda: a @ b
+
+        out["numpy_matmul_flops_per_s"], out["numpy_matrix_size"] = calibrated_rate(numpy_product, n, repeats, budget_s)
         out["best_flops_per_s"] = max(out["torch_mm_flops_per_s"], out["numpy_matmul_flops_per_s"])
-    out["matrix_size"] = n
+    out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def calibrated_rate(product, n_max: int, repeats: int, budget_s: float, sync=None, n_min: int = 256) -> tuple[float, int]:
+    """(best FLOP/s, matrix size) of square products ``product(k)()`` (``product(k)`` makes the k x k operands
+    and returns the call), in about ``budget_s`` seconds whatever the machine's speed.
+
+    From ``n_min`` the size doubles, up to ``n_max``, while the next size's two calls (the first untimed:
+    allocation, kernel selection; the second timed), predicted from the last call by k³ scaling, fit in what is
+    left of the budget: the largest product the budget allows, as small sizes understate the peak. At the final
+    size: best of up to ``repeats`` timed calls, fewer where the next would overrun the budget. The total stays
+    near the budget on any machine (beyond it only by as much as a call is slower than predicted)."""
+    t_start = time.perf_counter()
+    k = min(n_min, n_max)
+    run = product(k)
+    _timeit(run, sync)  # first call: allocation, kernel selection
+    times = [_timeit(run, sync)]
+    while 2 * k <= n_max:
+        left = budget_s - (time.perf_counter() - t_start)
+        if times[-1] * 8 * 2 > left:
+            break
+        k *= 2
+        run = product(k)
+        _timeit(run, sync)
+        times = [_timeit(run, sync)]
+    while len(times) < repeats and time.perf_counter() - t_start + min(times) <= budget_s:
+        times.append(_timeit(run, sync))
+    return 2 * k**3 / min(times), k
 
 
 def _timeit(fn, sync=None) -> float:

@@ -67,9 +67,15 @@ def write_markdown(r: dict) -> str:
               f"One UNet step at batch {f['unet_batch']}: {f['unet_step_flops'] / 1e9:,.1f} GFLOP (torch FlopCounterMode, attention on SDPA's math backend so it is counted; 2 FLOP per multiply-add).",
               "Matrix-product peaks measured on this machine in this run (each path is compared with the peak of its own precision):", ""]
     for prec, pk in peaks.items():
-        extra = f", numpy {pk['numpy_matmul_flops_per_s'] / 1e9:,.1f}" if "numpy_matmul_flops_per_s" in pk else ""
+        extra = ""
+        if "numpy_matmul_flops_per_s" in pk:
+            size = pk.get("numpy_matrix_size", pk["matrix_size"])
+            extra = f", numpy {pk['numpy_matmul_flops_per_s'] / 1e9:,.1f}" + (f" at {size}²" if size != pk["matrix_size"] else "")
+        took = f", measured in {pk['seconds']:.1f} s" if "seconds" in pk else ""
         lines.append(f"- {prec}: {pk['best_flops_per_s'] / 1e9:,.1f} GFLOP/s (best of a {pk['matrix_size']}² product on "
-                     f"{pk.get('device', 'cpu')}: torch {pk['torch_mm_flops_per_s'] / 1e9:,.1f}{extra})")
+                     f"{pk.get('device', 'cpu')}: torch {pk['torch_mm_flops_per_s'] / 1e9:,.1f}{extra}{took})")
+    for prec, why in f.get("peaks_skipped", {}).items():
+        lines.append(f"- {prec}: not measured — {why}")
     lines += ["", "| path | precision | UNet step GFLOP/s | share of its precision's peak |", "|---|---|---|---|"]
     for n in names:
         if n in f:
