@@ -19,7 +19,10 @@ from pathlib import Path
 
 def find_chromium() -> tuple[str | None, str]:
     """(the executable, "") or (None, why not): $LCM_EXPORT_CHROMIUM, else chromium / chromium-browser on PATH."""
-    exe = os.environ.get("LCM_EXPORT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    exe = os.environ.get("LCM_EXPORT_CHROMIUM")
+    if exe and not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        return None, f"LCM_EXPORT_CHROMIUM={exe} is not an executable file"
+    exe = exe or shutil.which("chromium") or shutil.which("chromium-browser")
     if not exe:
         return None, ("no Chromium: install Debian's `chromium` package (apt-get install chromium; .ci/run does) "
                       "or set LCM_EXPORT_CHROMIUM to a Chromium/Chrome executable")
@@ -67,6 +70,8 @@ class Browser:
             self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout_s)
             for domain in ("Page", "Runtime", "Log", "Network"):
                 self.send(f"{domain}.enable")
+            self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
+                                                             "mobile": False})
         except BaseException:
             self.close()
             raise
@@ -177,6 +182,8 @@ class Browser:
             self.send("Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1})
 
     def screenshot(self, path: Path) -> Path:
+        """A PNG of the viewport, scrolled to the top of the page."""
+        self.evaluate("window.scrollTo(0, 0); document.activeElement && document.activeElement.blur(); true")
         data = self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": False})["data"]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

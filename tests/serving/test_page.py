@@ -118,7 +118,7 @@ def _click_and_wait(b: Browser, count_before: int, timeout_s: float = 60.0) -> N
                timeout_s)
 
 
-def test_the_page_generates_the_image_generate_writes(server, chromium, adapter_entry, tmp_path):
+def test_the_page_generates_the_image_generate_writes(chromium, server, adapter_entry, tmp_path):
     b = chromium
     _open(b, server + "/")
     assert b.evaluate("document.getElementById('error').hidden"), _texts(b, "#error")
@@ -157,7 +157,7 @@ def test_the_page_generates_the_image_generate_writes(server, chromium, adapter_
     ({"guidance": "31"}, {"guidance": 31}),
     ({"adapter_b": "9"}, {"adapters": {"b": 9}}),
 ])
-def test_bad_input_shows_the_servers_one_line_error(server, chromium, tmp_path, fields, body):
+def test_bad_input_shows_the_servers_one_line_error(chromium, server, tmp_path, fields, body):
     b = chromium
     _open(b, server)  # no trailing slash: the page's relative URLs still resolve under /play
     _fill(b, prompt="a bowl of fruit", **fields)
@@ -171,7 +171,7 @@ def test_bad_input_shows_the_servers_one_line_error(server, chromium, tmp_path, 
     b.screenshot(tmp_path / "page-error.png")
 
 
-def test_data_from_the_server_stays_text(server, chromium):
+def test_data_from_the_server_stays_text(chromium, server):
     """An entry (its files are untrusted) whose name, preset and adapter names hold markup, and an error
     message that does: the page shows them as text and runs nothing (answers faked with the DevTools Fetch
     domain, so the real server stays as it is)."""
@@ -207,7 +207,7 @@ def test_data_from_the_server_stays_text(server, chromium):
         b.stop_intercepting()
 
 
-def test_served_with_a_strict_policy_and_no_paths_or_cors(server, chromium, adapter_entry):
+def test_served_with_a_strict_policy_and_no_paths_or_cors(server, adapter_entry, request):
     c = Client(server)
     page = c.request("GET", "/")
     assert page.status == 200 and page.headers["content-type"].startswith("text/html")
@@ -223,8 +223,12 @@ def test_served_with_a_strict_policy_and_no_paths_or_cors(server, chromium, adap
     entry = c.request("GET", "/entry", headers={"Origin": "http://evil.example"})
     assert entry.status == 200 and str(adapter_entry) not in entry.body.decode() and "/tmp" not in entry.body.decode()
     assert "access-control-allow-origin" not in entry.headers
+    # the per-stage times the page shows: the runtime's own, in the JSON reply
+    r = c.generate(prompt="x", steps=3, response_format="json")
+    stages = r.json()["stages_ms"]
+    assert len(stages["unet_steps"]) == 3 and 0 < stages["total"] <= r.json()["runtime_ms"]
     # another origin's script cannot read the API: the browser blocks the answer (no CORS headers)
-    b = chromium
+    b = request.getfixturevalue("chromium")  # skips here, after the checks above, where there is no Chromium
     b.goto("about:blank")
     got = b.evaluate(f"fetch({json.dumps(server + '/entry')}).then(r => 'read ' + r.status, e => 'blocked')")
     assert got == "blocked"

@@ -179,7 +179,8 @@
         img.src = "data:image/png;base64," + reply.images[0];
       });
       $("figure").hidden = false;
-      $("caption").textContent = `${reply.width}x${reply.height} (WxH), seed ${reply.seed}` +
+      $("placeholder").hidden = true;
+      $("caption").textContent = `${reply.height}x${reply.width} (HxW), seed ${reply.seed}` +
         (reply.call_batch > 1 ? `, merged with other requests into one call of ${reply.call_batch} images` : "");
       showTimings(reply, roundTrip);
       document.body.dataset.generated = String(Number(document.body.dataset.generated || 0) + 1);
