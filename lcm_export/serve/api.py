@@ -72,6 +72,9 @@ class GenerateResponse(BaseModel):
     seed: int
     runtime_ms: float = Field(description="wall time of the engine call that made these images")
     call_batch: int = Field(description="images made by that engine call (more than batch when requests were merged)")
+    stages_ms: Optional[dict[str, float | list[float]]] = Field(
+        None, description="the runtime's milliseconds per stage of that engine call: tokenize, text_encoder, unet_steps "
+                          "(one per step), unet_total, scheduler, vae_input, vae_decoder, postprocess, engines, overhead, total")
 
 
 class HealthResponse(BaseModel):
@@ -144,13 +147,23 @@ def wants_json(req: GenerateRequest, accept: str | None) -> bool:
     return req.response_format == "json" or "application/json" in (accept or "")
 
 
-def image_response(req: GenerateRequest, accept: str | None, images: list, job, seconds: float, call_batch: int):
-    """PNG bytes for one image, JSON with base64 PNGs when asked (or when batch > 1)."""
+def stages_ms(timings: dict | None) -> dict | None:
+    """``Timings.as_dict()`` (seconds) in milliseconds."""
+    if not timings:
+        return None
+    return {k: [s * 1e3 for s in t] if isinstance(t, list) else t * 1e3 for k, t in timings.items()}
+
+
+def image_response(req: GenerateRequest, accept: str | None, images: list, job, seconds: float, call_batch: int,
+                   timings: dict | None = None):
+    """PNG bytes for one image, JSON with base64 PNGs when asked (or when batch > 1), with the runtime's
+    per-stage times (``timings``: seconds, ``Timings.as_dict()``) in milliseconds."""
     headers = {"X-Runtime-Ms": f"{seconds * 1e3:.2f}", "X-Call-Batch": str(call_batch)}
     if not wants_json(req, accept):
         return Response(png_bytes(images[0]), media_type="image/png", headers=headers)
     body = GenerateResponse(images=[base64.b64encode(png_bytes(i)).decode() for i in images], width=job.width,
-                            height=job.height, seed=job.seed, runtime_ms=seconds * 1e3, call_batch=call_batch)
+                            height=job.height, seed=job.seed, runtime_ms=seconds * 1e3, call_batch=call_batch,
+                            stages_ms=stages_ms(timings))
     return JSONResponse(body.model_dump(), headers=headers)
 
 

@@ -104,12 +104,18 @@ def run_merged(pipe, jobs: list[Job]) -> list[list]:
 
 @dataclass
 class Done:
-    """A job's images, the seconds its engine call took (wall clock, shared by a merged chunk) and how
-    many images that call made."""
+    """A job's images, the seconds its engine call took (wall clock, shared by a merged chunk), how
+    many images that call made, and the runtime's seconds per stage of that call (``Timings.as_dict``)."""
 
     images: list
     seconds: float
     call_batch: int
+    timings: dict | None = None
+
+
+def _timings(pipe) -> dict | None:
+    t = getattr(pipe, "last_timings", None)
+    return t.as_dict() if hasattr(t, "as_dict") else None
 
 
 def run_jobs(pipe, jobs: list[Job], cap: int) -> list:
@@ -126,7 +132,7 @@ def run_jobs(pipe, jobs: list[Job], cap: int) -> list:
                 outs = run_merged(pipe, [jobs[i] for i in chunk])
             dt = time.perf_counter() - t0
             for i, imgs in zip(chunk, outs):
-                results[i] = Done(imgs, dt, n)
+                results[i] = Done(imgs, dt, n, _timings(pipe))
         except Exception as exc:
             if len(chunk) == 1:
                 results[chunk[0]] = _as_error(exc)
@@ -134,7 +140,7 @@ def run_jobs(pipe, jobs: list[Job], cap: int) -> list:
                 for i in chunk:
                     t0 = time.perf_counter()
                     try:
-                        results[i] = Done(run_solo(pipe, jobs[i]), time.perf_counter() - t0, jobs[i].batch)
+                        results[i] = Done(run_solo(pipe, jobs[i]), time.perf_counter() - t0, jobs[i].batch, _timings(pipe))
                     except Exception as exc2:
                         results[i] = _as_error(exc2)
     return results

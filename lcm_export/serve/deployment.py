@@ -12,13 +12,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, Request
 from ray import serve
 
 from .api import (TYPES, GenerateRequest, GenerateResponse, HealthResponse, check_format, image_response,
                   install_error_handlers)
 from .batching import Done, make_job, run_jobs
 from .guard import BODY_TIMEOUT_S, BodyLimit
+from .playground import EntryResponse, entry_summary, page_response
 
 app = FastAPI(
     title="lcm-export",
@@ -90,6 +91,22 @@ class LCMModel:
     async def health(self) -> dict:
         return self.info
 
+    @app.get("/entry", response_model=EntryResponse, summary="the entry's summary, sizes and adapters (no paths): what the page offers")
+    async def entry(self) -> dict:
+        return entry_summary(self.pipe.manifest, self.info["precision"], self.pipe.adapters)
+
+    @app.get("/", include_in_schema=False)
+    async def page(self, request: Request):
+        return page_response("index.html", request.scope.get("root_path", ""))
+
+    @app.get("/page.js", include_in_schema=False)
+    async def page_js(self):
+        return page_response("page.js")
+
+    @app.get("/page.css", include_in_schema=False)
+    async def page_css(self):
+        return page_response("page.css")
+
     @app.post("/generate", summary="text to image", responses={200: PNG, **ERRORS})
     async def generate(self, req: GenerateRequest, accept: Optional[str] = Header(None)):
         job = make_job(self.pipe, req.prompt, req.negative_prompt, req.steps, req.guidance, req.seed, req.batch,
@@ -99,7 +116,7 @@ class LCMModel:
         if isinstance(out, Exception):
             raise out
         assert isinstance(out, Done)
-        return image_response(req, accept, out.images, job, out.seconds, out.call_batch)
+        return image_response(req, accept, out.images, job, out.seconds, out.call_batch, out.timings)
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
     async def _run(self, jobs: list) -> list:

@@ -173,8 +173,8 @@ def serve_forever(o: ServeOptions) -> int:
         _stop_on_signals()  # Ray's driver installs a handler that aborts on SIGTERM: put ours back
         start(o)
         url = f"http://{o.host}:{o.port}"
-        print(f"serving {o.engine_dir} on {url} ({o.replicas} replica(s)); POST {url}/generate, "
-              f"GET {url}/health, docs {url}/docs; logs under /tmp/ray/session_latest/logs/serve; Ctrl-C stops",
+        print(f"serving {o.engine_dir} on {url} ({o.replicas} replica(s)); open {url}/ in a browser (the playground page); "
+              f"POST {url}/generate, GET {url}/health, docs {url}/docs; logs under /tmp/ray/session_latest/logs/serve; Ctrl-C stops",
               flush=True)
         try:
             threading.Event().wait()
