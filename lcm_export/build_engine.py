@@ -231,7 +231,7 @@ def build_engine(opts: BuildOptions) -> BuildResult:
                    + (precision in REDUCED or decoder is not None) + (precision == "int8"))
         bar = progress(n_steps, "build", enabled=opts.show_progress)
         try:
-            with atomic_dir(engine_dir, force=True, what="engine dir") as tmp:
+            with atomic_dir(engine_dir, force=True, what="engine dir", marker=MANIFEST) as tmp:
                 manifest = _build_into(tmp, opts, src, family, backend, device, precision, plans, items, key, versions,
                                        engine_dir, bar, {**keys, "graph_inputs": graph_inputs, "weights_inputs": weights_inputs},
                                        decoder, scheme, preset_notes)

@@ -87,7 +87,7 @@ def refit_entry(engine_dir: Path, old: dict, opts, src, plans, items, keys: dict
     t0 = time.perf_counter()
     bar = progress(2 + 2 * len(items) + len(old["components"]) + 1, "refit", enabled=opts.show_progress)
     try:
-        with atomic_dir(engine_dir, force=True, what="engine dir") as tmp:
+        with atomic_dir(engine_dir, force=True, what="engine dir", marker=MANIFEST) as tmp:
             manifest = _refit_into(tmp, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar, t0)
     except OSError as exc:
         raise disk_error(exc, engine_dir) from None

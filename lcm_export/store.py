@@ -9,6 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from .confine import inside, problem
 from .errors import UserError
 
 SCHEMA_VERSION = 2
@@ -49,7 +50,7 @@ def read_manifest(engine_dir: str | Path, check_files: bool = True) -> dict:
         raise UserError(f"engine dir {d} does not exist; build one with `lcm-export build-engine --engine-dir {d}`")
     if not d.is_dir():
         raise UserError(f"engine dir {d} is a file, not an engine-store folder; pass the folder build-engine wrote")
-    p = d / MANIFEST
+    p = inside(d, MANIFEST, f"engine dir {d}", _rebuild(d))
     if not p.is_file():
         raise UserError(f"engine dir {d} has no {MANIFEST}: not an engine-store entry (or an interrupted build); rebuild it with `lcm-export build-engine`")
     try:
@@ -189,6 +190,8 @@ def manifest_problems(m) -> list[str]:
         branched = m["adapters"].get("branches") if isinstance(m["adapters"], dict) else None
         out += [f"the manifest's adapters.branches names a component {c!r} the entry does not have"
                 for c in (branched if isinstance(branched, dict) else {}) if c not in m["components"]]
+    if not out:  # every other path it names (graphs, tokenizers, configs) too: confined with the recorded ones
+        out += [f"the manifest records no size for {f}" for f in entry_files(m) if f not in m["file_sizes"]]
     if not out:
         from .backends import manifest_problems as backend_problems
 
@@ -254,9 +257,14 @@ def record_file_sizes(m: dict, engine_dir: Path) -> dict:
 
 
 def file_problems(m: dict, engine_dir: Path) -> list[str]:
-    """Recorded files that are missing or whose size differs from the build's (truncated, replaced)."""
+    """Recorded files that lead outside the entry (``confine.problem``: absolute, ``..``, a symbolic link out, a
+    FIFO or device), are missing, or whose size differs from the build's (truncated, replaced)."""
     out = []
     for f, size in m.get("file_sizes", {}).items():
+        why = problem(engine_dir, f)
+        if why is not None:
+            out.append(f"{f} {why}")
+            continue
         p = Path(engine_dir) / f
         if not p.is_file():
             out.append(f"{f} is missing")
@@ -274,17 +282,19 @@ def existing_entry(engine_dir: Path, base_source: str, key: str, force: bool) ->
     Refuses (unless ``force``) a folder holding another model's entry, a manifest too damaged to
     tell whose it is, or something that is not an entry at all.
     """
-    from ._util import check_dir_path
+    from ._util import check_dir_path, check_replaceable
 
     check_dir_path(engine_dir, "engine dir")
     if not engine_dir.exists():
         return None
-    if force:  # --force always rebuilds
+    if force:  # --force always rebuilds, but replaces only an entry (or an empty folder)
+        check_replaceable(engine_dir, "engine dir", MANIFEST)
         return None
     if not (engine_dir / MANIFEST).is_file():
         if not any(engine_dir.iterdir()):
             return None
-        raise UserError(f"engine dir {engine_dir} exists and is not an engine-store entry; choose another --engine-dir or pass --force to replace it")
+        raise UserError(f"engine dir {engine_dir} exists and is not an engine-store entry; choose another --engine-dir, "
+                        "or empty it yourself (lcm-export replaces only folders it wrote)")
     try:
         m = json.loads((engine_dir / MANIFEST).read_text())
     except (ValueError, UnicodeDecodeError, OSError):

@@ -33,7 +33,7 @@ import numpy as np
 from .._util import folder_bytes, writing
 from ..adapter_spec import INPUT_PREFIX
 from ..errors import UserError
-from . import is_str_list, is_threads, rebuild_hint, thread_count
+from . import entry_file, is_str_list, is_threads, rebuild_hint, thread_count
 
 ADAPTER_INPUTS = INPUT_PREFIX + "."
 
@@ -280,7 +280,7 @@ def load_engine(manifest: dict, engine_dir: Path, component: str, path: Path, th
     if precision == "bf16" and not native_bf16():  # OpenVINO would emulate bf16 on AVX-512 CPUs without it: run fp32
         precision = "fp32"
     usable = rec.get("compiled_blob") and _blob_usable(manifest) and precision == built
-    return OvEngine(path, precision, n, engine_dir, engine_dir / rec["compiled_blob"] if usable else None)
+    return OvEngine(path, precision, n, engine_dir, entry_file(engine_dir, rec["compiled_blob"]) if usable else None)
 
 
 def run_precision(rec: dict) -> str:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapter_spec import ADAPTER_DIR, RANK_AXIS, empty_factors, read_index
+from ..adapter_spec import ADAPTER_DIR, INDEX, RANK_AXIS, empty_factors, read_index
+from ..confine import inside
 from ..errors import UserError
 
 MAX_WEIGHT = 8.0
@@ -70,7 +71,7 @@ class Adapters:
     def index(self) -> dict:
         """{name: record} as the index file says now (re-read when the file changed since the last call)."""
         with self._lock:
-            p = self.engine_dir / ADAPTER_DIR / "index.json"
+            p = self.engine_dir / ADAPTER_DIR / INDEX
             try:
                 st = p.stat()
                 stamp = (st.st_mtime_ns, st.st_size)
@@ -123,7 +124,8 @@ class Adapters:
 
         from safetensors import SafetensorError, safe_open
 
-        p = self.engine_dir / rec["factors"]
+        p = inside(self.engine_dir, rec["factors"], f"adapter {name!r} ({self.engine_dir / ADAPTER_DIR / INDEX})",
+                   _rebuild_hint(self.engine_dir))
         h = hashlib.sha256()
         try:
             with open(p, "rb") as f:  # streamed: the file's bytes are never held beside the arrays
