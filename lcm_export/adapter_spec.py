@@ -53,6 +53,24 @@ def record_problem(name, rec) -> str | None:
     return None
 
 
+MAX_GAIN = 1e12
+"""Largest Σ |λ_i| · g_i a choice may reach, g_i = max|A| · max|B| · in · rank over an adapter's layers (a bound on
+how much its branch can amplify an activation, :func:`gain_bound`). Beyond 1e12 a branch can push activations of
+~1e4 past ~1e16, where the next normalization's squares overflow float32 — refused as an input error, not left to
+come out as a NaN image."""
+MIN_USABLE_WEIGHT = 0.01
+"""``adapter add`` refuses factors so large that every weight above this one would pass :data:`MAX_GAIN`: an
+adapter no call could use (factors of 1e30, alpha 1e38)."""
+
+
+def gain_bound(factors: dict) -> float:
+    """g = max over layers of max|A| · max|B| · in · rank, for one adapter's factors ({"<comp>.<i>.A" / ".B": array})."""
+    import numpy as np
+
+    return max((float(np.abs(factors[k]).max(initial=0.0)) * float(np.abs(factors[k[:-1] + "B"]).max(initial=0.0))
+                * max(factors[k].shape) * min(factors[k].shape) for k in factors if k.endswith(".A")), default=0.0)
+
+
 def empty_factors(rows: list[dict]) -> dict:
     """Rank-0 factors for every branch of one component: each branch then adds exactly zero."""
     import numpy as np
@@ -68,8 +86,12 @@ def empty_factors(rows: list[dict]) -> dict:
     return out
 
 
+MAX_WIDTH = 65536
+"""Widest branch input or output a manifest may record (SDXL's widest layer: 10240)."""
+
+
 def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_WIDTH
 
 
 def spec_problems(spec) -> list[str]:
@@ -93,7 +115,8 @@ def spec_problems(spec) -> list[str]:
                   and isinstance(r.get("module"), str)
                   and r.get("inputs") == [f"{INPUT_PREFIX}.{comp}.{i}.{part}" for part in ("A", "B", "s")])
             if not ok:
-                out.append(f"the manifest's adapters.branches.{comp}[{i}] is malformed")
+                out.append(f"the manifest's adapters.branches.{comp}[{i}] is malformed (kind, module, inputs, or in / out "
+                           f"widths from 1 to {MAX_WIDTH})")
                 break
     if not isinstance(configs, dict) or not all(isinstance(v, str) and v and not Path(v).is_absolute()
                                                  and ".." not in Path(v).parts for v in configs.values()):

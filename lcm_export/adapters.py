@@ -28,8 +28,8 @@ import stat
 from pathlib import Path
 
 from ._util import disk_error, sha256_file, write_json, writing
-from .adapter_spec import (ADAPTER_DIR, FACTORS, FOLDER_RE, INDEX, INDEX_VERSION, NAME_RE, RANK_AXIS, entry_lock,
-                           factors_folder)
+from .adapter_spec import (ADAPTER_DIR, FACTORS, FOLDER_RE, INDEX, INDEX_VERSION, MAX_GAIN, MIN_USABLE_WEIGHT, NAME_RE,
+                           RANK_AXIS, entry_lock, factors_folder, gain_bound)
 from .adapter_spec import read_index as spec_read_index
 from .confine import inside, owned_dir, remove, sweep_partials
 from .errors import UserError
@@ -140,6 +140,9 @@ def extract_factors(pipe, touched: dict[str, list[str]], adapter: str, branches:
                 raise UserError(f"LoRA file {path}: it trains biases (lora_B.bias), which run-time adapters do not apply; "
                                 "bake it with `lcm-export build-engine --lora`")
             i, row = table[name]
+            if layer.r.get(adapter, 0) == 0 or layer.scaling.get(adapter, 0) == 0:
+                raise UserError(f"LoRA file {path}: layer {comp}.{name} has alpha 0 (or rank 0), so it changes nothing; "
+                                "a LoRA layer has a positive alpha and rank (a damaged file?)")
             a = layer.lora_A[adapter].weight.detach().float().numpy()
             b = layer.lora_B[adapter].weight.detach().float().numpy() * np.float32(layer.scaling[adapter])
             a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
@@ -169,6 +172,7 @@ def add_adapter(engine_dir: str | Path, lora_file: str | Path, name: str | None 
     name = check_name(name, None) if name is not None else check_name(path.stem, path)
     _check_free(engine_dir, name, force)
     info = inspect_lora(path)
+    _refuse_untaken(path)
     pipe = skeleton_pipeline(engine_dir, m)
     touched = load_lora(pipe, info, "style")
     try:
@@ -176,6 +180,11 @@ def add_adapter(engine_dir: str | Path, lora_file: str | Path, name: str | None 
     finally:
         unload_loras(pipe)
     del pipe
+    bound = gain_bound(factors)
+    if bound * MIN_USABLE_WEIGHT > MAX_GAIN:
+        raise UserError(f"LoRA file {path}: its factors are so large (alpha / rank · B · A reaches {bound:.3g}) that any "
+                        f"weight above ±{MAX_GAIN / bound:.3g} would overflow float32: no call could use it (a diverged "
+                        "training run, or a damaged alpha?)")
     ranks = sorted({_rank(k, v, m) for k, v in factors.items()})
     need = sum(v.nbytes for v in factors.values())
     with entry_lock(engine_dir):
@@ -227,6 +236,25 @@ def _holds(folder: Path, sha: str) -> bool:
         return stat.S_ISREG(os.lstat(f).st_mode) and sha256_file(f) == sha
     except OSError:
         return False
+
+
+UNTAKEN = {"lora_magnitude_vector": "DoRA magnitude vectors", "dora_scale": "DoRA magnitude vectors",
+           "lora_B.bias": "trained biases", "lora_up.bias": "trained biases", "lora.up.bias": "trained biases"}
+"""Tensors run-time adapters cannot apply, found by their keys whatever the file's metadata declares."""
+
+
+def _refuse_untaken(path: Path) -> None:
+    """Refuse, before anything is loaded, a file holding tensors a branch cannot apply (DoRA, trained biases): PEFT
+    drops them silently when its metadata does not declare them."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        keys = list(f.keys())
+    for k in keys:
+        kind = next((what for part, what in UNTAKEN.items() if part in k), None)
+        if kind is not None:
+            raise UserError(f"LoRA file {path}: it holds {kind} ({k}), which run-time adapters do not apply; bake it "
+                            "with `lcm-export build-engine --lora`")
 
 
 def _check_free(engine_dir: Path, name: str, force: bool) -> dict:

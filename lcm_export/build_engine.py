@@ -169,7 +169,7 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     if opts.vae_decoder is not None:
         from .tiny_vae import check_latent_channels, family_note, resolve_vae_decoder
 
-        decoder = resolve_vae_decoder(opts.vae_decoder, family)
+        decoder = resolve_vae_decoder(opts.vae_decoder, family, src.kind == "demo")
         check_latent_channels(decoder, int(unet_cfg.get("in_channels", 4)))
         note = family_note(decoder, family)
         preset_notes = preset_notes + ((note,) if note else ())

@@ -166,8 +166,9 @@ def _check_bf16(precision: str, device: str, cpu_bf16: bool) -> None:
 def _check_int8(precision: str, device: str, cpu_int8: bool) -> None:
     if precision == "int8" and device == "cpu" and not cpu_int8:
         raise UserError("--precision int8: this CPU has no int8 dot-product instructions (neither AVX512_VNNI, AVX_VNNI nor "
-                        "AMX-INT8), so an int8 UNet would run no faster than fp32 and lose quality; use --precision auto "
-                        "(bf16 or fp32), or --preset fast (it falls back to that UNet with the tiny VAE decoder)")
+                        "AMX-INT8), where an int8 UNet's speed is not measured (it may be no faster than fp32) and it loses "
+                        "quality; use --precision auto (bf16 or fp32), or --preset fast without --precision (it then builds "
+                        "that UNet with the tiny VAE decoder)")
 
 
 def builds_int8(statuses: dict[str, tuple[bool, str, str]] | None = None) -> bool:

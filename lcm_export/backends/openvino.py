@@ -257,8 +257,9 @@ def check(manifest: dict, engine_dir: Path) -> list[str]:
     int8 = [c for c, r in manifest.get("components", {}).items() if r.get("precision") == "int8"]
     if int8 and not native_int8():
         warnings.append(f"{engine_dir} has an int8 {', '.join(int8)}, but this CPU has no int8 dot-product instructions "
-                        "(AVX512_VNNI / AVX_VNNI / AMX-INT8): it runs, with the same images, but slower than a bf16 or fp32 "
-                        f"entry; for the fastest entry here, {rebuild_hint(engine_dir)} --precision auto")
+                        "(AVX512_VNNI / AVX_VNNI / AMX-INT8): it runs, with the same images, at a speed not measured on such "
+                        "CPUs (it may be slower than a bf16 or fp32 entry); for the entry lcm-export picks here, "
+                        f"{rebuild_hint(engine_dir)} --precision auto")
     return warnings
 
 
