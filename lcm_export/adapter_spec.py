@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from .confine import inside
-from .errors import UserError
+from .errors import DamagedEntry, UserError
 
 INPUT_PREFIX = "adapter"
 """Branch inputs are named ``adapter.<component>.<i>.A`` / ``.B`` / ``.s`` (each rank's weight λ)."""
@@ -141,14 +141,14 @@ def read_index(engine_dir: str | Path) -> tuple[dict, tuple | None]:
     try:
         data = json.loads(p.read_text())
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{p} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); {fix}") from None
+        raise DamagedEntry(f"{p} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); {fix}") from None
     adapters = data.get("adapters") if isinstance(data, dict) else None
     if not isinstance(data, dict) or data.get("version") != INDEX_VERSION or not isinstance(adapters, dict):
-        raise UserError(f"{p} is not an adapter index of this lcm-export (version {INDEX_VERSION}); {fix}")
+        raise DamagedEntry(f"{p} is not an adapter index of this lcm-export (version {INDEX_VERSION}); {fix}")
     for name, rec in adapters.items():
         bad = record_problem(name, rec)
         if bad:
-            raise UserError(f"{p}: the record of adapter {name!r} is malformed ({bad}); {fix}")
+            raise DamagedEntry(f"{p}: the record of adapter {name!r} is malformed ({bad}); {fix}")
     return adapters, (st.st_mtime_ns, st.st_size)
 
 

@@ -27,7 +27,7 @@ import shutil
 import stat
 from pathlib import Path, PurePosixPath
 
-from .errors import UserError
+from .errors import DamagedEntry, UserError
 
 PARTIAL_RE = re.compile(r"\.(?P<name>[^/\n]+)\.(?P<kind>partial|old)-(?P<pid>[0-9]{1,10})(?:-[A-Za-z0-9_]{1,32})?")
 """What lcm-export's interrupted writes leave: ``.NAME.partial-PID`` (adapter add), ``.NAME.partial-PID-XXXXXXXX``
@@ -70,7 +70,7 @@ def inside(root: str | os.PathLike, rel, what: str, fix: str = "") -> Path:
     starts with ``what`` (the file that named ``rel``) and ends with ``fix``."""
     why = problem(root, rel)
     if why is not None:
-        raise UserError(f"{what}: damaged entry: {rel!r} {why}" + (f"; {fix}" if fix else ""))
+        raise DamagedEntry(f"{what}: damaged entry: {rel!r} {why}" + (f"; {fix}" if fix else ""))
     return Path(root, rel)
 
 

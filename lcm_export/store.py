@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from .confine import inside, problem
-from .errors import UserError
+from .errors import DamagedEntry, UserError
 
 SCHEMA_VERSION = 2
 """2: ``file_sizes`` (every file of the entry, in bytes) and ``size_multiple`` are recorded and checked."""
@@ -69,11 +69,11 @@ def read_manifest(engine_dir: str | Path, check_files: bool = True) -> dict:
     problems = manifest_problems(m)
     if problems:
         older = problems[0].startswith("its adapter branches were written by an older")
-        raise UserError(f"{p}: {'' if older else 'damaged entry: '}{problems[0]}; {_rebuild(d)}")
+        raise (UserError if older else DamagedEntry)(f"{p}: {'' if older else 'damaged entry: '}{problems[0]}; {_rebuild(d)}")
     if check_files:
         problems = file_problems(m, d)
         if problems:
-            raise UserError(f"engine dir {d}: damaged entry: {problems[0]}; {_rebuild(d)}")
+            raise DamagedEntry(f"engine dir {d}: damaged entry: {problems[0]}; {_rebuild(d)}")
     return m
 
 

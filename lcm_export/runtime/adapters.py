@@ -27,7 +27,7 @@ import numpy as np
 
 from ..adapter_spec import ADAPTER_DIR, INDEX, MAX_GAIN, RANK_AXIS, empty_factors, gain_bound, read_index
 from ..confine import inside
-from ..errors import UserError
+from ..errors import DamagedEntry, UserError
 
 MAX_WEIGHT = 8.0
 """Largest |λ| a call may give an adapter (the paper uses up to 1; a LoRA far beyond a few times its
@@ -147,7 +147,7 @@ class Adapters:
                     h.update(block)
                     size += len(block)
             if size != rec["bytes"] or h.hexdigest() != rec["sha256"]:
-                raise UserError(f"adapter {name!r}: {p} changed since it was added (size or sha256 differs); "
+                raise DamagedEntry(f"adapter {name!r}: {p} changed since it was added (size or sha256 differs); "
                                 f"{_rebuild_hint(self.engine_dir)}")
             with safe_open(str(p), framework="np") as f:
                 factors = {k: f.get_tensor(k) for k in f.keys()}
@@ -155,7 +155,7 @@ class Adapters:
         except OSError as exc:
             raise UserError(f"adapter {name!r}: {p} cannot be read ({exc.strerror or exc}); {_rebuild_hint(self.engine_dir)}") from None
         except (SafetensorError, ValueError, KeyError) as exc:
-            raise UserError(f"adapter {name!r}: {p} is not a valid factors file ({exc}); {_rebuild_hint(self.engine_dir)}") from None
+            raise DamagedEntry(f"adapter {name!r}: {p} is not a valid factors file ({exc}); {_rebuild_hint(self.engine_dir)}") from None
         self._factors[name] = (rec["sha256"], factors)
         self._bounds[name] = bound
         return factors
