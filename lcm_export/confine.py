@@ -27,7 +27,7 @@ import shutil
 import stat
 from pathlib import Path, PurePosixPath
 
-from .errors import DamagedEntry, UserError
+from .errors import DamagedEntry
 
 PARTIAL_RE = re.compile(r"\.(?P<name>[^/\n]+)\.(?P<kind>partial|old)-(?P<pid>[0-9]{1,10})(?:-[A-Za-z0-9_]{1,32})?")
 """What lcm-export's interrupted writes leave: ``.NAME.partial-PID`` (adapter add), ``.NAME.partial-PID-XXXXXXXX``
@@ -66,7 +66,7 @@ def problem(root: str | os.PathLike, rel) -> str | None:
 
 
 def inside(root: str | os.PathLike, rel, what: str, fix: str = "") -> Path:
-    """``root / rel`` when it stays inside the entry ``root`` (:func:`problem`); else a one-line UserError that
+    """``root / rel`` when it stays inside the entry ``root`` (:func:`problem`); else a one-line DamagedEntry that
     starts with ``what`` (the file that named ``rel``) and ends with ``fix``."""
     why = problem(root, rel)
     if why is not None:
@@ -77,10 +77,10 @@ def inside(root: str | os.PathLike, rel, what: str, fix: str = "") -> Path:
 def owned_dir(root: str | os.PathLike, rel: str, layout: re.Pattern, what: str) -> Path | None:
     """The folder ``root / rel`` to delete, when ``rel`` matches ``layout`` whole and it and every folder above it
     up to ``root`` are real folders (not symbolic links) inside ``root``; None when it does not exist. A one-line
-    UserError (naming ``what``) for anything else: lcm-export deletes only what its writer made."""
-    if not isinstance(rel, str) or not layout.fullmatch(rel) or problem(root, rel) is not None:
-        raise UserError(f"{what}: {rel!r} is not a folder lcm-export wrote; nothing was deleted (remove it yourself "
-                        "if it is yours)")
+    DamagedEntry (naming ``what``) for anything else: lcm-export deletes only what its writer made."""
+    refused = f"{what}: {rel!r} is not a folder lcm-export wrote; nothing was deleted (remove it yourself if it is yours)"
+    if not isinstance(rel, str) or not layout.fullmatch(rel) or ".." in PurePosixPath(rel).parts:
+        raise DamagedEntry(refused)
     p = Path(root)
     for part in PurePosixPath(rel).parts:
         p = p / part
@@ -90,8 +90,10 @@ def owned_dir(root: str | os.PathLike, rel: str, layout: re.Pattern, what: str) 
             return None
         if not stat.S_ISDIR(st.st_mode):
             kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
-            raise UserError(f"{what}: {p} is {kind}, not a folder lcm-export wrote; nothing was deleted (remove it "
-                            "yourself if it is yours)")
+            raise DamagedEntry(f"{what}: {p} is {kind}, not a folder lcm-export wrote; nothing was deleted (remove it "
+                               "yourself if it is yours)")
+    if problem(root, rel) is not None:  # a folder above it is a link out of the entry
+        raise DamagedEntry(refused)
     return p
 
 
