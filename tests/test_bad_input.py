@@ -1027,6 +1027,8 @@ CAMPAIGN = [
      None, True),
     ("scheduler-links-out", lambda c: _gen(c.link_out("scheduler/scheduler_config.json"), c), 2, [LEAVES], None, True),
     ("manifest-links-out", lambda c: ["inspect", c.link_out("manifest.json")], 2, ["'manifest.json'", LEAVES], None, True),
+    ("manifest-is-fifo-inspect", lambda c: ["inspect", c.fifo("manifest.json")], 2, ["'manifest.json'", NOT_REGULAR], None, True),
+    ("manifest-is-fifo-adapter-remove", lambda c: _rm(c.fifo("manifest.json", c.with_adapters())), 2, [NOT_REGULAR], None, True),
     ("config-links-out-adapter-add", lambda c: _add(c, c.link_out("config/unet.json", c.with_adapters()), "--force"), 2,
      ["config/unet.json", LEAVES], None, True),
     ("unet-is-fifo-generate", lambda c: _gen(c.fifo("unet/model.onnx"), c), 2, ["unet/model.onnx", NOT_REGULAR], None, True),
