@@ -8,10 +8,12 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .confine import PARTIAL_RE, remove, stale, sweep_partials
 from .errors import UserError
 
 
@@ -37,7 +39,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file atomically (temp file in the same folder, then rename), mode 0666 & ~umask."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-{os.getpid()}-", dir=path.parent)  # swept when we die
     try:
         os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
@@ -54,38 +56,31 @@ def write_json(path: str | os.PathLike, data) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def remove_stale_partials(final: Path) -> list[Path]:
-    """Remove ``.NAME.partial-PID-*`` / ``.NAME.old-PID`` folders beside ``final`` whose owner process
-    is gone (a build killed with SIGKILL, a power cut). Live owners' folders are left alone."""
-    removed = []
+    """Remove ``.NAME.partial-PID-*`` / ``.NAME.old-PID`` beside ``final`` whose owner process is gone (a build
+    killed with SIGKILL, a power cut): that exact pattern only (``confine.PARTIAL_RE``), real folders and regular
+    files only. Live owners' folders are left alone; an ``.old-PID`` whose process died between its two renames
+    becomes ``final`` again when ``final`` is missing."""
     parent = final.parent
     if not parent.is_dir():
-        return removed
-    for kind in ("partial", "old"):
-        for p in parent.glob(f".{glob.escape(final.name)}.{kind}-*"):
-            pid = p.name[len(f".{final.name}.{kind}-"):].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                if kind == "old" and not final.exists():  # died between its two renames: the old entry comes back
-                    os.replace(p, final)
-                    continue
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    return removed
+        return []
+    if not os.path.lexists(final):
+        for p in sorted(parent.iterdir()):
+            if stale(p, final.name, ("old",)) and p.is_dir():
+                os.replace(p, final)
+                break
+    return sweep_partials(parent, final.name, ("partial", "old"))
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "output folder") -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "output folder",
+               marker: str | None = None) -> Iterator[Path]:
     """Yield a temp folder beside ``final``; on success it replaces ``final`` in one rename.
+
+    ``force`` replaces only what lcm-export wrote: an empty folder, or one holding the writer's ``marker`` file
+    (a regular file, e.g. ``manifest.json``) when one is given; a symbolic link at ``final`` or any other folder
+    is refused in one line, untouched. The folder replaced is removed as a real folder: links inside it are
+    removed as links, never followed.
 
     On any error (and on SIGINT/SIGTERM, which the CLI turns into ``KeyboardInterrupt``) the temp
     folder is removed, so ``final`` is either absent, untouched, or complete. The temp folder's name
@@ -93,7 +88,7 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "outpu
     are removed by the next ``atomic_dir`` for the same ``final``.
     """
     final = Path(final)
-    check_dir_path(final, what)
+    check_replaceable(final, what, marker)
     if final.exists() and not force:
         raise UserError(f"{what} {final} already exists; pass --force to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +103,7 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "outpu
         if final.exists():
             os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
         else:
             os.replace(tmp, final)
     except BaseException:  # a signal between mkdtemp and the assignment leaves a folder ``tmp`` never named
@@ -119,19 +114,42 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "outpu
         raise
 
 
+def _regular(p: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(p).st_mode)
+    except OSError:
+        return False
+
+
+def check_replaceable(final: Path, what: str = "output folder", marker: str | None = None) -> None:
+    """Refuse, in one line, a ``final`` that ``atomic_dir`` must not replace: a file, a symbolic link (renaming
+    would replace the link, not the folder it names), or a folder that is neither empty nor holds the writer's
+    ``marker`` file (a regular file): lcm-export replaces only folders it wrote."""
+    final = Path(final)
+    if os.path.islink(final):
+        raise UserError(f"{what} {final} is a symbolic link (to {os.path.realpath(final)}); lcm-export replaces a folder "
+                        "by renaming, so pass the folder itself")
+    check_dir_path(final, what)
+    if marker is not None and final.is_dir() and not _regular(final / marker) and any(final.iterdir()):
+        raise UserError(f"{what} {final} holds files lcm-export did not write (its {marker} is missing or not a regular "
+                        "file), so it is not replaced, not even with --force; choose another folder, or empty it yourself")
+
+
 def link_tree(src: Path, dst: Path, skip=lambda name: False) -> None:
-    """Hard-link every file of ``src`` into ``dst`` (copy where links are impossible); files whose name
-    ``skip`` accepts are left out."""
+    """Hard-link every regular file of ``src`` into ``dst`` (copy where links are impossible); files whose name
+    ``skip`` accepts, symbolic links, special files (FIFOs, devices) and leftovers of interrupted writes
+    (``confine.PARTIAL_RE``) are left out, and links to folders are not descended: only what lcm-export wrote."""
     for root, dirs, files in os.walk(src):
+        dirs[:] = [d for d in dirs if not PARTIAL_RE.fullmatch(d) and not os.path.islink(Path(root) / d)]
         rel = Path(root).relative_to(src)
         (Path(dst) / rel).mkdir(parents=True, exist_ok=True)
         for f in files:
-            if skip(f):
+            if skip(f) or PARTIAL_RE.fullmatch(f) or not _regular(Path(root) / f):
                 continue
             try:
-                os.link(Path(root) / f, Path(dst) / rel / f)
+                os.link(Path(root) / f, Path(dst) / rel / f, follow_symlinks=False)
             except OSError:
-                shutil.copy2(Path(root) / f, Path(dst) / rel / f)
+                shutil.copy2(Path(root) / f, Path(dst) / rel / f, follow_symlinks=False)
 
 
 def file_parent(path: Path) -> Path | None:

@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     aa.add_argument("file", help="LoRA .safetensors file")
     aa.add_argument("--name", default=None, help="adapter name (default: the file's stem); letters, digits, . _ -")
     aa.add_argument("--force", action="store_true", help="replace an adapter of the same name")
+    aa.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     al = asub.add_parser("list", help="the adapters an entry holds",
                          **_example("lcm-export adapter list --engine-dir engines/sd15-lcm"))
     al.add_argument("--engine-dir", required=True, help="engine-store entry")
@@ -319,7 +320,24 @@ def _quiet_libraries() -> None:
         pass
 
 
+_NOISE = ("requires torchvision (not installed)",)
+"""Library messages about nothing lcm-export does: transformers warns, when diffusers' pipelines import, that image
+processors (safety checker, IP-Adapter) fall back to PIL without torchvision; lcm-export runs none of them."""
+
+
+class _DropNoise:
+    def filter(self, record) -> bool:
+        return not any(n in record.getMessage() for n in _NOISE)
+
+
+def _drop_library_noise() -> None:
+    import logging
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(_DropNoise())
+
+
 def _dispatch(a) -> int:
+    _drop_library_noise()
     if getattr(a, "quiet", False):
         _quiet_libraries()
     if a.cmd == "fuse":

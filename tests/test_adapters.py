@@ -495,8 +495,18 @@ def test_a_weight_that_would_overflow_is_refused(base_dir, loras, tmp_path, caps
     _build(base_dir, d, [f"{loras['lcm']}:1.0"], adapters=True)
     sd = load_file(str(loras["style"]))
     huge = tmp_path / "huge.safetensors"
-    save_file({k: (v * np.float32(1e33) if k.endswith("lora_B.weight") else v) for k, v in sd.items()}, str(huge))
+    # large enough that weight 1 overflows (the demo style LoRA's bound is ~5.5; x 1e12 is past MAX_GAIN), small enough
+    # that weights up to ~0.2 work: `add` takes it, the call with weight 1 is refused
+    save_file({k: (v * np.float32(1e12) if k.endswith("lora_B.weight") else v) for k, v in sd.items()}, str(huge))
     add_adapter(d, huge, "huge")
     capsys.readouterr()  # the build's progress bars
     code, _, err = run_cli(["generate", "--engine-dir", d, "--prompt", "x", "--adapter", "huge:1", "--out", tmp_path / "y.png"], capsys)
     assert code == 2 and "would overflow float32" in err and err.strip().splitlines() == [err.strip()], err
+    code, _, err = run_cli(["generate", "--engine-dir", d, "--prompt", "x", "--adapter", "huge:0.01", "--out", tmp_path / "z.png"],
+                           capsys)
+    assert code == 0, err
+    # factors no weight could use (x 1e33): refused at `add`, naming the file (issue 26)
+    worse = tmp_path / "worse.safetensors"
+    save_file({k: (v * np.float32(1e33) if k.endswith("lora_B.weight") else v) for k, v in sd.items()}, str(worse))
+    code, _, err = run_cli(["adapter", "add", "--engine-dir", d, worse], capsys)
+    assert code == 2 and "worse.safetensors" in err and "no call could use it" in err, err

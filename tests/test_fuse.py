@@ -268,6 +268,16 @@ def test_out_exists_refused_unless_force(tmp_path, base_dir, lora_files, capsys)
     out.mkdir()
     (out / "keep.txt").write_text("x")
     lora = lora_files["kohya_te"][0]
+    # a folder lcm-export did not write (no fusion.json): refused, even with --force (issue 26: --force replaces
+    # only what the writer made), and left as it was
+    for force in ([], ["--force"]):
+        code, _, err = run_cli(["fuse", "--base", base_dir, "--lora", lora, "--out", out, "--quiet", *force], capsys)
+        assert code == 2 and "holds files lcm-export did not write" in err and err.count("\n") == 1, err
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()  # an empty folder is taken
+    code, _, err = run_cli(["fuse", "--base", base_dir, "--lora", lora, "--out", out, "--quiet", "--force"], capsys)
+    assert code == 0, err
+    (out / "keep.txt").write_text("x")  # an earlier output of fuse: refused without --force, replaced with it
     code, _, err = run_cli(["fuse", "--base", base_dir, "--lora", lora, "--out", out, "--quiet"], capsys)
     assert code == 2 and "already exists" in err and "--force" in err
     assert (out / "keep.txt").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lcm_export
 
-FLOORS = ["errors", "_stderr", "_cpu", "_util", "confine", "core", "adapters.spec", "backends", "store", "runtime",
+FLOORS = ["errors", "_stderr", "_cpu", "confine", "_util", "core", "adapters.spec", "backends", "store", "runtime",
           "sources.lora", "sources.demo", "sources.models", "sources.tiny_vae",
           "builder.presets", "builder.plan", "builder.components", "builder.fuse", "builder.export", "adapters.graph",
           "builder.verify", "builder.quantize", "builder.genai", "builder.refit", "builder.build_engine",

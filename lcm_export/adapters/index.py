@@ -24,18 +24,16 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import re
-import shutil
+import stat
 from pathlib import Path
 
 from .._util import disk_error, sha256_file, write_json, writing
-from .spec import ADAPTER_DIR, CONFIG_DIR, INDEX, INDEX_VERSION, RANK_AXIS, entry_lock
+from .spec import (ADAPTER_DIR, CONFIG_DIR, FACTORS, FOLDER_RE, INDEX, INDEX_VERSION, MAX_GAIN, MIN_USABLE_WEIGHT, NAME_RE,
+                   RANK_AXIS, entry_lock, factors_folder, gain_bound)
 from .spec import read_index as spec_read_index
+from ..confine import inside, owned_dir, remove, sweep_partials
 from ..errors import UserError
-from ..store.manifest import read_manifest
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
+from ..store.manifest import MANIFEST, read_manifest
 
 def read_index(engine_dir: Path) -> dict:
     """{name: record} of the adapters an entry holds ({} when none), every record checked."""
@@ -55,10 +53,35 @@ def _entry(engine_dir: Path) -> dict:
     return m
 
 
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise UserError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+def check_name(name: str, from_file: Path | None = None) -> str:
+    """``name`` when it is an adapter name (``NAME_RE``, matched whole); ``from_file``: the LoRA file it was taken
+    from (no --name given), which the message then says."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        where = f" (taken from the file name of {from_file}; pass --name NAME)" if from_file is not None else ""
+        raise UserError(f"adapter name {name!r}{where}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+                        "letter or digit")
     return name
+
+
+def _adapter_dir(engine_dir: Path) -> Path:
+    """The entry's ``adapters/`` folder, refused in one line when it is anything but a real folder (a symbolic
+    link, a file): every adapter write and delete happens in it."""
+    d = Path(engine_dir) / ADAPTER_DIR
+    try:
+        mode = os.lstat(d).st_mode
+    except FileNotFoundError:
+        return d
+    if not stat.S_ISDIR(mode):
+        raise UserError(f"{d} is {'a symbolic link' if stat.S_ISLNK(mode) else 'not a folder'}, not the folder lcm-export "
+                        f"writes adapters to: damaged entry; remove it and add the adapters again")
+    return d
+
+
+def _old_folder(engine_dir: Path, name: str, rec: dict) -> Path | None:
+    """The folder adapter ``name``'s record ``rec`` owns, to delete: only the writer's exact layout
+    (``adapters/<name>-<sha12>``, a real folder), None when it is gone already."""
+    return owned_dir(engine_dir, factors_folder(name, rec["sha256"]), FOLDER_RE,
+                     f"{Path(engine_dir) / ADAPTER_DIR / INDEX}: adapter {name!r}")
 
 
 def skeleton_pipeline(engine_dir: Path, manifest: dict):
@@ -70,7 +93,7 @@ def skeleton_pipeline(engine_dir: Path, manifest: dict):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfgs = manifest["adapters"]["configs"]
-    read = lambda k: json.loads((Path(engine_dir) / cfgs[k]).read_text())  # noqa: E731
+    read = lambda k: json.loads(inside(engine_dir, cfgs[k], str(Path(engine_dir) / MANIFEST)).read_text())  # noqa: E731
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(read("unet"))
         te = CLIPTextModel(CLIPTextConfig(**read("text_encoder")))
@@ -113,6 +136,9 @@ def extract_factors(pipe, touched: dict[str, list[str]], adapter: str, branches:
                 raise UserError(f"LoRA file {path}: it trains biases (lora_B.bias), which run-time adapters do not apply; "
                                 "bake it with `lcm-export build-engine --lora`")
             i, row = table[name]
+            if layer.r.get(adapter, 0) == 0 or layer.scaling.get(adapter, 0) == 0:
+                raise UserError(f"LoRA file {path}: layer {comp}.{name} has alpha 0 (or rank 0), so it changes nothing; "
+                                "a LoRA layer has a positive alpha and rank (a damaged file?)")
             a = layer.lora_A[adapter].weight.detach().float().numpy()
             b = layer.lora_B[adapter].weight.detach().float().numpy() * np.float32(layer.scaling[adapter])
             a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
@@ -139,9 +165,10 @@ def add_adapter(engine_dir: str | Path, lora_file: str | Path, name: str | None 
     engine_dir = Path(engine_dir)
     m = _entry(engine_dir)
     path = Path(lora_file)
-    name = check_name(name if name is not None else path.stem)
+    name = check_name(name, None) if name is not None else check_name(path.stem, path)
     _check_free(engine_dir, name, force)
     info = inspect_lora(path)
+    _refuse_untaken(path)
     pipe = skeleton_pipeline(engine_dir, m)
     touched = load_lora(pipe, info, "style")
     try:
@@ -149,42 +176,81 @@ def add_adapter(engine_dir: str | Path, lora_file: str | Path, name: str | None 
     finally:
         unload_loras(pipe)
     del pipe
+    bound = gain_bound(factors)
+    if bound * MIN_USABLE_WEIGHT > MAX_GAIN:
+        raise UserError(f"LoRA file {path}: its factors are so large (alpha / rank · B · A reaches {bound:.3g}) that any "
+                        f"weight above ±{MAX_GAIN / bound:.3g} would overflow float32: no call could use it (a diverged "
+                        "training run, or a damaged alpha?)")
     ranks = sorted({_rank(k, v, m) for k, v in factors.items()})
     need = sum(v.nbytes for v in factors.values())
-    d = engine_dir / ADAPTER_DIR
     with entry_lock(engine_dir):
         if _entry(engine_dir)["adapters"]["branches"] != m["adapters"]["branches"]:  # rebuilt while we read the LoRA
             raise UserError(f"{engine_dir} was rebuilt with other adapter branches while {path} was read; add it again")
+        d = _adapter_dir(engine_dir)
+        sweep_partials(d)  # what adds killed before they finished left behind
         index = _check_free(engine_dir, name, force)
+        old = index.get(name)
+        old_folder = _old_folder(engine_dir, name, old) if old else None  # checked before anything is written
         tmp = d / f".{name}.partial-{os.getpid()}"
-        new, old = None, index.get(name)
+        new, created = None, False
         try:
             with writing(d, need):
                 d.mkdir(exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove(tmp)
                 tmp.mkdir()
-                save_file(factors, str(tmp / "factors.safetensors"), metadata={"lcm_export_adapter": name})
-                sha = sha256_file(tmp / "factors.safetensors")
-                new = d / f"{name}-{sha[:12]}"  # a new folder per content: readers of the old index keep their files
-                rec = {"name": name, "factors": f"{ADAPTER_DIR}/{new.name}/factors.safetensors",
-                       "bytes": (tmp / "factors.safetensors").stat().st_size, "sha256": sha,
-                       "source": {"file": str(path.resolve()), "sha256": info.sha256, "format": info.format},
+                save_file(factors, str(tmp / FACTORS), metadata={"lcm_export_adapter": name})
+                sha = sha256_file(tmp / FACTORS)
+                rel = factors_folder(name, sha)  # a new folder per content: readers of the old index keep their files
+                new = owned_dir(engine_dir, rel, FOLDER_RE, f"adapter {name!r}")
+                rec = {"name": name, "factors": f"{rel}/{FACTORS}", "bytes": (tmp / FACTORS).stat().st_size,
+                       "sha256": sha, "source": {"file": str(path.resolve()), "sha256": info.sha256, "format": info.format},
                        "ranks": ranks, "alphas": info.alphas, "layers": {c: len(v) for c, v in touched.items()},
                        "added": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-                if new.exists():
-                    shutil.rmtree(tmp)
+                if new is not None and _holds(new, sha):  # the same content: kept as it is
+                    remove(tmp)
                 else:
+                    if new is not None:  # our layout, other bytes (damaged): replaced
+                        remove(new)
+                    new = engine_dir / rel
                     os.replace(tmp, new)
+                    created = True
                 _write_index(engine_dir, {**index, name: rec})
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if new is not None and not (old and Path(old["factors"]).parent.name == new.name):
-                shutil.rmtree(new, ignore_errors=True)
+            remove(tmp)
+            if created:
+                remove(new)
             _drop_if_empty(d)
             raise
-        if old and Path(old["factors"]).parent.name != new.name:
-            shutil.rmtree(engine_dir / Path(old["factors"]).parent, ignore_errors=True)
+        if old_folder is not None and old_folder.name != new.name:
+            remove(old_folder)
     return rec
+
+
+def _holds(folder: Path, sha: str) -> bool:
+    f = folder / FACTORS
+    try:
+        return stat.S_ISREG(os.lstat(f).st_mode) and sha256_file(f) == sha
+    except OSError:
+        return False
+
+
+UNTAKEN = {"lora_magnitude_vector": "DoRA magnitude vectors", "dora_scale": "DoRA magnitude vectors",
+           "lora_B.bias": "trained biases", "lora_up.bias": "trained biases", "lora.up.bias": "trained biases"}
+"""Tensors run-time adapters cannot apply, found by their keys whatever the file's metadata declares."""
+
+
+def _refuse_untaken(path: Path) -> None:
+    """Refuse, before anything is loaded, a file holding tensors a branch cannot apply (DoRA, trained biases): PEFT
+    drops them silently when its metadata does not declare them."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        keys = list(f.keys())
+    for k in keys:
+        kind = next((what for part, what in UNTAKEN.items() if part in k), None)
+        if kind is not None:
+            raise UserError(f"LoRA file {path}: it holds {kind} ({k}), which run-time adapters do not apply; bake it "
+                            "with `lcm-export build-engine --lora`")
 
 
 def _check_free(engine_dir: Path, name: str, force: bool) -> dict:
@@ -213,19 +279,24 @@ def list_adapters(engine_dir: str | Path) -> dict:
 
 
 def remove_adapter(engine_dir: str | Path, name: str) -> None:
+    """Drop adapter ``name`` from the index, then delete its folder: the writer's exact layout only
+    (``adapters/<name>-<sha12>``, a real folder), checked before anything is written."""
     engine_dir = Path(engine_dir)
     read_manifest(engine_dir)
     with entry_lock(engine_dir):
+        d = _adapter_dir(engine_dir)
         index = read_index(engine_dir)
         if name not in index:
             raise UserError(f"{engine_dir} holds no adapter named {name!r}; it holds: {', '.join(index) or 'none'}")
-        folder = engine_dir / Path(index[name]["factors"]).parent
+        folder = _old_folder(engine_dir, name, index[name])
+        sweep_partials(d)
         try:
-            with writing(engine_dir / ADAPTER_DIR):
+            with writing(d):
                 _write_index(engine_dir, {n: r for n, r in index.items() if n != name})
         except OSError as exc:
-            raise disk_error(exc, engine_dir / ADAPTER_DIR) from None
-        shutil.rmtree(folder, ignore_errors=True)
+            raise disk_error(exc, d) from None
+        if folder is not None:
+            remove(folder)
 
 
 def format_adapters(index: dict) -> str:

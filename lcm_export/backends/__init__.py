@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from ..confine import inside
 from ..errors import UserError
 
 REGISTRY = {
@@ -288,5 +289,11 @@ def load_engines(manifest: dict, engine_dir: Path, threads: int | None = None) -
     warnings = mod.check(manifest, engine_dir) or []
     out = {}
     for comp, c in manifest["components"].items():
-        out[comp] = {plan: mod.load_engine(manifest, engine_dir, comp, engine_dir / f, threads) for plan, f in c["engines"].items()}
+        out[comp] = {plan: mod.load_engine(manifest, engine_dir, comp, entry_file(engine_dir, f), threads)
+                     for plan, f in c["engines"].items()}
     return out, warnings
+
+
+def entry_file(engine_dir: Path, rel) -> Path:
+    """``engine_dir / rel`` for a path the manifest names, confined to the entry (``confine.inside``)."""
+    return inside(engine_dir, rel, f"{Path(engine_dir) / 'manifest.json'}", rebuild_hint(engine_dir))

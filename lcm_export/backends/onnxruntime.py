@@ -27,7 +27,7 @@ import numpy as np
 
 from .._util import folder_bytes, writing
 from ..errors import UserError
-from . import CUDA_GRAPHS_ENV, cuda_graphs_enabled, is_str_list, is_threads, rebuild_hint, thread_count
+from . import CUDA_GRAPHS_ENV, cuda_graphs_enabled, entry_file, is_str_list, is_threads, rebuild_hint, thread_count
 
 NAME = "onnxruntime"
 PRECISIONS = ("fp32", "fp16")
@@ -203,7 +203,7 @@ def load_device_engine(manifest: dict, engine_dir: Path, component: str, path: P
     engine = OrtDeviceEngine(path, device, opts, n, cfg.get("runtime_optimization", "ORT_ENABLE_ALL"), engine_dir, graphs)
     if steps is None:
         rec = manifest.get("components", {}).get(component, {})
-        steps = {k: Path(engine_dir) / f for k, f in (rec.get("lcm_step") or {}).items()}
+        steps = {k: entry_file(engine_dir, f) for k, f in (rec.get("lcm_step") or {}).items()}
     for kind, file in steps.items():
         engine.lcm_step[kind == "cfg"] = OrtDeviceEngine(file, device, opts, n, "ORT_ENABLE_ALL", engine_dir, graphs)
     return engine

@@ -34,7 +34,7 @@ import numpy as np
 from .._util import folder_bytes, writing
 from ..adapters.spec import INPUT_PREFIX
 from ..errors import UserError
-from . import is_str_list, is_threads, rebuild_hint, thread_count
+from . import entry_file, is_str_list, is_threads, rebuild_hint, thread_count
 
 ADAPTER_INPUTS = INPUT_PREFIX + "."
 
@@ -286,8 +286,9 @@ def check(manifest: dict, engine_dir: Path) -> list[str]:
     int8 = [c for c, r in manifest.get("components", {}).items() if r.get("precision") == "int8"]
     if int8 and not native_int8():
         warnings.append(f"{engine_dir} has an int8 {', '.join(int8)}, but this CPU has no int8 dot-product instructions "
-                        "(AVX512_VNNI / AVX_VNNI / AMX-INT8): it runs, with the same images, but slower than a bf16 or fp32 "
-                        f"entry; for the fastest entry here, {rebuild_hint(engine_dir)} --precision auto")
+                        "(AVX512_VNNI / AVX_VNNI / AMX-INT8): it runs, with the same images, at a speed not measured on such "
+                        "CPUs (it may be slower than a bf16 or fp32 entry); for the entry lcm-export picks here, "
+                        f"{rebuild_hint(engine_dir)} --precision auto")
     return warnings
 
 
@@ -309,7 +310,7 @@ def load_engine(manifest: dict, engine_dir: Path, component: str, path: Path, th
     if precision == "bf16" and not native_bf16():  # OpenVINO would emulate bf16 on AVX-512 CPUs without it: run fp32
         precision = "fp32"
     usable = rec.get("compiled_blob") and _blob_usable(manifest) and precision == built
-    return OvEngine(path, precision, n, engine_dir, engine_dir / rec["compiled_blob"] if usable else None)
+    return OvEngine(path, precision, n, engine_dir, entry_file(engine_dir, rec["compiled_blob"]) if usable else None)
 
 
 def run_precision(rec: dict) -> str:

@@ -30,7 +30,7 @@ from .._util import writing
 from ..errors import UserError
 from ..core.shapes import ShapePlan, component_profiles
 from ..core.step_graph import COEF, write_lcm_step_onnx
-from . import rebuild_hint
+from . import entry_file, rebuild_hint
 from .tensorrt_runtime import (  # noqa: F401 (the runtime half; check_feeds & co. re-exported for callers of this module)
     TrtEngine, check_feeds, cuda_graphs_enabled, cuda_runtime_dirs, ensure_cuda_runtime, tensorrt_cuda_major)
 
@@ -190,7 +190,7 @@ def load_engine(manifest: dict, engine_dir: Path, component: str, path: Path, th
     graphs = cuda_graphs_enabled(os.environ)
     engine = TrtEngine(path, engine_dir, profile=entry_profile(manifest, engine_dir, path), use_cuda_graph=graphs)
     for item in step_items_for(manifest, engine_dir, path):
-        engine.lcm_step[bool(item["cfg"])] = TrtEngine(engine_dir / item["file"], engine_dir, profile=item.get("profile"),
+        engine.lcm_step[bool(item["cfg"])] = TrtEngine(entry_file(engine_dir, item["file"]), engine_dir, profile=item.get("profile"),
                                                        use_cuda_graph=graphs)
     return engine
 

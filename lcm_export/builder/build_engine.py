@@ -14,7 +14,7 @@ from .._cpu import cpu_name, recorded_flags
 from .._util import atomic_dir, disk_error, link_tree, progress, write_json
 from ..core.shapes import size_multiple
 from ..errors import UserError
-from ..store.manifest import MANIFEST, SCHEMA_VERSION, record_file_sizes, refit_source_dir, write_refit_stamp
+from ..store.manifest import MANIFEST, REFIT_SOURCE_STAMP, SCHEMA_VERSION, record_file_sizes, refit_source_dir, write_refit_stamp
 from .plan import BuildOptions, BuildPlan, make_plan
 
 __all__ = ["BuildOptions", "BuildResult", "build_engine", "carry_adapters"]
@@ -76,8 +76,8 @@ def build_engine(opts: BuildOptions) -> BuildResult:
             messages.append(f"full build, not a refit: {why}")
         bar = progress(plan.build_steps(), "build", enabled=plan.opts.show_progress)
         try:  # the entry and its refit source (beside the store) are each replaced in one rename, the entry first
-            with atomic_dir(refit_source_dir(plan.engine_dir), force=True, what="refit source") as source, \
-                    atomic_dir(plan.engine_dir, force=True, what="engine dir") as tmp:
+            with atomic_dir(refit_source_dir(plan.engine_dir), force=True, what="refit source", marker=REFIT_SOURCE_STAMP) as source, \
+                    atomic_dir(plan.engine_dir, force=True, what="engine dir", marker=MANIFEST) as tmp:
                 manifest = _build_into(tmp, plan, bar, source)
                 messages += carry_adapters(plan.engine_dir, tmp, manifest)
         except OSError as exc:

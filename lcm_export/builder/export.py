@@ -146,7 +146,7 @@ def export_pipeline(pipe, out_dir: Path, hw: tuple[int, int], bar=None, check=No
 
 def export_model(model: str, out: str | Path, resolution=None, force: bool = False, show_progress: bool = True) -> dict:
     """``lcm-export export``: load ``model`` (fused folder, diffusers folder, hub id, demo:NAME) and export it."""
-    from .._util import atomic_dir, check_dir_path, disk_error, progress, tool_versions, write_json
+    from .._util import atomic_dir, check_replaceable, disk_error, progress, tool_versions, write_json
     from ..errors import UserError
     from .fuse import read_fusion
     from ..sources.models import DEFAULT_RESOLUTION, base_family, load_pipeline, read_unet_config, resolve_base
@@ -158,7 +158,7 @@ def export_model(model: str, out: str | Path, resolution=None, force: bool = Fal
     hw = tuple(resolution) if resolution else DEFAULT_RESOLUTION[family]
     unet_cfg = read_unet_config(src)  # every check before anything is loaded
     check_memory(plan_shapes([hw], None, 1, "off", size_multiple(len(unet_cfg["block_out_channels"]))), unet_cfg)
-    check_dir_path(Path(out))
+    check_replaceable(Path(out), marker="export.json")
     if Path(out).exists() and not force:
         raise UserError(f"output folder {out} already exists; pass --force to replace it")
 
@@ -167,7 +167,7 @@ def export_model(model: str, out: str | Path, resolution=None, force: bool = Fal
     pipe = load_pipeline(src)
     bar.update()
     try:
-        with atomic_dir(out, force=force) as tmp:
+        with atomic_dir(out, force=force, marker="export.json") as tmp:
             refs = References(pipe)
             plans = plan_shapes([hw], None, 1, "off", size_multiple(len(unet_cfg["block_out_channels"])))
             comps = export_pipeline(pipe, tmp, hw, bar=bar,

@@ -14,7 +14,7 @@ import logging
 import warnings
 from pathlib import Path
 
-from .._util import atomic_dir, check_dir_path, disk_error, progress, tool_versions, write_json, writing
+from .._util import atomic_dir, check_replaceable, disk_error, progress, tool_versions, write_json, writing
 from ..errors import EngineError, UserError
 from ..sources.lora import LORA_COMPONENTS, LoraInfo, LoraSpec, finite_tensor, inspect_lora, lora_has_bias  # noqa: F401 (fuse's API takes them)
 from ..sources.models import base_family, base_record, load_pipeline, resolve_base
@@ -92,7 +92,7 @@ def fuse(base: str, loras: list[LoraSpec], out: str | Path, force: bool = False,
     src = resolve_base(base)
     family = base_family(src)
     infos = [inspect_lora(spec.path) for spec in loras]
-    check_dir_path(out)
+    check_replaceable(out, marker="fusion.json")
     if out.exists() and not force:
         raise UserError(f"output folder {out} already exists; pass --force to replace it")
 
@@ -111,7 +111,7 @@ def fuse(base: str, loras: list[LoraSpec], out: str | Path, force: bool = False,
     }
     bar.set_description_str(f"save {out}")
     try:
-        with atomic_dir(out, force=force) as tmp, writing(tmp):  # safetensors: SafetensorError, not OSError
+        with atomic_dir(out, force=force, marker="fusion.json") as tmp, writing(tmp):  # safetensors: SafetensorError, not OSError
             pipe.save_pretrained(str(tmp), safe_serialization=True)
             write_json(tmp / "fusion.json", record)
     except OSError as exc:

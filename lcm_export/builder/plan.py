@@ -175,7 +175,7 @@ def make_plan(opts: BuildOptions) -> BuildPlan:
     if opts.vae_decoder is not None:
         from ..sources.tiny_vae import check_latent_channels, family_note, resolve_vae_decoder
 
-        decoder = resolve_vae_decoder(opts.vae_decoder, family)
+        decoder = resolve_vae_decoder(opts.vae_decoder, family, src.kind == "demo")
         check_latent_channels(decoder, int(unet_cfg.get("in_channels", 4)))
         note = family_note(decoder, family)
         preset_notes = preset_notes + ((note,) if note else ())

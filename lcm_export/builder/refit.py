@@ -47,8 +47,8 @@ def refit_entry(plan):
     t0 = time.perf_counter()
     bar = progress(2 + 2 * len(items) + len(old["components"]) + 1, "refit", enabled=opts.show_progress)
     try:  # the entry and its refit source are each replaced in one rename (the entry first): a failure leaves both
-        with atomic_dir(refit_source_dir(engine_dir), force=True, what="refit source") as source, \
-                atomic_dir(engine_dir, force=True, what="engine dir") as tmp:
+        with atomic_dir(refit_source_dir(engine_dir), force=True, what="refit source", marker=REFIT_SOURCE_STAMP) as source, \
+                atomic_dir(engine_dir, force=True, what="engine dir", marker=MANIFEST) as tmp:
             manifest = _refit_into(tmp, source, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar, t0)
     except OSError as exc:
         raise disk_error(exc, engine_dir) from None

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters.spec import ADAPTER_DIR, RANK_AXIS, empty_factors, read_index
-from ..errors import UserError
+from ..adapters.spec import ADAPTER_DIR, INDEX, MAX_GAIN, RANK_AXIS, empty_factors, gain_bound, read_index
+from ..confine import inside
+from ..errors import DamagedEntry, UserError
 
 MAX_WEIGHT = 8.0
 """Largest |λ| a call may give an adapter (the paper uses up to 1; a LoRA far beyond a few times its
@@ -35,11 +36,24 @@ CACHE = 8
 """Sets of several adapters (their factors concatenated once) and choices of weights (their ``s`` vectors) kept
 per entry (the least recently used dropped first); one adapter's factors are fed as loaded (no copy). A choice kept
 keeps its set: a set is dropped together with its choices, so its factors are never concatenated twice."""
-MAX_GAIN = 1e12
-"""Largest Σ |λ_i| · g_i a choice may reach, g_i = max|A| · max|B| · in · rank over an adapter's layers (a bound on
-how much its branch can amplify an activation). Beyond 1e12 a branch can push activations of ~1e4 past ~1e16,
-where the next normalization's squares overflow float32 — refused as an input error, not left to come out as a
-NaN image."""
+
+
+def _finite(w) -> bool:
+    """Whether a real number is finite as a float (an integer of 10^400 digits is not: float() overflows)."""
+    try:
+        return math.isfinite(float(w))
+    except (OverflowError, ValueError):
+        return False
+
+
+def _shown(w) -> str:
+    """A weight as a message shows it: at most ~24 characters (an integer of 400 digits is cut, and one past
+    Python's 4300-digit limit is not turned into text at all)."""
+    try:
+        text = repr(w)
+    except ValueError:
+        return f"(an integer of {w.bit_length()} bits)"
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} characters)"
 
 
 def _rebuild_hint(d: Path) -> str:
@@ -70,7 +84,7 @@ class Adapters:
     def index(self) -> dict:
         """{name: record} as the index file says now (re-read when the file changed since the last call)."""
         with self._lock:
-            p = self.engine_dir / ADAPTER_DIR / "index.json"
+            p = self.engine_dir / ADAPTER_DIR / INDEX
             try:
                 st = p.stat()
                 stamp = (st.st_mtime_ns, st.st_size)
@@ -103,9 +117,9 @@ class Adapters:
             if not isinstance(name, str) or name not in index:
                 raise UserError(f"unknown adapter {name!r}; {self.engine_dir} holds: {', '.join(sorted(index)) or 'none'} "
                                 "(add one with `lcm-export adapter add`)")
-            if not (isinstance(w, numbers.Real) and not isinstance(w, (bool, np.bool_)) and math.isfinite(w)
+            if not (isinstance(w, numbers.Real) and not isinstance(w, (bool, np.bool_)) and _finite(w)
                     and abs(w) <= MAX_WEIGHT):
-                raise UserError(f"adapter {name!r} weight {w!r}: must be a number from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} "
+                raise UserError(f"adapter {name!r} weight {_shown(w)}: must be a number from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} "
                                 "(0 turns it off)")
             if w != 0:
                 out.append((name, float(w)))
@@ -123,7 +137,8 @@ class Adapters:
 
         from safetensors import SafetensorError, safe_open
 
-        p = self.engine_dir / rec["factors"]
+        p = inside(self.engine_dir, rec["factors"], f"adapter {name!r} ({self.engine_dir / ADAPTER_DIR / INDEX})",
+                   _rebuild_hint(self.engine_dir))
         h = hashlib.sha256()
         try:
             with open(p, "rb") as f:  # streamed: the file's bytes are never held beside the arrays
@@ -132,16 +147,15 @@ class Adapters:
                     h.update(block)
                     size += len(block)
             if size != rec["bytes"] or h.hexdigest() != rec["sha256"]:
-                raise UserError(f"adapter {name!r}: {p} changed since it was added (size or sha256 differs); "
+                raise DamagedEntry(f"adapter {name!r}: {p} changed since it was added (size or sha256 differs); "
                                 f"{_rebuild_hint(self.engine_dir)}")
             with safe_open(str(p), framework="np") as f:
                 factors = {k: f.get_tensor(k) for k in f.keys()}
-            bound = max((float(np.abs(factors[k]).max(initial=0.0)) * float(np.abs(factors[k[:-1] + "B"]).max(initial=0.0))
-                         * max(factors[k].shape) * min(factors[k].shape) for k in factors if k.endswith(".A")), default=0.0)
+            bound = gain_bound(factors)
         except OSError as exc:
             raise UserError(f"adapter {name!r}: {p} cannot be read ({exc.strerror or exc}); {_rebuild_hint(self.engine_dir)}") from None
         except (SafetensorError, ValueError, KeyError) as exc:
-            raise UserError(f"adapter {name!r}: {p} is not a valid factors file ({exc}); {_rebuild_hint(self.engine_dir)}") from None
+            raise DamagedEntry(f"adapter {name!r}: {p} is not a valid factors file ({exc}); {_rebuild_hint(self.engine_dir)}") from None
         self._factors[name] = (rec["sha256"], factors)
         self._bounds[name] = bound
         return factors

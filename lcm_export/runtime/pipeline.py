@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..confine import inside
 from ..errors import EngineError, UserError
-from ..store.manifest import read_manifest
+from ..store.manifest import MANIFEST, read_manifest
 from .adapters import Adapters
 from .device_loop import decoder_affine, device_loop_for
 from .engines import load_engines
@@ -125,12 +126,14 @@ class LCMPipeline:
     def from_engine_dir(cls, engine_dir: str | Path, threads: int | None = None) -> "LCMPipeline":
         d = Path(engine_dir)
         m = read_manifest(d)
-        sched_path = d / m["scheduler"]["file"]
+        fix = f"rebuild it with `lcm-export build-engine --engine-dir {d} --force`"
+        sched_path = inside(d, m["scheduler"]["file"], str(d / MANIFEST), fix)
         toks = {k: m[k] for k in ("tokenizer", "tokenizer_2") if k in m}
-        for p in [sched_path] + [d / t["file"] for t in toks.values()]:
+        paths = {k: inside(d, t["file"], str(d / MANIFEST), fix) for k, t in toks.items()}
+        for p in [sched_path, *paths.values()]:
             if not p.is_file():
-                raise UserError(f"{p} is missing from the engine dir; rebuild it with `lcm-export build-engine --engine-dir {d} --force`")
-        tokenizers = {k: _tokenizer(d / t["file"], t, d) for k, t in toks.items()}
+                raise UserError(f"{p} is missing from the engine dir; {fix}")
+        tokenizers = {k: _tokenizer(paths[k], t, d) for k, t in toks.items()}
         return cls(m, d, load_engines(m, d, threads), tokenizers, _scheduler_config(sched_path, d))
 
     # ------------------------------------------------------------------------------------------

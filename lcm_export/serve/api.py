@@ -7,7 +7,9 @@ Errors are one JSON line, ``{"error": "<message>"}``:
   ...), a missing or mistyped field (types are strict: ``TYPES``), a body that is not JSON, a body over
   ``MAX_BODY_BYTES``.
 - 408: a body that did not arrive within ``BODY_TIMEOUT_S``.
-- 500: ``EngineError`` (an engine produced NaN/inf, an internal failure): valid input, our fault.
+- 500: ``EngineError`` (an engine produced NaN/inf, an internal failure): valid input, our fault; and
+  ``DamagedEntry`` (the served entry's own files are damaged: an adapter index or factors file changed on
+  disk), with the same one line the CLI prints.
 - 503 with ``Retry-After``: every replica is busy and the queue is full (Ray Serve's backpressure,
   ``max_ongoing_requests`` + ``max_queued_requests``; made JSON by ``guard.JsonErrors`` in the proxy).
 
@@ -29,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import EngineError, UserError
+from ..errors import DamagedEntry, EngineError, UserError
 from ..runtime.validate import MAX_GUIDANCE
 from ..core.shapes import MAX_BATCH
 from .guard import BODY_TIMEOUT_S, MAX_BODY_BYTES, BodyLimit, error  # noqa: F401 (re-exported: the API's shape)
@@ -90,7 +92,7 @@ class HealthResponse(BaseModel):
     replica: dict = Field(description="process id and Ray node of the replica that answered")
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+def _validation_message(exc: RequestValidationError, content_type: str | None = None) -> str:
     """FastAPI's list of errors -> one line, like the runtime's messages."""
     errs = exc.errors()
     if not errs:
@@ -105,13 +107,34 @@ def _validation_message(exc: RequestValidationError) -> str:
     if e.get("type") == "extra_forbidden":
         return f"{field}: unknown field; fields: {', '.join(GenerateRequest.model_fields)}"
     if e.get("type") == "model_attributes_type":
+        if not _is_json_type(content_type):  # FastAPI reads the body as JSON only when it is declared JSON
+            return (f"the request body is read as JSON only with Content-Type: application/json (got "
+                    f"{repr(content_type) if content_type else 'no Content-Type'}); send a JSON object with that header")
         return "the request body must be a JSON object"
+    if e.get("type") == "float_type" and isinstance(e.get("input"), int) and not isinstance(e.get("input"), bool):
+        return f"{field}: an integer of {len(str(abs(e['input'])))} digits is out of range for a number"
     got = e.get("input")
     got = f" (got {json.dumps(got, ensure_ascii=True)[:60]})" if got is not None and not isinstance(got, dict) else ""
     want = _STRICT.get(e.get("type"))
     if want:
         return f"{field}: must be {want}{got}; types are strict (no numbers in quotes, no true/false for numbers)"
     return f"{field}: {e.get('msg', 'invalid')}{got}"
+
+
+def _is_json_type(content_type: str | None) -> bool:
+    kind = (content_type or "").split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def _parse_error(cause: BaseException | None) -> str:
+    """Why FastAPI could not parse a body (its own message is "There was an error parsing the body"), in one line."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8 (byte {cause.start}); send JSON text in UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the request body nests arrays or objects too deeply to read; send a flat JSON object"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "the request body holds a number of more than 4300 digits; send numbers in the documented ranges"
+    return f"the request body cannot be read as JSON ({type(cause).__name__ if cause else 'parse error'}); send a JSON object"
 
 
 _STRICT = {"int_type": "a JSON integer, e.g. 4", "int_from_float": "a JSON integer, e.g. 4",
@@ -121,15 +144,21 @@ _STRICT = {"int_type": "a JSON integer, e.g. 4", "int_from_float": "a JSON integ
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError):
-        return error(400, _validation_message(exc))
+        return error(400, _validation_message(exc, request.headers.get("content-type")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):  # 404, 405, ...: same shape
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return error(400, _parse_error(exc.__cause__))
         return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(UserError)
     async def _user_error(request: Request, exc: UserError):
         return error(400, str(exc))
+
+    @app.exception_handler(DamagedEntry)
+    async def _damaged_entry(request: Request, exc: DamagedEntry):  # the server's entry, not the request: 500
+        return error(500, str(exc))
 
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError):

@@ -52,7 +52,7 @@ class ServeOptions:
 def check_options(o: ServeOptions) -> None:
     from ..store.manifest import read_manifest
 
-    read_manifest(Path(o.engine_dir))  # one-line UserError if it is not a usable entry
+    m = read_manifest(Path(o.engine_dir))  # one-line UserError if it is not a usable entry (a damaged one: no start)
     for name in ("replicas", "max_ongoing_requests"):
         if getattr(o, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(o, name)}: must be at least 1")
@@ -60,6 +60,10 @@ def check_options(o: ServeOptions) -> None:
         raise UserError(f"--max-queued-requests {o.max_queued_requests}: must be 0 or more")
     if o.max_batch_size is not None and o.max_batch_size < 1:
         raise UserError(f"--max-batch-size {o.max_batch_size}: must be at least 1")
+    if o.max_batch_size is not None and o.max_batch_size > m["batch"]:
+        raise UserError(f"--max-batch-size {o.max_batch_size}: {o.engine_dir} was built for batch {m['batch']}, the most "
+                        f"images one engine call takes; use at most {m['batch']}, or rebuild it with --batch "
+                        f"{min(o.max_batch_size, 64)}")
     if not (math.isfinite(o.batch_wait_ms) and 0 <= o.batch_wait_ms <= MAX_BATCH_WAIT_MS):
         raise UserError(f"--batch-wait-ms {o.batch_wait_ms:g}: must be a number from 0 to {MAX_BATCH_WAIT_MS:g}")
     if o.threads is not None and o.threads < 1:
@@ -152,7 +156,7 @@ def init_ray(o: ServeOptions, **ray_options) -> None:
 def replica_error(trace: str) -> str:
     """The one-line lcm-export error inside a Ray deployment failure, else its last line."""
     for line in reversed(trace.splitlines()):
-        for kind in ("UserError: ", "EngineError: "):
+        for kind in ("UserError: ", "DamagedEntry: ", "EngineError: "):
             if kind in line:
                 return line.split(kind, 1)[1].strip()
     lines = [l.strip() for l in trace.splitlines() if l.strip()]

@@ -76,13 +76,20 @@ def inspect_lora(path: Path) -> LoraInfo:
             keys = list(f.keys())
             meta = f.metadata() or {}
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-            alphas = [float(f.get_tensor(k).item()) for k in keys if k.endswith(".alpha")]
+            dtypes = {k: str(f.get_slice(k).get_dtype()) for k in keys}
+            _check_dtypes_and_alphas(path, keys, shapes, dtypes)  # before any tensor is read
+            alpha_of = {k: float(f.get_tensor(k).item()) for k in keys if k.endswith(".alpha")}
+            alphas = list(alpha_of.values())
             bad = next((k for k in keys if not finite_tensor(f.get_tensor(k))), None)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"LoRA file {path}: not a valid safetensors file (truncated or corrupt?): {str(exc).splitlines()[0]}") from None
 
     if not keys:
         raise UserError(f"LoRA file {path}: holds no tensors")
+    if 0.0 in alphas:  # one rule with rank 0 and all-zero up factors (below): a layer that changes nothing
+        zero = next(k for k, a in alpha_of.items() if a == 0.0)
+        raise UserError(f"LoRA file {path}: an alpha is 0 (e.g. {zero}), so its layer changes nothing; a LoRA layer "
+                        "has a positive alpha and rank (a damaged file?)")
     if bad is not None:
         raise UserError(f"LoRA file {path}: tensor {bad} holds NaN or inf values (a diverged training run or a corrupt "
                         "file); it cannot be fused")
@@ -112,7 +119,8 @@ def inspect_lora(path: Path) -> LoraInfo:
             if up_of(k) in keys and bool(f.get_tensor(up_of(k)).any()):
                 n_layers[comp(k)] = n_layers.get(comp(k), 0) + 1
     if not n_layers:
-        raise UserError(f"LoRA file {path}: every layer's up/B factor is zero; fusing it would change nothing")
+        raise UserError(f"LoRA file {path}: every layer's up/B factor is zero (or rank 0), so it changes nothing; a "
+                        "LoRA layer has a positive alpha and rank (a damaged file?)")
     return LoraInfo(
         path=path, format=fmt, ranks=sorted({shapes[k][0] for k in down}), n_layers=n_layers,
         sha256=sha256_file(path), has_metadata="lora_adapter_metadata" in meta,
@@ -122,6 +130,28 @@ def inspect_lora(path: Path) -> LoraInfo:
 
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+"""The dtypes a LoRA's factors come in (safetensors' names); an alpha may be a whole number too."""
+INT_DTYPES = {"I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "U8": "uint8", "U16": "uint16",
+              "U32": "uint32", "U64": "uint64"}
+
+
+def _check_dtypes_and_alphas(path: Path, keys: list[str], shapes: dict, dtypes: dict) -> None:
+    """One line for a tensor no LoRA holds: factors that are not floating point (int32, bool: a file of another kind,
+    or a broken conversion), an alpha that is not one number (kohya: a scalar per layer)."""
+    for k in keys:
+        d = dtypes[k]
+        if k.endswith(".alpha"):
+            if d not in FLOAT_DTYPES and d not in INT_DTYPES:
+                raise UserError(f"LoRA file {path}: its alpha {k} is {d.lower()}, not a number; an alpha is one float or "
+                                "integer per layer (a damaged or non-LoRA file?)")
+            if math.prod(shapes[k]) != 1:
+                raise UserError(f"LoRA file {path}: its alpha {k} has shape {list(shapes[k])}, not one number; an alpha is "
+                                "one value per layer (a damaged or non-LoRA file?)")
+        elif d not in FLOAT_DTYPES:
+            name = INT_DTYPES.get(d, d.lower())
+            raise UserError(f"LoRA file {path}: tensor {k} is {name}; LoRA factors are floating point "
+                            f"({', '.join(FLOAT_DTYPES.values())}): a damaged file, or not a LoRA")
 
 
 def finite_tensor(t) -> bool:

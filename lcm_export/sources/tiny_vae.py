@@ -67,9 +67,10 @@ def family_from_name(name: str) -> str | None:
     return None
 
 
-def resolve_vae_decoder(spec: str, family: str) -> DecoderSource:
+def resolve_vae_decoder(spec: str, family: str, demo_base: bool = False) -> DecoderSource:
     """Check ``--vae-decoder SRC`` against the base's ``family`` before anything heavy is loaded; a hub id is
-    fetched (config + safetensors: ~10 MB). One-line UserError for anything wrong."""
+    fetched (config + safetensors: ~10 MB). One-line UserError for anything wrong; ``demo_base``: the base is a
+    built-in demo (a wrong decoder's message then names the demo decoder, not a hub download)."""
     if not isinstance(spec, str) or not spec.strip():
         raise UserError(f"{FLAG} {spec!r}: give a hub id (e.g. madebyollin/taesd), a local AutoencoderTiny folder or demo:taesd")
     want = LATENT_FAMILY.get(family, family)
@@ -78,7 +79,7 @@ def resolve_vae_decoder(spec: str, family: str) -> DecoderSource:
         if name not in TINY_VAE_DEMOS:
             raise UserError(f"{FLAG} {spec!r}: unknown demo decoder; choose " + " or ".join(f"demo:{n}" for n in TINY_VAE_DEMOS))
         src = DecoderSource(spec, "demo", demo=name, family=TINY_VAE_DEMOS[name], family_from="demo name")
-        _check_family(src, family, want)
+        _check_family(src, family, want, demo_base)
         return src
     p = Path(spec).expanduser()
     if p.exists():
@@ -88,22 +89,22 @@ def resolve_vae_decoder(spec: str, family: str) -> DecoderSource:
                             "diffusion_pytorch_model.safetensors) or a hub id such as madebyollin/taesd")
         fam = family_from_name(str(p.resolve()))
         src = DecoderSource(spec, "local", path=p.resolve(), family=fam, family_from="folder name" if fam else "")
-        _check_family(src, family, want)
+        _check_family(src, family, want, demo_base)
         _check_folder(src)
         return src
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise UserError(f"{FLAG} {spec!r}: no such folder, and not a hub id (owner/name) or demo:taesd / demo:taesdxl")
     fam = family_from_name(spec)
     src = DecoderSource(spec, "hub", family=fam, family_from="hub id" if fam else "")
-    _check_family(src, family, want)  # before any download
+    _check_family(src, family, want, demo_base)  # before any download
     src = DecoderSource(spec, "hub", path=_download(spec), family=fam, family_from=src.family_from)
     _check_folder(src)
     return src
 
 
-def _check_family(src: DecoderSource, family: str, want: str) -> None:
+def _check_family(src: DecoderSource, family: str, want: str, demo_base: bool = False) -> None:
     if src.family is not None and src.family != want:
-        right = DEMO_DECODER.get(family) if src.kind == "demo" else FAMILY_DECODER.get(family)
+        right = DEMO_DECODER.get(family) if src.kind == "demo" or demo_base else FAMILY_DECODER.get(family)
         raise UserError(f"{FLAG} {src.spec} decodes {_LABEL.get(src.family, src.family)} latents but the base is "
                         f"{_LABEL.get(want, family)} ({family}); use {right}")
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
-from ..errors import UserError
+from ..confine import inside, problem
+from ..errors import DamagedEntry, UserError
 
 SCHEMA_VERSION = 2
 """2: ``file_sizes`` (every file of the entry, in bytes) and ``size_multiple`` are recorded and checked."""
@@ -56,7 +58,7 @@ def read_manifest(engine_dir: str | Path, check_files: bool = True) -> dict:
         raise UserError(f"engine dir {d} does not exist; build one with `lcm-export build-engine --engine-dir {d}`")
     if not d.is_dir():
         raise UserError(f"engine dir {d} is a file, not an engine-store folder; pass the folder build-engine wrote")
-    p = d / MANIFEST
+    p = inside(d, MANIFEST, f"engine dir {d}", _rebuild(d))
     if not p.is_file():
         raise UserError(f"engine dir {d} has no {MANIFEST}: not an engine-store entry (or an interrupted build); rebuild it with `lcm-export build-engine`")
     try:
@@ -74,31 +76,85 @@ def read_manifest(engine_dir: str | Path, check_files: bool = True) -> dict:
     problems = manifest_problems(m)
     if problems:
         older = problems[0].startswith("its adapter branches were written by an older")
-        raise UserError(f"{p}: {'' if older else 'damaged entry: '}{problems[0]}; {_rebuild(d)}")
+        raise (UserError if older else DamagedEntry)(f"{p}: {'' if older else 'damaged entry: '}{problems[0]}; {_rebuild(d)}")
     if check_files:
         problems = file_problems(m, d)
         if problems:
-            raise UserError(f"engine dir {d}: damaged entry: {problems[0]}; {_rebuild(d)}")
+            raise DamagedEntry(f"engine dir {d}: damaged entry: {problems[0]}; {_rebuild(d)}")
     return m
 
 
 # ---------------------------------------------------------------------------------------------
-# The manifest's schema: every field the runtime, the backends and the store read, with its type.
+# The manifest's schema: every field the runtime, the backends and the store read, with its type and
+# the range a real model's value lies in (generous, but finite: a damaged value is refused at load,
+# before any engine runs, instead of reaching an engine as a 10^12-wide input or a zero divisor).
 # Hand-written (the lean runtime has no jsonschema); one message per problem, naming the field.
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+MAX_SIDE = 8192
+"""Largest image side a manifest may record (builds stop at ``shapes.MAX_SIDE``, 4096); sides are multiples of 8."""
+MAX_BATCH = 64
+"""Largest batch a manifest may record (``shapes.MAX_BATCH``; the UNet's batch range reaches twice it)."""
+MAX_WIDTH = 65536
+"""Largest width of a layer, a latent channel count or a token id a manifest may record."""
+MAX_SCALE = 100.0
+"""Largest VAE scaling / shift factor (SD 1.5: 0.18215, SDXL: 0.13025, SD3: 1.5305)."""
+MAX_BYTES = 1 << 50
+"""Largest file size a manifest may record (1 PiB)."""
+
+
+def _is_int(v, lo: int | None = None, hi: int | None = None) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo) and (hi is None or v <= hi))
+
+
+def _is_num(v, lo: float, hi: float, lo_open: bool = False) -> bool:
+    """A finite real number (not a bool) in [lo, hi] (``lo_open``: (lo, hi])."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        x = float(v)
+    except OverflowError:
+        return False
+    return math.isfinite(x) and (x > lo if lo_open else x >= lo) and x <= hi
+
+
+def _is_side(v) -> bool:
+    return _is_int(v, 8, MAX_SIDE) and v % 8 == 0
 
 
 def _is_hw(v) -> bool:
-    return isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)
+    return isinstance(v, list) and len(v) == 2 and all(_is_side(x) for x in v)
 
 
 def _is_res(v) -> bool:
-    if not isinstance(v, str) or v.count("x") != 1:
+    if not isinstance(v, str) or v.count("x") != 1 or len(v) > 16:
         return False
     h, w = v.split("x")
-    return h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0
+    return h.isdigit() and w.isdigit() and _is_side(int(h)) and _is_side(int(w))
+
+
+def _is_range(v, lo: int, hi: int) -> bool:
+    """[min, opt, max] whole numbers in [lo, hi], min <= opt <= max."""
+    return isinstance(v, list) and len(v) == 3 and all(_is_int(x, lo, hi) for x in v) and v[0] <= v[1] <= v[2]
+
+
+def _vae_problem(v) -> str | None:
+    """What is wrong with the VAE's latent scaling as diffusers records it (None when nothing): scaling_factor in
+    (0, 100]; shift_factor None or within ±100; latents_mean / latents_std None or lists of finite numbers (std
+    > 0); scale_factor a power of 2."""
+    if not isinstance(v, dict):
+        return "is not an object"
+    if not _is_num(v.get("scaling_factor"), 0.0, MAX_SCALE, lo_open=True):
+        return f"scaling_factor is {_shown_value(v.get('scaling_factor'))}, not a number in (0, {MAX_SCALE:g}]"
+    if v.get("shift_factor") is not None and not _is_num(v["shift_factor"], -MAX_SCALE, MAX_SCALE):
+        return f"shift_factor is {_shown_value(v['shift_factor'])}, not a number from -{MAX_SCALE:g} to {MAX_SCALE:g}"
+    for k, lo in (("latents_mean", -MAX_SCALE), ("latents_std", 0.0)):
+        x = v.get(k)
+        if x is not None and not (isinstance(x, list) and 0 < len(x) <= MAX_WIDTH
+                                  and all(_is_num(e, lo, MAX_SCALE, lo_open=k == "latents_std") for e in x)):
+            return f"{k} is {_shown_value(x)}, not a list of numbers {'above 0' if lo == 0 else 'within ±100'}"
+    if v.get("scale_factor") is not None and v["scale_factor"] not in (1, 2, 4, 8, 16, 32, 64):
+        return f"scale_factor is {_shown_value(v['scale_factor'])}, not a power of 2"
+    return None
 
 
 def _is_relpath(v) -> bool:
@@ -132,21 +188,31 @@ _TOP = {
     "schema_version": _is_int, "name": lambda v: isinstance(v, str), "family": lambda v: v in FAMILY_COMPONENTS,
     "backend": lambda v: v in _backends(), "precision": lambda v: v in _precisions(),
     "cache_key": lambda v: isinstance(v, str), "base_source": lambda v: isinstance(v, str),
-    "resolutions": lambda v: isinstance(v, list) and bool(v) and all(_is_res(r) for r in v),
-    "shape_plans": lambda v: isinstance(v, list) and bool(v),
-    "batch": lambda v: _is_int(v) and v >= 1,
-    "size_multiple": lambda v: _is_int(v) and v >= 8 and v % 8 == 0,
-    "latent_channels": lambda v: _is_int(v) and v >= 1,
+    "resolutions": lambda v: isinstance(v, list) and 0 < len(v) <= 256 and all(_is_res(r) for r in v),
+    "shape_plans": lambda v: isinstance(v, list) and 0 < len(v) <= 256,
+    "batch": lambda v: _is_int(v, 1, MAX_BATCH),
+    "size_multiple": lambda v: _is_int(v, 8, 1024) and v % 8 == 0,
+    "latent_channels": lambda v: _is_int(v, 1, 64),
     "text_encoders": lambda v: _is_str_list(v) and bool(v),
-    "vae": lambda v: isinstance(v, dict) and isinstance(v.get("scaling_factor"), (int, float)) and not isinstance(v.get("scaling_factor"), bool),
+    "vae": lambda v: _vae_problem(v) is None,
     "scheduler": lambda v: isinstance(v, dict) and _is_relpath(v.get("file")),
-    "tokenizer": lambda v: isinstance(v, dict) and _is_relpath(v.get("file")) and _is_int(v.get("max_length")) and _is_int(v.get("pad_id")),
+    "tokenizer": lambda v: (isinstance(v, dict) and _is_relpath(v.get("file")) and _is_int(v.get("max_length"), 1, 4096)
+                            and _is_int(v.get("pad_id"), 0, 1 << 24)),
     "components": lambda v: isinstance(v, dict) and bool(v),
-    "file_sizes": lambda v: isinstance(v, dict) and all(_is_relpath(k) and _is_int(n) and n >= 0 for k, n in v.items()),
+    "file_sizes": lambda v: isinstance(v, dict) and all(_is_relpath(k) and _is_int(n, 0, MAX_BYTES) for k, n in v.items()),
 }
 _PLAN = {"name": lambda v: isinstance(v, str), "min_hw": _is_hw, "opt_hw": _is_hw, "max_hw": _is_hw,
          "static": lambda v: isinstance(v, bool),
-         "unet_batch": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(x) and x >= 1 for x in v)}
+         "unet_batch": lambda v: _is_range(v, 1, 2 * MAX_BATCH)}
+
+
+def _shown_value(v) -> str:
+    """A damaged value as a message shows it: JSON, at most 80 characters (a 10^400 integer included)."""
+    try:
+        text = json.dumps(v)
+    except (ValueError, TypeError):
+        text = type(v).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def manifest_problems(m) -> list[str]:
@@ -163,15 +229,21 @@ def manifest_problems(m) -> list[str]:
         if k not in m:
             out.append(f"the manifest has no {k!r}")
         elif not ok(m[k]):
-            out.append(f"the manifest's {k!r} is malformed: {json.dumps(m[k])[:80]}")
+            out.append(f"the manifest's 'vae' is malformed: vae.{_vae_problem(m[k])}" if k == "vae" else
+                       f"the manifest's {k!r} is malformed or out of range: {_shown_value(m[k])}")
     if out:
         return out
+    for k in ("latents_mean", "latents_std"):
+        if m["vae"].get(k) is not None and len(m["vae"][k]) != m["latent_channels"]:
+            out.append(f"the manifest's vae.{k} has {len(m['vae'][k])} values for {m['latent_channels']} latent channels")
     if "tokenizer_2" in m and not _TOP["tokenizer"](m["tokenizer_2"]):
         out.append("the manifest's 'tokenizer_2' is malformed")
     for i, p in enumerate(m["shape_plans"]):
         bad = [k for k, ok in _PLAN.items() if not isinstance(p, dict) or not ok(p.get(k))]
         if bad:
             out.append(f"the manifest's shape_plans[{i}] has a missing or malformed {', '.join(bad)}")
+        elif not all(p["min_hw"][j] <= p["opt_hw"][j] <= p["max_hw"][j] for j in (0, 1)):
+            out.append(f"the manifest's shape_plans[{i}] has min_hw, opt_hw, max_hw out of order")
     family, comps = m["family"], m["components"]
     need = FAMILY_COMPONENTS[family]
     out += [f"the manifest has no component {c!r}, which a {family} entry needs" for c in need if c not in comps]
@@ -196,6 +268,8 @@ def manifest_problems(m) -> list[str]:
         branched = m["adapters"].get("branches") if isinstance(m["adapters"], dict) else None
         out += [f"the manifest's adapters.branches names a component {c!r} the entry does not have"
                 for c in (branched if isinstance(branched, dict) else {}) if c not in m["components"]]
+    if not out:  # every other path it names (graphs, tokenizers, configs) too: confined with the recorded ones
+        out += [f"the manifest records no size for {f}" for f in entry_files(m) if f not in m["file_sizes"]]
     if not out:
         from ..backends import manifest_problems as backend_problems
 
@@ -303,9 +377,14 @@ def record_file_sizes(m: dict, engine_dir: Path) -> dict:
 
 
 def file_problems(m: dict, engine_dir: Path) -> list[str]:
-    """Recorded files that are missing or whose size differs from the build's (truncated, replaced)."""
+    """Recorded files that lead outside the entry (``confine.problem``: absolute, ``..``, a symbolic link out, a
+    FIFO or device), are missing, or whose size differs from the build's (truncated, replaced)."""
     out = []
     for f, size in m.get("file_sizes", {}).items():
+        why = problem(engine_dir, f)
+        if why is not None:
+            out.append(f"{f} {why}")
+            continue
         p = Path(engine_dir) / f
         if not p.is_file():
             out.append(f"{f} is missing")
@@ -323,17 +402,19 @@ def existing_entry(engine_dir: Path, base_source: str, key: str, force: bool) ->
     Refuses (unless ``force``) a folder holding another model's entry, a manifest too damaged to
     tell whose it is, or something that is not an entry at all.
     """
-    from .._util import check_dir_path
+    from .._util import check_dir_path, check_replaceable
 
     check_dir_path(engine_dir, "engine dir")
     if not engine_dir.exists():
         return None
-    if force:  # --force always rebuilds
+    if force:  # --force always rebuilds, but replaces only an entry (or an empty folder)
+        check_replaceable(engine_dir, "engine dir", MANIFEST)
         return None
     if not (engine_dir / MANIFEST).is_file():
         if not any(engine_dir.iterdir()):
             return None
-        raise UserError(f"engine dir {engine_dir} exists and is not an engine-store entry; choose another --engine-dir or pass --force to replace it")
+        raise UserError(f"engine dir {engine_dir} exists and is not an engine-store entry; choose another --engine-dir, "
+                        "or empty it yourself (lcm-export replaces only folders it wrote)")
     try:
         m = json.loads((engine_dir / MANIFEST).read_text())
     except (ValueError, UnicodeDecodeError, OSError):

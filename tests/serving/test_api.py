@@ -8,7 +8,7 @@ import json
 import pytest
 from fastapi import FastAPI
 
-from lcm_export.errors import EngineError, UserError
+from lcm_export.errors import DamagedEntry, EngineError, UserError
 from lcm_export.runtime.pipeline import NonFiniteOutput
 from lcm_export.serve.api import MAX_BODY_BYTES, BodyLimit, GenerateRequest, install_error_handlers
 from lcm_export.serve.guard import JsonErrors
@@ -28,6 +28,8 @@ def _app() -> FastAPI:
             raise NonFiniteOutput("the unet engine produced NaN/inf at step 1 (fp16 overflow?)")
         if req.prompt == "engine":
             raise EngineError("internal error: RuntimeError: boom")
+        if req.prompt == "damaged":
+            raise DamagedEntry("/e/adapters/index.json: the record of adapter 'a' is malformed (sha256 or bytes); remove it")
         return {"ok": req.model_dump()}
 
     return app
@@ -85,6 +87,34 @@ def test_statuses_and_one_line_messages(body, status, words):
     assert code == status, out
     if words:
         assert set(out) == {"error"} and words in out["error"] and "\n" not in out["error"]
+
+
+# issue 26: each body FastAPI cannot parse says why, in one line; a damaged entry is the server's 500
+HOSTILE_BODIES = [
+    ("weight-400-digit-integer", b'{"prompt": "x", "adapters": {"s": ' + b"1" * 400 + b"}}", None, 400,
+     "adapters.s: an integer of 400 digits is out of range for a number"),
+    ("guidance-400-digit-integer", b'{"prompt": "x", "guidance": ' + b"9" * 400 + b"}", None, 400,
+     "guidance: an integer of 400 digits is out of range"),
+    ("number-5000-digits", b'{"prompt": "x", "seed": ' + b"1" * 5000 + b"}", None, 400, "a number of more than 4300 digits"),
+    ("invalid-utf8", b'{"prompt": "x\xff"}', None, 400, "not valid UTF-8 (byte 13)"),
+    ("nesting-5000-deep", b"[" * 5000 + b"]" * 5000, None, 400, "nests arrays or objects too deeply"),
+    ("json-as-text-plain", b'{"prompt": "x"}', [(b"content-type", b"text/plain")], 400,
+     "read as JSON only with Content-Type: application/json (got 'text/plain')"),
+    ("json-as-form", b'{"prompt": "x"}', [(b"content-type", b"application/x-www-form-urlencoded")], 400,
+     "(got 'application/x-www-form-urlencoded')"),
+    ("json-without-content-type", b'{"prompt": "x"}', [], 400, "(got no Content-Type)"),
+    ("json-with-charset", b'{"prompt": "x"}', [(b"content-type", b"application/json; charset=utf-8")], 200, None),
+    ("damaged-entry", b'{"prompt": "damaged"}', None, 500, "the record of adapter 'a' is malformed"),
+]
+
+
+@pytest.mark.parametrize("body, headers, status, words", [r[1:] for r in HOSTILE_BODIES], ids=[r[0] for r in HOSTILE_BODIES])
+def test_hostile_bodies_get_one_meaningful_line(body, headers, status, words):
+    code, _, out = call(_app(), body, headers)
+    assert code == status, out
+    if words:
+        assert set(out) == {"error"} and words in out["error"] and "\n" not in out["error"], out
+        assert "There was an error parsing the body" not in out["error"]
 
 
 def test_oversized_bodies_get_400_declared_or_streamed():
