@@ -340,10 +340,10 @@ def refit_source_problem(m: dict, engine_dir: str | Path) -> str | None:
     sizes = stamp.get("file_sizes") if isinstance(stamp, dict) else None
     if not isinstance(sizes, dict) or stamp.get("weights_key") != m.get("weights_key") or stamp.get("graph_key") != m.get("graph_key"):
         return f"{where} was written for other weights than the entry holds; this build writes it again"
-    for f in refit_source_files(m):
-        p = d / f
-        if not _is_relpath(f) or f not in sizes or not p.is_file() or p.is_symlink() or p.stat().st_size != sizes[f]:
-            return f"{where} is damaged ({f}); this build writes it again"
+    for f in refit_source_files(m):  # names from the entry's manifest: confined to the source folder like any entry path
+        p = d / f if isinstance(f, str) else None
+        if problem(d, f) or f not in sizes or p.is_symlink() or not p.is_file() or p.stat().st_size != sizes[f]:
+            return f"{where} is damaged or does not match the entry ({str(f)[:80]}); this build writes it again"
     return None
 
 
