@@ -91,6 +91,7 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "outpu
     check_replaceable(final, what, marker)
     if final.exists() and not force:
         raise UserError(f"{what} {final} already exists; pass --force to replace it")
+    made_parent = not final.parent.exists()  # removed again (when empty) if nothing is written
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(final)
     prefix = f".{final.name}.partial-{os.getpid()}-"
@@ -111,6 +112,9 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "outpu
             os.replace(old, final)
         for p in [tmp] if tmp is not None else final.parent.glob(glob.escape(prefix) + "*"):
             shutil.rmtree(p, ignore_errors=True)
+        if made_parent:
+            with contextlib.suppress(OSError):
+                final.parent.rmdir()
         raise
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import RESOLUTIONS, run_cli, subprocess_cli
+from lcm_export.store.manifest import refit_source_dir
 from lcm_export.errors import EngineError, UserError
 
 WT = Path(__file__).resolve().parents[1]
@@ -682,8 +683,10 @@ def test_full_disk_during_a_build(ctx, capsys, small_disk, backend, fraction):
     code, _, err = run_cli(["build-engine", "--base", ctx.base, "--resolution", "64x64", "--backend", backend,
                             "--precision", "fp32", "--engine-dir", e, "--quiet"], capsys)
     assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith(f"error: no space left on device while writing {e}"), err
-    assert ".partial-" not in err  # the destination, not our temp folder
+    # the destination, not our temp folder: the entry, or its refit source beside the store (written first)
+    assert err.count("\n") == 1 and err.startswith((f"error: no space left on device while writing {e}",
+                                                    f"error: no space left on device while writing {refit_source_dir(e)}")), err
+    assert ".partial-" not in err
     assert list(disk.iterdir()) == []
 
 
@@ -694,18 +697,21 @@ def test_full_disk_during_a_refit_leaves_the_entry_intact(ctx, capsys, small_dis
     patched ONNX graphs are written; the larger one (measured here) inside the backend's own write: ONNX
     Runtime's optimized graph (``InvalidProtobuf``), OpenVINO's IR (``basic_ios::clear``)."""
     src = ctx._engine if backend == "onnxruntime" else ctx._ov
-    disk = small_disk(int(_entry_bytes(src) * (1 + room)))
+    disk = small_disk(int((_entry_bytes(src) + _entry_bytes(refit_source_dir(src))) * (1 + room)))
     e = disk / "E"
     shutil.copytree(src, e)
-    before = snapshot(e)
+    shutil.copytree(refit_source_dir(src), refit_source_dir(e))  # what a refit patches lives beside the store
+    before, source_before = snapshot(e), snapshot(refit_source_dir(e))
     m = json.loads((e / "manifest.json").read_text())
     res = [a for r in m["resolutions"] for a in ("--resolution", r)]
     (lcm, w1), (style, _) = ctx.loras
     code, out, err = run_cli(["build-engine", "--base", ctx.base, "--lora", f"{lcm}:{w1}", "--lora", f"{style}:0.5", *res,
                               "--backend", backend, "--precision", "fp32", "--engine-dir", e, "--quiet"], capsys)
     assert code == 2, (out, err)
-    assert err.count("\n") == 1 and err.startswith(f"error: no space left on device while writing {e}"), err
-    assert snapshot(e) == before and [p.name for p in disk.iterdir()] == ["E"]
+    assert err.count("\n") == 1 and err.startswith((f"error: no space left on device while writing {e}",
+                                                    f"error: no space left on device while writing {refit_source_dir(e)}")), err
+    assert snapshot(e) == before and snapshot(refit_source_dir(e)) == source_before
+    assert sorted(p.name for p in disk.iterdir()) == [".refit-sources", "E"]
 
 
 def test_spool_release_replays_once_and_restores_stderr(capfd):
