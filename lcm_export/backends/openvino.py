@@ -4,8 +4,8 @@ Built from the exported ONNX (ONNX stays the interchange format). Each component
 ``model.xml`` / ``model.bin``: the OpenVINO IR, its weights once, in the form the engine computes from
 (fp32; fp16 for components that run in bf16, which the CPU plugin converts to bf16 as it compiles; the
 int8 UNet as NNCF writes it). No compiled blob: it was a second full copy of the weights (SD 1.5 UNet
-3.44 GB), and its import, against compiling the IR, saved 4-5 s of a UNet's load (measured in
-benchmarks/reports/footprint-*), while its pages stayed resident beside the plugin's own copy.
+fp32: 3.44 GB) for 4-5 s of a UNet's load (importing it 5.5-6.9 s, compiling the IR 9.9-11.5 s, the first
+inference the same after either; 2 shared cores of an AMX Xeon, benchmarks/reports/footprint-xeon-amx-sd15).
 Entries of the previous layout (recipe 6, with ``model.blob``) are read as they are: their blob is
 imported when this OpenVINO and CPU match the manifest's, else their IR is compiled.
 
@@ -15,7 +15,8 @@ and on the first inference; the mapped weights file it read them from stays resi
 (``_MappedFile``), hands OpenVINO the IR over that mapping, and returns the mapped pages to the page
 cache (``madvise(MADV_DONTNEED)``) while it compiles and until the first inference has run, and after
 each inference of a new shape: a page the plugin still reads is mapped in again from the page cache.
-Measured (SD 1.5 UNet, 256²): fp32 peak RSS 7.0 -> 3.7 GB, bf16 (fp16 IR) 3.6 -> 1.9 GB.
+Measured (SD 1.5 UNet alone, a fresh process, 256², one inference): peak RSS fp32 7.0 GB (the IR compiled
+as before) -> 3.7 GB (3.44 GB of weights); bf16 from the fp16 IR 1.9 GB (1.72 GB of weights).
 
 Precision: OpenVINO's CPU plugin picks bf16 by itself on bf16 CPUs, so fp32 is always asked for
 explicitly (``INFERENCE_PRECISION_HINT=f32``). In a bf16 entry, every component in
@@ -412,6 +413,11 @@ class OvEngine:
         self._shapes: set = set()
         """Feed shapes run so far: a new one may make the plugin read (and repack) weights again; their pages go after."""
         self._lock = threading.Lock()  # one infer request: calls from several threads take turns
+
+    def __del__(self):
+        reclaim = getattr(self, "_reclaim", None)
+        if reclaim is not None:  # an engine dropped before its first inference: its thread ends too
+            reclaim.done.set()
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.run_all(feeds)[0]
