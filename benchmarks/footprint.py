@@ -196,7 +196,7 @@ def _gb(b) -> str:
 
 def markdown(rep: dict) -> str:
     m = rep["machine"]
-    lines = [f"# Footprint — demo:sd15-full (real SD 1.5 configs, random weights), OpenVINO", "",
+    lines = ["# Footprint — demo:sd15-full (real SD 1.5 configs, random weights), OpenVINO", "",
              f"{m['cpu']} ({m['cores']} cores, {_gb(m['ram_bytes'])} GB RAM; flags: {', '.join(m['flags'])}). "
              f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.", "",
              "Cold: a fresh `lcm-export generate` (interpreter, imports, loading the entry, one 4-step image, the PNG), "

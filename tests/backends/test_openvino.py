@@ -197,6 +197,17 @@ def test_damaged_blob_falls_back_to_the_ir_and_damaged_ir_is_one_line_error(ov_f
 
 
 @needs_bf16
+def test_bf16_entry_stores_its_weights_in_half_precision(ov_fp32, ov_bf16):
+    # each weight once, in a 16-bit form the CPU plugin converts to bf16 as it compiles: half the fp32 entry's bytes
+    m = json.loads((ov_bf16 / "manifest.json").read_text())
+    for comp, c in m["components"].items():
+        assert c["precision"] == "bf16" and "compiled_blob" not in c
+        half = (ov_bf16 / comp / "model.bin").stat().st_size / (ov_fp32 / comp / "model.bin").stat().st_size
+        assert 0.45 < half < 0.55, (comp, half)
+    assert _weights_files(ov_bf16) == sorted(f"{c}/model.bin" for c in m["components"])
+
+
+@needs_bf16
 def test_bf16_entry_within_its_gate(ov_bf16, fused_pipe):
     m = json.loads((ov_bf16 / "manifest.json").read_text())
     assert m["precision"] == "bf16"
