@@ -102,7 +102,7 @@ def fused_pipe(tmp_path_factory, base_dir, demo_loras):
 
 @pytest.fixture(scope="session")
 def ov_engine(tmp_path_factory, base_dir, demo_loras):
-    """An OpenVINO fp32 entry of the same model (IR + compiled blob per component), at one resolution."""
+    """An OpenVINO fp32 entry of the same model (the IR per component), at one resolution."""
     from lcm_export.builder.build_engine import BuildOptions, build_engine
 
     d = tmp_path_factory.mktemp("engines") / "tiny-ov"

@@ -1,20 +1,30 @@
 """OpenVINO engines on the CPU: fp32, or bf16 where the CPU computes bf16 natively (AMX, AVX512_BF16).
 
-Built from the exported ONNX (ONNX stays the interchange format). Each component stores
-  - ``openvino_model.xml`` / ``.bin``: OpenVINO IR with fp32 weights (the portable form), under the name
-    OpenVINO GenAI and optimum-intel read (``IR_NAME``; ``builder/genai.py``);
-  - ``openvino_model.blob``: the compiled model (``CompiledModel.export_model``) for this OpenVINO version, CPU
-    and precision, imported memory-mapped at load (SD 1.5 UNet: 0.8 s, against 1.8-4.6 s to compile
-    the IR and 17 s to import the same blob from bytes).
-The runtime imports the blob when the manifest's OpenVINO version and CPU flags match this machine,
-and otherwise compiles the IR (slower start, same results) with a one-line warning.
+Built from the exported ONNX (ONNX stays the interchange format). Each component stores one file pair,
+``openvino_model.xml`` / ``.bin`` (``IR_NAME``: the names OpenVINO GenAI and optimum-intel read; ``builder/genai.py``):
+the OpenVINO IR, its weights once, in the form the engine computes from
+(fp32; fp16 for components that run in bf16, which the CPU plugin converts to bf16 as it compiles; the
+int8 UNet as NNCF writes it). No compiled blob: it was a second full copy of the weights (SD 1.5 UNet
+fp32: 3.44 GB) for 4-5 s of a UNet's load (importing it 5.5-6.9 s, compiling the IR 9.9-11.5 s, the first
+inference the same after either; 2 shared cores of an AMX Xeon, benchmarks/reports/footprint-xeon-amx-sd15).
+Entries of the previous layout (recipe 6: ``model.xml`` with a compiled ``model.blob``) are read as they are: their blob is
+imported when this OpenVINO and CPU match the manifest's, else their IR is compiled.
+
+Memory: the CPU plugin repacks every weight into its own buffers (anonymous memory) while it compiles
+and on the first inference; the mapped weights file it read them from stays resident beside that copy
+(file-backed pages: 2x the weights in RSS). So the loader maps the weights file itself, read-only
+(``_MappedFile``), hands OpenVINO the IR over that mapping, and returns the mapped pages to the page
+cache (``madvise(MADV_DONTNEED)``) while it compiles and until the first inference has run, and after
+each inference of a new shape: a page the plugin still reads is mapped in again from the page cache.
+Measured (SD 1.5 UNet alone, a fresh process, 256², one inference): peak RSS fp32 7.0 GB (the IR compiled
+as before) -> 3.7 GB (3.44 GB of weights); bf16 from the fp16 IR 1.9 GB (1.72 GB of weights).
 
 Precision: OpenVINO's CPU plugin picks bf16 by itself on bf16 CPUs, so fp32 is always asked for
 explicitly (``INFERENCE_PRECISION_HINT=f32``). In a bf16 entry, every component in
 ``BF16_COMPONENTS`` runs in bf16; the others stay fp32 (see that constant for the measurements).
 A bf16 entry loaded on a CPU without native bf16 runs in fp32 (the runtime asks for f32 there rather
-than let OpenVINO emulate bf16 on AVX-512 CPUs), with a warning: the IR's weights are fp32, so the
-images are as good or better, only not faster.
+than let OpenVINO emulate bf16 on AVX-512 CPUs), with a warning: the IR's weights are fp16 (finer than
+bf16), so the images are as good or better, only not faster.
 
 int8 (``--precision int8``, CPUs with int8 dot products: AVX512_VNNI, AVX_VNNI, AMX-INT8): the UNet is
 quantized after training with NNCF (the quantizer OpenVINO's own Stable Diffusion recipes use),
@@ -46,7 +56,7 @@ SPEED_RANK = {"fp32": 1, "bf16": 0, "int8": 0}
 AMD EPYC, reports cpu-backends-256/512)."""
 VERIFY_IN_BUILD = True
 REFIT = True
-"""Refit: new IR and compiled blob from the patched exported graph (constants replaced, recompiled)."""
+"""Refit: a new IR from the patched exported graph (constants replaced)."""
 REFIT_NEEDS_FLAG = False
 """Every entry is refittable (its exported graph is kept beside the store, ``store.manifest.refit_source_dir``):
 ``--refit`` changes nothing."""
@@ -84,9 +94,9 @@ NNCF_HINT = "pip install nncf (part of lcm-export's [build] extra)"
 INSTALL_HINT = "pip install 'openvino>=2024.0' (part of lcm-export's base install)"
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 IR_NAME = "openvino_model"
-"""Each component's IR is ``<component>/openvino_model.xml`` + ``.bin`` and its compiled blob ``.blob``: the
-names OpenVINO GenAI's ``Text2ImagePipeline`` (and optimum-intel) read, so an entry is also a GenAI folder."""
-IR_XML, IR_BLOB = f"{IR_NAME}.xml", f"{IR_NAME}.blob"
+"""Each component's IR is ``<component>/openvino_model.xml`` + ``.bin``: the names OpenVINO GenAI's
+``Text2ImagePipeline`` (and optimum-intel) read, so an entry is also a GenAI folder."""
+IR_XML = f"{IR_NAME}.xml"
 GENAI = True
 """An entry is also an OpenVINO GenAI model folder (``builder/genai.py`` writes the rest of that layout)."""
 GENAI_INPUT_TYPES = {"unet": {"timestep": "i64"}}  # names of ov.Type members
@@ -97,7 +107,7 @@ converted to i64 by OpenVINO when fed."""
 SECTION = {  # the manifest section's values the runtime reads (checked with the manifest's schema)
     "version": lambda v: isinstance(v, str), "inference_num_threads": is_threads, "cpu_flags": is_str_list,
 }
-COMPONENT_FIELDS = {"compiled_blob": lambda v, c: isinstance(v, str) and v in c.get("files", []),
+COMPONENT_FIELDS = {"compiled_blob": lambda v, c: isinstance(v, str) and v in c.get("files", []),  # recipe-6 entries
                     "inference_precision": lambda v, c: v in OV_PRECISION}
 """Component fields the runtime reads, checked on load (``store.manifest_problems``)."""
 
@@ -217,7 +227,9 @@ def _weighted_matmuls(model) -> list[str]:
 
 
 def build_component(job) -> dict:
-    """ONNX -> IR + the compiled blob for this CPU and precision (int8: the IR is NNCF's quantized model)."""
+    """ONNX -> the IR, its weights once in the form this component computes from: fp32; fp16 where it runs in
+    bf16 (the CPU plugin converts them to bf16 as it compiles); int8: NNCF's quantized model (its other
+    constants fp16 where they run in bf16)."""
     import openvino as ov
 
     from .._cpu import native_bf16
@@ -234,19 +246,12 @@ def build_component(job) -> dict:
         model, extra["quantization"] = quantize(model, job.int8_scheme or DEFAULT_INT8_SCHEME, job.calibration)
         runs_in = extra["inference_precision"] = "bf16" if native_bf16() else "fp32"
     model = genai_inputs(model, comp)
-    need = int(folder_bytes(job.onnx) * 1.3)  # IR = the fp32 weights (.bin) + a text graph (.xml; measured <= 1.3x the ONNX)
+    need = int(folder_bytes(job.onnx) * 1.3)  # IR = the weights (.bin, <= the fp32 ONNX) + a text graph (.xml; measured <= 1.3x the ONNX)
     with writing(folder / IR_XML, need):  # a full disk: RuntimeError "basic_ios::clear: iostream error"
-        ov.save_model(model, str(folder / IR_XML), compress_to_fp16=False)
+        ov.save_model(model, str(folder / IR_XML), compress_to_fp16=runs_in == "bf16")
     del model
-    compiled = core.compile_model(str(folder / IR_XML), "CPU", compile_config(runs_in, job.section["inference_num_threads"]))
-    stream = compiled.export_model()  # a BytesIO in current releases (bytes in some older ones)
-    del compiled
-    with writing(folder / IR_BLOB), open(folder / IR_BLOB, "wb") as f:
-        f.write(stream.getbuffer() if hasattr(stream, "getbuffer") else stream)
-    del stream
-    files = [f"{comp}/{IR_XML}", f"{comp}/{IR_NAME}.bin", f"{comp}/{IR_BLOB}"]
-    return {"engines": {"*": f"{comp}/{IR_XML}"}, "files": files, "precision": precision,
-            "compiled_blob": f"{comp}/{IR_BLOB}", **extra}
+    files = [f"{comp}/{IR_XML}", f"{comp}/{IR_NAME}.bin"]
+    return {"engines": {"*": f"{comp}/{IR_XML}"}, "files": files, "precision": precision, **extra}
 
 
 def genai_inputs(model, comp: str):
@@ -293,6 +298,7 @@ def check(manifest: dict, engine_dir: Path) -> list[str]:
 
 
 def _blob_usable(manifest: dict) -> bool:
+    """A recipe-6 entry's compiled blob: importable when this OpenVINO and CPU are the ones it was built with."""
     from .._cpu import recorded_flags
 
     section = manifest.get("openvino", {})
@@ -320,6 +326,76 @@ def run_precision(rec: dict) -> str:
     return rec.get("inference_precision", "fp32") if precision == "int8" else precision
 
 
+class _MappedFile:
+    """A file mapped read-only (PROT_READ: a write into it faults instead of changing weights), as a numpy
+    array OpenVINO may share (its Python API takes writable arrays only; it never writes constants).
+    ``drop()`` returns the resident pages to the page cache (the file is unchanged: a page read again is
+    mapped in again). Unmapped when the last reference (OpenVINO's constants hold the array) goes.
+    Where POSIX mmap is missing, a copy-on-write ``np.memmap`` whose ``drop`` does nothing."""
+
+    def __init__(self, path: Path):
+        import ctypes
+        import mmap
+        import os
+
+        size = path.stat().st_size
+        self._drop = None
+        if os.name != "posix" or size == 0:
+            self.array = np.memmap(path, dtype=np.uint8, mode="c") if size else np.zeros(0, np.uint8)
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        finally:
+            os.close(fd)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            raise OSError(ctypes.get_errno(), f"mmap {path}")
+        buf = (ctypes.c_uint8 * size).from_address(addr)
+        buf._unmap = _Unmap(libc, addr, size)  # lives as long as the buffer: the array's base holds it
+        self.array = np.ctypeslib.as_array(buf)
+        advice = getattr(mmap, "MADV_DONTNEED", 4)
+        self._drop = lambda: libc.madvise(addr, size, advice)
+
+    def drop(self) -> None:
+        if self._drop is not None:
+            self._drop()
+
+
+class _Unmap:
+    def __init__(self, libc, addr: int, size: int):
+        self.libc, self.addr, self.size = libc, addr, size
+
+    def __del__(self):
+        self.libc.munmap(self.addr, self.size)
+
+
+class _Reclaim:
+    """Drops ``mapped``'s resident pages every ``period`` seconds until ``stop()``: while the CPU plugin
+    compiles and runs its first inference it reads each weight once to repack it, and the pages it read
+    would otherwise stay resident beside its copy (peak RSS 2x the weights)."""
+
+    def __init__(self, mapped: _MappedFile, period: float = 0.05):
+        self.mapped, self.period = mapped, period
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="ov-reclaim", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.done.wait(self.period):
+            self.mapped.drop()
+
+    def stop(self) -> None:
+        if not self.done.is_set():
+            self.done.set()
+            self.thread.join()
+        self.mapped.drop()
+
+
 class OvEngine:
     """One compiled OpenVINO model and one infer request (calls are serialized by the caller)."""
 
@@ -331,23 +407,30 @@ class OvEngine:
                 raise UserError(f"engine file {p} is missing; {rebuild_hint(engine_dir)}")
         core = ov.Core()
         cfg = compile_config(precision, threads)
-        self.compiled = None
+        self.compiled = self._mapped = self._reclaim = None
         if blob is not None and blob.is_file():
-            # memory-mapped, not read: importing the SD 1.5 UNet's 3.4 GB blob from bytes took 17.2 s, from
-            # a mapped tensor 0.8 s (compiling the IR: 2-4.6 s). Copy-on-write so OpenVINO may take it as
-            # writable; it is never written. Kept alive with the engine (the import may reference it).
-            # An OpenVINO that cannot import it (older Python API, damaged blob) falls back to the IR.
+            # a recipe-6 entry's blob, mapped (importing the SD 1.5 UNet's 3.4 GB blob from bytes took 17.2 s,
+            # from a mapped tensor 0.8 s). An OpenVINO that cannot import it (damaged blob) falls back to the IR.
             try:
-                self._blob = np.memmap(blob, dtype=np.uint8, mode="c")
-                self.compiled = core.import_model(ov.Tensor(self._blob, shared_memory=True), "CPU", cfg)
+                self._mapped = _MappedFile(blob)
+                self._reclaim = _Reclaim(self._mapped)
+                self.compiled = core.import_model(ov.Tensor(self._mapped.array, shared_memory=True), "CPU", cfg)
                 self.source = "blob"
             except Exception:  # noqa: BLE001 - any failure here has the IR as its remedy
-                self._blob = self.compiled = None
+                if self._reclaim is not None:
+                    self._reclaim.stop()
+                self._mapped = self._reclaim = self.compiled = None
         try:
             if self.compiled is None:
-                self.compiled = core.compile_model(str(xml), "CPU", cfg)
+                self._mapped = _MappedFile(xml.with_suffix(".bin"))
+                self._reclaim = _Reclaim(self._mapped)
+                model = core.read_model(xml.read_bytes(), ov.Tensor(self._mapped.array, shared_memory=True))
+                self.compiled = core.compile_model(model, "CPU", cfg)
+                del model  # the compiled model keeps what it needs
                 self.source = "ir"
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line C++ traces
+            if self._reclaim is not None:
+                self._reclaim.stop()
             first = ov_message(exc)
             raise UserError(f"engine file {xml} (or its .bin/.blob) is corrupt or truncated ({first}); {rebuild_hint(engine_dir)}") from None
         self.request = self.compiled.create_infer_request()
@@ -356,7 +439,14 @@ class OvEngine:
         self._sticky = {n for i in self.compiled.inputs for n in i.get_names() if n.startswith(ADAPTER_INPUTS)}
         """Adapter factor inputs: set on the request once and kept while the caller passes the same arrays."""
         self._bound: dict[str, np.ndarray] = {}
+        self._shapes: set = set()
+        """Feed shapes run so far: a new one may make the plugin read (and repack) weights again; their pages go after."""
         self._lock = threading.Lock()  # one infer request: calls from several threads take turns
+
+    def __del__(self):
+        reclaim = getattr(self, "_reclaim", None)
+        if reclaim is not None:  # an engine dropped before its first inference: its thread ends too
+            reclaim.done.set()
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.run_all(feeds)[0]
@@ -375,4 +465,8 @@ class OvEngine:
                         self._bound[k] = v
                 feeds = fresh
             res = self.request.infer(feeds)  # share_outputs=False: copies, safe across calls
+            shapes = tuple(sorted((k, np.shape(v)) for k, v in feeds.items()))
+            if shapes not in self._shapes:  # the first inference of a shape repacks weights: drop what it read
+                self._shapes.add(shapes)
+                self._reclaim.stop()
             return [np.asarray(res[o]) for o in self.outputs]

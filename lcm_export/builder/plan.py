@@ -24,7 +24,9 @@ from ..store.manifest import DEFAULT_ROOT, SCHEMA_VERSION, cache_key, existing_e
 # 3: CPU UNets with attention fused (withdrawn: no measured gain). 4: graphs failing parity are refused.
 # 5: backends as plug-ins (OpenVINO added; parity checked through each built engine).
 # 6: fp32 engines gated against a float64 PyTorch reference (parity records carry both figures).
-# 7: the refit source (exported fp32 graphs) beside the store, no longer inside the entry.
+# 7: the entry holds its weights once: the refit source (exported fp32 graphs) beside the store, no longer inside
+#    the entry; OpenVINO entries hold the IR only (no compiled blob), fp16-compressed where a component runs in
+#    bf16, as OpenVINO GenAI folders (openvino_model.xml, model_index.json, configs, converted tokenizer).
 BUILD_RECIPE = 7
 
 

@@ -77,7 +77,7 @@ def test_fp32_manifest_records_parity_and_files(ov_fp32):
     assert isinstance(m["hardware"]["cpu_flags"], list)
     for comp, c in m["components"].items():
         assert c["precision"] == "fp32"
-        assert {f.split("/")[-1] for f in c["files"]} == {"openvino_model.xml", "openvino_model.bin", "openvino_model.blob"}
+        assert {f.split("/")[-1] for f in c["files"]} == {"openvino_model.xml", "openvino_model.bin"} and "compiled_blob" not in c
         assert all((ov_fp32 / f).stat().st_size > 0 for f in c["files"])
         res = {p["resolution"] for p in c["parity"]}
         assert res == ({"64x64"} if comp.startswith("text") else {"64x64", "64x96"})
@@ -95,18 +95,83 @@ def test_fp32_image_matches_diffusers(ov_fp32, fused_pipe, guidance):
     assert psnr(ours, ref) >= 40
 
 
-def test_blob_is_used_and_ir_is_the_fallback(ov_fp32, tmp_path):
-    pipe = LCMPipeline.from_engine_dir(ov_fp32)
-    assert {e["*"].source for e in pipe.engines.values()} == {"blob"}
-    a = pipe("x", output_type="np")
-    other = tmp_path / "other-version"
-    shutil.copytree(ov_fp32, other)
-    m = json.loads((other / "manifest.json").read_text())
-    m["openvino"]["version"] = "0.0.0-another"
-    (other / "manifest.json").write_text(json.dumps(m))
-    pipe2 = LCMPipeline.from_engine_dir(other)
-    assert {e["*"].source for e in pipe2.engines.values()} == {"ir"}
-    assert np.array_equal(a, pipe2("x", output_type="np"))
+def _weights_files(entry):
+    """Every file of the entry that holds weights (not the tokenizers: openvino-tokenizers' .bin holds a vocabulary)."""
+    return sorted(p.relative_to(entry).as_posix() for p in entry.rglob("*")
+                  if p.is_file() and p.suffix not in (".json", ".xml", ".txt") and not p.relative_to(entry).parts[0].startswith("tokenizer"))
+
+
+def test_each_weight_once_no_compiled_blob(ov_fp32):
+    m = json.loads((ov_fp32 / "manifest.json").read_text())
+    assert _weights_files(ov_fp32) == sorted(f"{c}/openvino_model.bin" for c in m["components"])
+    assert not list(ov_fp32.rglob("*.blob"))
+
+
+def _old_layout(entry, dest, version=None):
+    """``entry`` as recipe 6 wrote it: each component's IR with a compiled blob beside it (fp32 here)."""
+    import openvino as ov
+
+    from lcm_export.backends.openvino import compile_config
+    from lcm_export.store.manifest import record_file_sizes
+
+    shutil.copytree(entry, dest)
+    m = json.loads((dest / "manifest.json").read_text())
+    for comp, c in m["components"].items():
+        compiled = ov.Core().compile_model(str(dest / comp / "openvino_model.xml"), "CPU", compile_config("fp32", m["openvino"]["inference_num_threads"]))
+        (dest / comp / "model.blob").write_bytes(compiled.export_model().getbuffer())
+        c["files"].append(f"{comp}/model.blob")
+        c["compiled_blob"] = f"{comp}/model.blob"
+    if version:
+        m["openvino"]["version"] = version
+    (dest / "manifest.json").write_text(json.dumps(record_file_sizes(m, dest)))
+    return dest
+
+
+def test_previous_layout_blob_is_read_and_ir_is_the_fallback(ov_fp32, tmp_path):
+    new = LCMPipeline.from_engine_dir(ov_fp32)
+    assert {e["*"].source for e in new.engines.values()} == {"ir"}
+    a = new("x", output_type="np")
+    old = LCMPipeline.from_engine_dir(_old_layout(ov_fp32, tmp_path / "old"))
+    assert {e["*"].source for e in old.engines.values()} == {"blob"}
+    assert np.array_equal(a, old("x", output_type="np"))
+    other = LCMPipeline.from_engine_dir(_old_layout(ov_fp32, tmp_path / "other-version", "0.0.0-another"))
+    assert {e["*"].source for e in other.engines.values()} == {"ir"}
+    assert np.array_equal(a, other("x", output_type="np"))
+
+
+def _resident_bytes(folder):
+    """Bytes of the pages of ``folder``'s files resident in this process's mappings (/proc/self/smaps)."""
+    total, current = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            current = len(head) >= 6 and head[-1].startswith(f"{folder}/")
+        elif current and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+def test_loading_keeps_no_resident_copy_of_the_weights_file(ov_fp32, tmp_path):
+    # the CPU plugin repacks the weights into its own memory as it compiles and on the first inference of a shape;
+    # the pages of the weights file it read must not stay resident beside that copy (in any mapping of the file)
+    entry = shutil.copytree(ov_fp32, tmp_path / "e")  # a fresh file: no mapping of it from another test
+    unet = (entry / "unet").resolve()
+    size = (unet / "openvino_model.bin").stat().st_size
+    pipe = LCMPipeline.from_engine_dir(entry)
+    assert size > 1 << 20 and _resident_bytes(unet) < size // 10
+    engine, seen = pipe.engines["unet"]["*"], []
+    run_all = engine.run_all
+
+    def spy(feeds):
+        out = run_all(feeds)
+        seen.append(_resident_bytes(unet))
+        return out
+
+    engine.run_all = spy
+    pipe("x", output_type="np")
+    pipe("y", output_type="np", guidance=2.0)  # a new UNet shape (2B) reads weights again
+    assert len(seen) == 8 and seen[0] < size // 10 and seen[4] < size // 10, seen
 
 
 def _scramble(f, at=0.5):
@@ -118,9 +183,8 @@ def _scramble(f, at=0.5):
 
 
 def test_damaged_blob_falls_back_to_the_ir_and_damaged_ir_is_one_line_error(ov_fp32, tmp_path, capsys):
-    bad = tmp_path / "bad"
-    shutil.copytree(ov_fp32, bad)
-    _scramble(bad / "unet" / "openvino_model.blob", 0.0)  # its header
+    bad = _old_layout(ov_fp32, tmp_path / "bad")
+    _scramble(bad / "unet" / "model.blob", 0.0)  # its header
     pipe = LCMPipeline.from_engine_dir(bad)
     assert pipe.engines["unet"]["*"].source == "ir" and pipe.engines["vae_decoder"]["*"].source == "blob"
     good = LCMPipeline.from_engine_dir(ov_fp32)
@@ -129,6 +193,18 @@ def test_damaged_blob_falls_back_to_the_ir_and_damaged_ir_is_one_line_error(ov_f
     code, _, err = run_cli(["generate", "--engine-dir", bad, "--prompt", "x", "--out", tmp_path / "o.png"], capsys)
     assert code == 2 and "corrupt or truncated" in err and "unet/openvino_model.xml" in err and err.count("\n") == 1
     assert not (tmp_path / "o.png").exists()
+
+
+
+@needs_bf16
+def test_bf16_entry_stores_its_weights_in_half_precision(ov_fp32, ov_bf16):
+    # each weight once, in a 16-bit form the CPU plugin converts to bf16 as it compiles: half the fp32 entry's bytes
+    m = json.loads((ov_bf16 / "manifest.json").read_text())
+    for comp, c in m["components"].items():
+        assert c["precision"] == "bf16" and "compiled_blob" not in c
+        half = (ov_bf16 / comp / "openvino_model.bin").stat().st_size / (ov_fp32 / comp / "openvino_model.bin").stat().st_size
+        assert 0.45 < half < 0.55, (comp, half)
+    assert _weights_files(ov_bf16) == sorted(f"{c}/openvino_model.bin" for c in m["components"])
 
 
 @needs_bf16
