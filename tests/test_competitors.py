@@ -101,3 +101,54 @@ def test_report_medians_errors_and_markdown():
     md = report.write_markdown(rep)
     assert "ImportError: no module named openvino_genai" in md and "| lcm-export default | bf16 entry" in md
     assert "+0.200 †" in md and "RuntimeError: boom" in md and "openvino 2026.4.1" in md
+
+
+# ----------------------------------------------------------------------------------------------
+# stable-diffusion.cpp's single-file layout (competitors_sdcpp.py)
+
+def test_sdcpp_checkpoint_maps_every_weight_once_and_back(base_dir, tmp_path):
+    """Every UNet / VAE / text-encoder weight of the tiny demo lands on exactly one original-layout key, and
+    diffusers' own single-file reader maps the file back to the same tensors."""
+    import numpy as np
+    import torch
+    from diffusers.loaders import single_file_utils as sfu
+    from safetensors.numpy import load_file
+
+    import competitors_sdcpp as sdcpp
+
+    rec = sdcpp.convert(base_dir, tmp_path / "model.safetensors")
+    ckpt = load_file(str(tmp_path / "model.safetensors"))
+    n = {}
+    for comp, weights, prefix in (("unet", "diffusion_pytorch_model", sdcpp.UNET_PREFIX),
+                                  ("vae", "diffusion_pytorch_model", sdcpp.VAE_PREFIX), ("text_encoder", "model", sdcpp.TEXT_PREFIX)):
+        n[comp] = len(load_file(str(base_dir / comp / f"{weights}.safetensors")))
+        assert rec["by_part"][prefix] == n[comp]
+    assert rec["tensors"] == len(ckpt) == sum(n.values())  # one key per weight, none lost, none doubled
+    assert any(k.startswith("model.diffusion_model.output_blocks.") and ".1.transformer_blocks." in k for k in ckpt)
+    assert "first_stage_model.decoder.mid.attn_1.q.weight" in ckpt and ckpt["first_stage_model.decoder.mid.attn_1.q.weight"].ndim == 4
+
+    t = {k: torch.from_numpy(v) for k, v in ckpt.items()}
+    for comp, back in (("unet", sfu.convert_ldm_unet_checkpoint(t, json.loads((base_dir / "unet" / "config.json").read_text()))),
+                       ("vae", sfu.convert_ldm_vae_checkpoint(t, json.loads((base_dir / "vae" / "config.json").read_text())))):
+        orig = load_file(str(base_dir / comp / "diffusion_pytorch_model.safetensors"))
+        assert set(back) == set(orig), (comp, sorted(set(back) ^ set(orig))[:5])
+        for k, v in orig.items():
+            np.testing.assert_array_equal(back[k].numpy().reshape(v.shape), v, err_msg=f"{comp} {k}")
+    text = {k[len(sdcpp.TEXT_PREFIX):]: v for k, v in ckpt.items() if k.startswith(sdcpp.TEXT_PREFIX)}
+    orig = load_file(str(base_dir / "text_encoder" / "model.safetensors"))
+    assert text.keys() == orig.keys()
+
+
+def test_sdcpp_unet_prefixes_match_sd15():
+    """The level / index arithmetic gives SD 1.5's well-known numbering."""
+    import competitors_sdcpp as sdcpp
+
+    cfg = {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+           "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "layers_per_block": 2}
+    p = dict((hf, sd) for sd, hf in sdcpp.unet_prefixes(cfg))
+    assert p["down_blocks.0.downsamplers.0.conv."] == "input_blocks.3.0.op."
+    assert p["down_blocks.3.resnets.1."] == "input_blocks.11.0."
+    assert p["up_blocks.0.upsamplers.0."] == "output_blocks.2.1."
+    assert p["up_blocks.1.upsamplers.0."] == "output_blocks.5.2."
+    assert p["up_blocks.3.attentions.2."] == "output_blocks.11.1."
+    assert "down_blocks.3.attentions.0." not in p
