@@ -208,10 +208,10 @@ def prepare_fast(a, py: dict, env: dict, work: Path, fused: Path, step) -> None:
         sdir = work / "sdcpp"
         step("sdcpp-f32", sdir / SDCPP_FILES["sdcpp-f32"],
              [py["main"], str(HERE / "competitors_sdcpp.py"), "convert", str(fused), str(sdir / SDCPP_FILES["sdcpp-f32"])])
-        for s in sorted(srcs):
-            if s.startswith("sdcpp") and s != "sdcpp-f32":
+        for s, frm in (("sdcpp-f16", "sdcpp-f32"), ("sdcpp-q8_0", "sdcpp-f16")):  # q8_0 from f16: competitors_sdcpp.py
+            if s in srcs or (s == "sdcpp-f16" and "sdcpp-q8_0" in srcs):
                 step(s, sdir / SDCPP_FILES[s], [py["sdcpp"], str(HERE / "competitors_sdcpp.py"), "gguf",
-                                                 str(sdir / SDCPP_FILES["sdcpp-f32"]), str(sdir / SDCPP_FILES[s]),
+                                                 str(sdir / SDCPP_FILES[frm]), str(sdir / SDCPP_FILES[s]),
                                                  "--type", s.split("-", 1)[1]])
 
 

@@ -11,7 +11,10 @@ benchmark only: lcm-export itself never writes this layout.
 - ``unet_key_map(config)``, ``vae_key_map(config)``: {diffusers key: checkpoint key} for every weight;
 - ``convert(fused, out)``: the single file (+ ``out.json``: sizes, counts);
 - ``gguf(ckpt, out, wtype)`` (run in stable-diffusion-cpp-python's venv): sd.cpp's own converter (what
-  ``sd -M convert --type q8_0`` does), so the q8_0 / f16 modes load weights already in their type.
+  ``sd -M convert --type q8_0`` does), so the q8_0 / f16 modes load weights already in their type. q8_0 is
+  made from the f16 file, as users make it from the fp16 checkpoints SD 1.5 is shipped in: the tensors q8_0
+  cannot hold (3x3 convolutions, norms, biases) then stay f16 — from the fp32 file they stay f32, and the
+  q8_0 file came out larger than the f16 one (3.23 GB vs 2.21 GB on SD 1.5).
 
 The inverse direction is diffusers' own single-file reader (``diffusers.loaders.single_file_utils``): the
 tests convert a demo model there and back and compare every tensor.
@@ -152,7 +155,9 @@ def is_vae_attn_matrix(ckpt_key: str, ndim: int) -> bool:
 
 
 def text_key_map(keys) -> dict[str, str]:
-    return {k: TEXT_PREFIX + k for k in keys}
+    """CLIPTextModel keys under ``cond_stage_model.transformer.text_model.`` (transformers 5 saves them without
+    ``text_model.``; sd.cpp finds SD 1.x by ``...text_model.embeddings.token_embedding.weight``)."""
+    return {k: TEXT_PREFIX + (k if k.startswith("text_model.") else "text_model." + k) for k in keys}
 
 
 def _component(fused: Path, name: str, weights: str):

@@ -422,6 +422,8 @@ class SdcppRunner:
 
     LOG_KEYS = {"get_learned_condition completed": "text_encoder", "sampling completed": "sampling",
                 "decode_first_stage completed": "vae_decoder"}
+    LOG_PATTERN = __import__("re").compile(
+        r"(get_learned_condition completed|sampling completed|decode_first_stage completed), taking ([0-9.]+)s")
 
     def __init__(self, s: dict):
         self.s = s
@@ -429,12 +431,11 @@ class SdcppRunner:
 
     def load(self):
         import ctypes
-        import re
 
         import stable_diffusion_cpp as sdc
         from stable_diffusion_cpp import StableDiffusion
 
-        pat = re.compile(r"(get_learned_condition completed|sampling completed|decode_first_stage completed), taking ([0-9.]+)s")
+        pat = self.LOG_PATTERN
 
         @sdc.sd_log_callback
         def on_log(level, text, data):

@@ -134,9 +134,12 @@ def test_sdcpp_checkpoint_maps_every_weight_once_and_back(base_dir, tmp_path):
         assert set(back) == set(orig), (comp, sorted(set(back) ^ set(orig))[:5])
         for k, v in orig.items():
             np.testing.assert_array_equal(back[k].numpy().reshape(v.shape), v, err_msg=f"{comp} {k}")
+    assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in ckpt  # sd.cpp's SD 1.x test
     text = {k[len(sdcpp.TEXT_PREFIX):]: v for k, v in ckpt.items() if k.startswith(sdcpp.TEXT_PREFIX)}
     orig = load_file(str(base_dir / "text_encoder" / "model.safetensors"))
-    assert text.keys() == orig.keys()
+    assert {k.removeprefix("text_model.") for k in text} == {k.removeprefix("text_model.") for k in orig}
+    back = sfu.convert_ldm_clip_checkpoint(t)  # diffusers' reader: the CLIPTextModel keys with text_model.
+    assert {k.removeprefix("text_model.") for k in back} >= {k.removeprefix("text_model.") for k in orig}
 
 
 def test_sdcpp_unet_prefixes_match_sd15():
@@ -152,3 +155,66 @@ def test_sdcpp_unet_prefixes_match_sd15():
     assert p["up_blocks.1.upsamplers.0."] == "output_blocks.5.2."
     assert p["up_blocks.3.attentions.2."] == "output_blocks.11.1."
     assert "down_blocks.3.attentions.0." not in p
+
+
+def test_swap_decoder_hard_links_and_marks_the_tiny_decoder(tmp_path):
+    """The TAESD variant of an IR folder: every other file hard-linked (no disk), no VAE encoder, the decoder's
+    config keeps the VAE's fields with scaling_factor 1.0 and says it is tiny (the worker reports it)."""
+    import competitors
+    import competitors_prep as prep
+    import competitors_worker as worker
+
+    ir, tiny = tmp_path / "ir", tmp_path / "taesd-ir"
+    for d, files in ((ir / "unet", ("openvino_model.xml", "openvino_model.bin")), (ir / "vae_encoder", ("openvino_model.bin",)),
+                     (ir / "vae_decoder", ("openvino_model.bin",)), (tiny, ("openvino_model.xml", "openvino_model.bin"))):
+        d.mkdir(parents=True)
+        for f in files:
+            (d / f).write_bytes(b"x" * 100)
+    (ir / "model_index.json").write_text("{}")
+    (ir / "vae_decoder" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512], "scaling_factor": 0.18215}))
+    (tiny / "config.json").write_text(json.dumps({"tiny_decoder": "/some/taesd"}))
+    out = tmp_path / "ir-taesd"
+    prep.swap_decoder(ir, tiny, out)
+    assert not (out / "vae_encoder").exists()
+    assert (out / "unet" / "openvino_model.bin").stat().st_ino == (ir / "unet" / "openvino_model.bin").stat().st_ino
+    assert (out / "vae_decoder" / "openvino_model.bin").stat().st_ino == (tiny / "openvino_model.bin").stat().st_ino
+    cfg = json.loads((out / "vae_decoder" / "config.json").read_text())
+    assert cfg["scaling_factor"] == 1.0 and cfg["block_out_channels"] == [128, 256, 512, 512]
+    assert worker._decoder_kind(str(out / "vae_decoder" / "config.json")) == "taesd"
+    assert worker._decoder_kind(str(ir / "vae_decoder" / "config.json")) == "vae"
+    # vae_encoder not counted: no text-to-image path reads it
+    assert competitors.disk_bytes(ir) == 3 * 100 + 2 + len((ir / "vae_decoder" / "config.json").read_text())
+
+
+def test_image_checks_against_the_reference_of_each_decoder(tmp_path):
+    import numpy as np
+
+    import competitors
+
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "reference-taesd.npy", ref)
+    np.save(tmp_path / "same.npy", ref)
+    np.save(tmp_path / "off.npy", np.clip(ref.astype(int) + 8, 0, 255).astype(np.uint8))
+    jobs = [{"name": "same", "reference": ["taesd", "sdcpp-f32-taesd"], "spec": {"image_out": str(tmp_path / "same.npy")}},
+            {"name": "off", "reference": ["taesd"], "spec": {"image_out": str(tmp_path / "off.npy")}},
+            {"name": "vae", "reference": ["vae"], "spec": {"image_out": str(tmp_path / "same.npy")}},
+            {"name": "none", "reference": ["taesd"], "spec": {}}]
+    out = competitors.image_checks(jobs, tmp_path)
+    assert out["same"] == [{"vs": out["same"][0]["vs"], "psnr_db": float("inf"), "ssim": 1.0}]  # no sd.cpp f32 image: left out
+    assert 29 < out["off"][0]["psnr_db"] < 31 and out["off"][0]["ssim"] < 1.0
+    assert out["vae"] == [] and "none" not in out
+    md = report.check_str(out["off"])
+    assert md.endswith("(b)") and md.startswith(f"{out['off'][0]['psnr_db']:.1f} / ")
+
+
+def test_sdcpp_log_lines_give_stage_times():
+    """The worker reads sd.cpp's stage times from its log lines (the format of its LOG_INFO calls)."""
+    import competitors_worker as worker
+
+    assert set(worker.SdcppRunner.LOG_KEYS.values()) == {"text_encoder", "sampling", "vae_decoder"}
+    for line in ("[INFO ] stable-diffusion.cpp:3168 - get_learned_condition completed, taking 0.12s",
+                 "[INFO ] stable-diffusion.cpp:3432 - sampling completed, taking 4.56s",
+                 "[INFO ] stable-diffusion.cpp:3212 - decode_first_stage completed, taking 0.30s"):
+        m = worker.SdcppRunner.LOG_PATTERN.search(line)
+        assert m and float(m.group(2)) > 0
