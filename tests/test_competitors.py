@@ -218,3 +218,21 @@ def test_sdcpp_log_lines_give_stage_times():
                  "[INFO ] stable-diffusion.cpp:3212 - decode_first_stage completed, taking 0.30s"):
         m = worker.SdcppRunner.LOG_PATTERN.search(line)
         assert m and float(m.group(2)) > 0
+
+
+def test_worker_lcm_takes_the_reference_noise(demo_engine, tmp_path):
+    """With ``noise`` (the reference's arrays) the image no longer depends on the seed: the image check compares
+    like with like."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "noise.npz", **{f"noise_{i}": rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for i in range(4)})
+    imgs = []
+    for seed in (0, 1):
+        spec = {"kind": "lcm", "path": str(demo_engine), "threads": 1, "prompt": "a photo of a cat", "steps": 4, "guidance": 1.0,
+                "seed": seed, "height": 64, "width": 64, "warmup": 1, "repeats": 0, "noise": str(tmp_path / "noise.npz"),
+                "image_out": str(tmp_path / f"img{seed}.npy")}
+        res = _worker(spec)
+        assert "error" not in res, res.get("error")
+        imgs.append(np.load(tmp_path / f"img{seed}.npy"))
+    assert imgs[0].shape == (64, 64, 3) and np.array_equal(imgs[0], imgs[1])
