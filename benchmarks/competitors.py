@@ -9,12 +9,25 @@ demo's LCM-LoRA) is the source of every path:
   int8-weight IR (``--weight-format int8``, GenAI's fastest documented mode) at the plugin's default precision;
 - optimum-intel ``OVStableDiffusionPipeline`` (+ the folder's LCMScheduler) and ``OVLatentConsistencyModelPipeline``
   (made for LCM-distilled UNets with a guidance embedding: on an LCM-LoRA model it fails, and the report says so);
-- diffusers, every module in bf16.
+- diffusers, every module in bf16;
+- the competitors' fastest modes (issue 29), each with the TAESD tiny decoder (``--taesd``; demo bases: demo:taesd):
+  GenAI on the int8-weight IR (``genai-int8-taesd``) and on optimum-intel's hybrid int8 IR (``genai-hybrid-taesd``),
+  optimum-intel ``OVStableDiffusionPipeline`` on the hybrid int8 IR (``optimum-hybrid-taesd``: FastSD CPU's path;
+  ``competitors_prep.py``), stable-diffusion.cpp through stable-diffusion-cpp-python on the fused weights in its
+  single-file layout as q8_0 and f16 gguf files (``sdcpp-q8_0-taesd``, ``sdcpp-f16-taesd``; ``competitors_sdcpp.py``).
 Same prompt, 4 LCM steps, guidance 1, the same thread count for each. Every measurement is a fresh process
 (``competitors_worker.py``, in its own venv where needed): cold start (process start to its first image),
 peak RSS to the first image, then ``--warmup`` images (the first included) and ``--repeats`` timed ones;
 ``--rounds`` rounds with the competitors interleaved (each round starts one further along the list); medians.
-A competitor that fails keeps its one-line error in the report and is not tried again.
+A competitor that fails keeps its one-line error in the report and is not tried again. Disk: the files each loads.
+
+Image check (unless ``--no-image-check``): a PyTorch fp32 reference (diffusers, fp32) runs once on torch's CPU noise
+for the seed and decodes its final latents with the VAE and with the TAESD; each competitor's first image of round 1
+is compared (PSNR, SSIM) with the reference of its decoder. Same noise: lcm-export (``latents``/``step_noise``),
+GenAI (a ``Generator`` replaying the arrays), optimum-intel and diffusers (the seeded torch generator);
+stable-diffusion.cpp draws its own (``rng_type="cpu"``, its port of torch's CPU randn, and its k-diffusion form
+of the LCM sampler), so its images are compared with PyTorch fp32 and, as the issue allows, with its own f32 mode
+(``sdcpp-f32-taesd``, run once, untimed).
 
 With ``--adapters`` (issue 20), the style-adapter switches, each competitor in a fresh process: lcm-export's
 adapter entry (``--adapter-entry``, adapters added from the same files), GenAI with ``AdapterConfig`` (every
@@ -22,7 +35,7 @@ adapter registered at construction, chosen per call), diffusers with ``load_lora
 and with ``set_adapters`` unfused. Switch cost = (the switch's own calls +) the first image after the switch
 minus the next image with the same setting. LoRA files: ``competitors_loras.py`` (two rank-8, one rank-64).
 
-Setup: ``bash benchmarks/competitors_setup.sh`` (optimum-intel's venv; openvino-genai).
+Setup: ``bash benchmarks/competitors_setup.sh`` (optimum-intel's venv; openvino-genai; stable-diffusion-cpp-python's venv).
 Usage:  python benchmarks/competitors.py --base demo:sd15-full --work WORK --resolution 256x256 \\
             --entry default=ENTRY [--adapter-entry ENTRY] [--adapters] --out OUT
 Writes OUT/report.json and OUT/report.md; WORK keeps the fused folder, LoRAs and IRs between runs.
@@ -56,7 +69,15 @@ COMPETITORS = {  # name: (kind, IR or folder, precision hint, python)
     "optimum-sd-bf16": ("optimum-sd", "ir-fp32", "bf16", "optimum"),
     "optimum-lcm-bf16": ("optimum-lcm", "ir-fp32", "bf16", "optimum"),
     "diffusers-bf16": ("diffusers", "fused", None, "main"),
+    # the fastest modes (issue 29): int8 + TAESD; precision None = the plugin's default for the CPU
+    "genai-int8-taesd": ("genai", "ir-int8-taesd", None, "genai"),
+    "genai-hybrid-taesd": ("genai", "ir-hybrid-taesd", None, "genai"),
+    "optimum-hybrid-taesd": ("optimum-sd", "ir-hybrid-taesd", None, "optimum"),
+    "sdcpp-q8_0-taesd": ("sdcpp", "sdcpp-q8_0", None, "sdcpp"),
+    "sdcpp-f16-taesd": ("sdcpp", "sdcpp-f16", None, "sdcpp"),
 }
+TAESD_SOURCES = {"ir-int8-taesd": "ir-int8", "ir-hybrid-taesd": "ir-hybrid"}  # IR with the TAESD decoder: from which IR
+SDCPP_FILES = {"sdcpp-q8_0": "model-q8_0.gguf", "sdcpp-f16": "model-f16.gguf", "sdcpp-f32": "model-f32.safetensors"}
 ADAPTER_COMPETITORS = ("lcm", "genai-bf16", "diffusers-fuse", "diffusers-set_adapters")
 ADAPTER_NAMES = {"a": "style_a", "b": "style_b", "c": "style_c_r64"}
 SEQUENCE = [  # (label of the switch that leads to the setting, setting)
@@ -149,16 +170,49 @@ def prepare(a, py: dict, env: dict) -> dict:
     step("loras", work / "loras" / "loras.json",
          [py["main"], str(HERE / "competitors_loras.py"), "--model", str(fused), "--out", str(work / "loras")])
     for ir, fmt in (("ir-fp32", "fp32"), ("ir-int8", "int8")):
-        if not any(COMPETITORS[c][1] == ir for c in a.competitors) and not (ir == "ir-fp32" and a.adapters):
+        if (not any(COMPETITORS[c][1] in (ir, ir + "-taesd") for c in a.competitors)
+                and not (ir == "ir-fp32" and a.adapters)):
             continue
         out = work / ir
         step(ir, out / "export.done", [py["optimum"], "-c",
              f"import sys, pathlib; from optimum.commands.optimum_cli import main; sys.argv = ['optimum-cli'] + sys.argv[1:]; "
              f"main(); pathlib.Path({str(out / 'export.done')!r}).write_text('ok')",
              "export", "openvino", "--model", str(fused), "--task", "text-to-image", "--weight-format", fmt, str(out)])
+    prepare_fast(a, py, env, work, fused, step)
     if a.adapter_entry and a.adapters:
         steps["adapter_add"] = add_adapters(py["main"], env, Path(a.adapter_entry), work / "loras")
     return {"fused": str(fused), "steps": steps}
+
+
+def prepare_fast(a, py: dict, env: dict, work: Path, fused: Path, step) -> None:
+    """The fastest modes' inputs (issue 29): TAESD folder and IR, the IRs with it as their decoder, optimum-intel's
+    hybrid int8 IR, stable-diffusion.cpp's single file and its gguf files."""
+    srcs = {COMPETITORS[c][1] for c in a.competitors}
+    taesd_needed = a.image_check or any(s in TAESD_SOURCES or s.startswith("sdcpp") for s in srcs)
+    prep = [py["main"], str(HERE / "competitors_prep.py")]
+    if taesd_needed:
+        if not a.taesd:
+            raise SystemExit("the TAESD modes and the image check need --taesd (a local AutoencoderTiny folder, e.g. madebyollin/taesd's)")
+        step("taesd", work / "taesd" / "config.json", prep + ["taesd", str(work / "taesd"), "--source", a.taesd])
+    if any(s in TAESD_SOURCES for s in srcs):
+        step("taesd-ir", work / "taesd-ir" / "openvino_model.xml",
+             prep + ["taesd-ir", str(work / "taesd"), str(work / "taesd-ir"), "--vae-config", str(fused / "vae" / "config.json")])
+    if "ir-hybrid-taesd" in srcs:
+        step("ir-hybrid", work / "ir-hybrid" / "model_index.json",
+             [py["optimum"], str(HERE / "competitors_prep.py"), "hybrid", str(fused), str(work / "ir-hybrid"),
+              "--num-samples", str(a.hybrid_samples)])
+    for out, src in TAESD_SOURCES.items():
+        if out in srcs:
+            step(out, work / out / "model_index.json", prep + ["swap-decoder", str(work / src), str(work / "taesd-ir"), str(work / out)])
+    if any(s.startswith("sdcpp") for s in srcs):
+        sdir = work / "sdcpp"
+        step("sdcpp-f32", sdir / SDCPP_FILES["sdcpp-f32"],
+             [py["main"], str(HERE / "competitors_sdcpp.py"), "convert", str(fused), str(sdir / SDCPP_FILES["sdcpp-f32"])])
+        for s, frm in (("sdcpp-f16", "sdcpp-f32"), ("sdcpp-q8_0", "sdcpp-f16")):  # q8_0 from f16: competitors_sdcpp.py
+            if s in srcs or (s == "sdcpp-f16" and "sdcpp-q8_0" in srcs):
+                step(s, sdir / SDCPP_FILES[s], [py["sdcpp"], str(HERE / "competitors_sdcpp.py"), "gguf",
+                                                 str(sdir / SDCPP_FILES[frm]), str(sdir / SDCPP_FILES[s]),
+                                                 "--type", s.split("-", 1)[1]])
 
 
 def add_adapters(py: str, env: dict, entry: Path, loras: Path) -> dict:
@@ -225,19 +279,89 @@ def run_worker(python: str, spec: dict, env: dict, timeout: float) -> dict:
 
 
 def plan(a, prep: dict) -> list[dict]:
-    """The plain competitors: [{"name", "python", "spec"}]."""
+    """The plain competitors: [{"name", "python", "spec", "disk_bytes", "reference"}]. ``reference``: the
+    image-check reference(s) of the competitor's decoder."""
     work = Path(a.work)
     base = {"threads": a.threads, "prompt": a.prompt, "steps": a.steps, "guidance": a.guidance, "seed": a.seed,
             "height": a.hw[0], "width": a.hw[1], "warmup": a.warmup, "repeats": a.repeats}
+    noise = str(Path(a.out) / "images" / "noise.npz") if a.image_check else None
     out = []
     for label, d in a.entry:
-        out.append({"name": f"lcm-export {label}", "python": "main", "spec": {**base, "kind": "lcm", "path": d}})
+        tiny = bool(_read_json(Path(d) / "manifest.json").get("vae_decoder"))
+        out.append({"name": f"lcm-export {label}", "python": "main", "disk_bytes": disk_bytes(Path(d)),
+                    "reference": ["taesd" if tiny else "vae"], "spec": {**base, "kind": "lcm", "path": d, "noise": noise}})
     for name in a.competitors:
         kind, src, prec, pyname = COMPETITORS[name]
-        path = prep["fused"] if src == "fused" else str(work / src)
-        out.append({"name": name, "python": pyname, "spec": {**base, "kind": kind, "path": path, "precision": prec,
-                                                            "static": name.endswith("-static")},
-                    "prep_error": _prep_error(prep, src)})
+        spec = {**base, "kind": kind, "precision": prec, "static": name.endswith("-static")}
+        if kind == "sdcpp":
+            spec.update(path=str(work / "sdcpp" / SDCPP_FILES[src]), taesd=str(work / "taesd" / "diffusion_pytorch_model.safetensors"))
+            files = [Path(spec["path"]), Path(spec["taesd"])]
+            ref = ["taesd", "sdcpp-f32-taesd"]
+        else:
+            spec["path"] = prep["fused"] if src == "fused" else str(work / src)
+            files = [Path(spec["path"])]
+            ref = ["taesd" if src.endswith("-taesd") else "vae"]
+            if kind == "genai":
+                spec["noise"] = noise
+        out.append({"name": name, "python": pyname, "spec": spec, "prep_error": _prep_error(prep, src),
+                    "disk_bytes": sum(disk_bytes(f) for f in files), "reference": ref})
+    return out
+
+
+def reference_jobs(a, prep: dict) -> list[dict]:
+    """Run once, untimed, before the rounds: PyTorch fp32 (noise + VAE and TAESD images), and stable-diffusion.cpp's
+    own f32 mode where an sd.cpp competitor runs."""
+    work, images = Path(a.work), Path(a.out) / "images"
+    base = {"threads": a.threads, "prompt": a.prompt, "steps": a.steps, "guidance": a.guidance, "seed": a.seed,
+            "height": a.hw[0], "width": a.hw[1], "warmup": 1, "repeats": 0}
+    jobs = [{"name": "reference torch-fp32", "python": "main", "prep_error": _prep_error(prep, "taesd"),
+             "spec": {**base, "kind": "reference", "path": prep["fused"], "taesd": str(work / "taesd"),
+                      "noise": str(images / "noise.npz"), "image_dir": str(images)}}]
+    if any(COMPETITORS[c][0] == "sdcpp" for c in a.competitors):
+        jobs.append({"name": "reference sdcpp-f32-taesd", "python": "sdcpp", "prep_error": _prep_error(prep, "sdcpp-f32"),
+                     "spec": {**base, "kind": "sdcpp", "path": str(work / "sdcpp" / SDCPP_FILES["sdcpp-f32"]), "wtype": "f32",
+                              "taesd": str(work / "taesd" / "diffusion_pytorch_model.safetensors"),
+                              "image_out": str(images / "reference-sdcpp-f32-taesd.npy")}})
+    return jobs
+
+
+def disk_bytes(p: Path) -> int:
+    """Bytes of the files a competitor loads from ``p`` (a file, or a folder without its VAE encoder: no
+    text-to-image path reads it)."""
+    if p.is_file():
+        return p.stat().st_size
+    total = 0
+    for root, dirs, files in os.walk(p):
+        dirs[:] = [d for d in dirs if d != "vae_encoder" and not d.endswith(".tmp")]
+        total += sum(os.stat(os.path.join(root, f)).st_size for f in files)
+    return total
+
+
+def image_checks(jobs: list[dict], images: Path) -> dict[str, list[dict]]:
+    """{competitor: [{"vs", "psnr_db", "ssim"}]} for each reference of its decoder that exists."""
+    import numpy as np
+
+    from lcm_export.builder.verify import psnr, ssim
+
+    labels = {"vae": "PyTorch fp32, same noise, VAE", "taesd": "PyTorch fp32, same noise (sd.cpp: its own), TAESD",
+              "sdcpp-f32-taesd": "stable-diffusion.cpp f32 (wtype f32), TAESD"}
+    out = {}
+    for j in jobs:
+        got = j["spec"].get("image_out")
+        if not got or not Path(got).is_file():
+            continue
+        img = np.load(got).astype(np.float64) / 255.0
+        rows = []
+        for ref in j.get("reference", []):
+            rp = images / f"reference-{ref}.npy"
+            if not rp.is_file():
+                continue
+            r = np.load(rp).astype(np.float64) / 255.0
+            if r.shape != img.shape:
+                rows.append({"vs": labels[ref], "error": f"shapes differ: {img.shape} vs {r.shape}"})
+                continue
+            rows.append({"vs": labels[ref], "psnr_db": psnr(img, r), "ssim": ssim(img, r) if min(img.shape[:2]) >= 11 else None})
+        out[j["name"]] = rows
     return out
 
 
@@ -272,9 +396,14 @@ def adapter_plan(a, prep: dict) -> list[dict]:
     return out
 
 
-def run_rounds(jobs: list[dict], rounds: int, py: dict, env: dict, timeout: float, what: str) -> dict[str, list[dict]]:
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def run_rounds(jobs: list[dict], rounds: int, py: dict, env: dict, timeout: float, what: str,
+               images: Path | None = None) -> dict[str, list[dict]]:
     """Each job once per round, interleaved; round r starts r jobs further along. A job that errors is
-    not run again (its error is its row)."""
+    not run again (its error is its row). With ``images``, round 1 saves each job's first image there."""
     results: dict[str, list[dict]] = {j["name"]: [] for j in jobs}
     failed: set[str] = set()
     for r in range(rounds):
@@ -283,7 +412,12 @@ def run_rounds(jobs: list[dict], rounds: int, py: dict, env: dict, timeout: floa
             if j["name"] in failed:
                 continue
             log(f"{what} round {r + 1}/{rounds}: {j['name']} ...")
-            res = {"error": j["prep_error"]} if j.get("prep_error") else run_worker(py[j["python"]], j["spec"], env, timeout)
+            spec = j["spec"]
+            if r == 0 and images is not None and j["spec"].get("kind") != "reference":
+                spec = j["spec"] = {**spec, "image_out": str(images / f"{_safe(j['name'])}.npy")}
+            elif r > 0:
+                spec = {k: v for k, v in spec.items() if k != "image_out"}
+            res = {"error": j["prep_error"]} if j.get("prep_error") else run_worker(py[j["python"]], spec, env, timeout)
             res["round"] = r + 1
             results[j["name"]].append(res)
             if "error" in res:
@@ -340,6 +474,13 @@ def parse_args(argv=None):
     ap.add_argument("--main-python", default=sys.executable, help="python with lcm-export, diffusers, openvino-genai")
     ap.add_argument("--genai-python", default=None, help="python with openvino-genai (default --main-python)")
     ap.add_argument("--optimum-python", default="/work/venvs/optimum/bin/python", help="python of optimum-intel's venv")
+    ap.add_argument("--sdcpp-python", default="/work/venvs/sdcpp/bin/python", help="python of stable-diffusion-cpp-python's venv")
+    ap.add_argument("--taesd", default=None, help="the TAESD decoder: a local AutoencoderTiny folder (madebyollin/taesd's) or "
+                    "demo:taesd (default for demo bases)")
+    ap.add_argument("--hybrid-samples", type=int, default=200,
+                    help="UNet inputs optimum-intel's hybrid int8 calibrates on (its default 200; collected at 512x512)")
+    ap.add_argument("--no-image-check", dest="image_check", action="store_false",
+                    help="skip the PyTorch fp32 reference and the PSNR / SSIM of each competitor's first image")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per process")
     ap.add_argument("--prepare-only", action="store_true",
                     help="make WORK's fused folder, LoRAs and IRs, then stop (build the lcm-export entries from WORK/fused next)")
@@ -356,6 +497,10 @@ def parse_args(argv=None):
     if bad:
         ap.error(f"unknown competitor(s) {', '.join(bad)}; choose from {', '.join(COMPETITORS)}")
     a.warmup = max(1, a.warmup)
+    if a.taesd is None and a.base and a.base.startswith("demo:"):
+        a.taesd = "demo:taesd"
+    elif a.taesd and not a.taesd.startswith("demo:"):
+        a.taesd = str(Path(a.taesd).resolve())
     if not a.out and not a.prepare_only:
         ap.error("--out is required (unless --prepare-only)")
     return a
@@ -363,7 +508,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    py = {"main": a.main_python, "genai": a.genai_python or a.main_python, "optimum": a.optimum_python}
+    py = {"main": a.main_python, "genai": a.genai_python or a.main_python, "optimum": a.optimum_python, "sdcpp": a.sdcpp_python}
     env = main_env(a.threads)
     t0 = time.perf_counter()
     prep = prepare(a, py, env)
@@ -379,7 +524,17 @@ def main(argv=None) -> None:
             log(f"warning: entry {label} ({e['path']}) was not built from {fused}'s weights")
 
     jobs = plan(a, prep)
-    plain = run_rounds(jobs, a.rounds, py, env, a.timeout, "plain")
+    images = Path(a.out) / "images"
+    refs, checks = {}, {}
+    if a.image_check:
+        images.mkdir(parents=True, exist_ok=True)
+        refs = run_rounds(reference_jobs(a, prep), 1, py, env, a.timeout, "reference")
+        if "error" in refs["reference torch-fp32"][0]:  # no noise file: the others draw their own
+            for j in jobs:
+                j["spec"].pop("noise", None)
+    plain = run_rounds(jobs, a.rounds, py, env, a.timeout, "plain", images if a.image_check else None)
+    if a.image_check:
+        checks = image_checks(jobs, images)
     adapters = {}
     if a.adapters:
         adapters = run_rounds(adapter_plan(a, prep), a.adapter_rounds, py, env, a.timeout, "adapters")
@@ -396,7 +551,9 @@ def main(argv=None) -> None:
         "pythons": py,
         "prepare": prep["steps"],
         "entries": entries,
-        "plain": {name: {"rounds": rows, **aggregate_plain(rows)} for name, rows in plain.items()},
+        "plain": {name: {"rounds": rows, **aggregate_plain(rows), "disk_bytes": j["disk_bytes"],
+                         "image_check": checks.get(name)} for (name, rows), j in zip(plain.items(), jobs)},
+        "references": {name: rows[0] for name, rows in refs.items()},
         "adapters": {name: {"rounds": rows, **aggregate_adapters(rows)} for name, rows in adapters.items()},
         "wall_s": time.perf_counter() - t0,
     }

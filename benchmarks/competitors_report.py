@@ -88,6 +88,9 @@ def _s(x, digits=3) -> str:
 def precision_str(p: dict | None) -> str:
     if not p:
         return "?"
+    dec = ", TAESD decoder" if p.get("vae_decoder") == "taesd" else ""
+    if "sdcpp_weights" in p:  # stable-diffusion.cpp
+        return f"sd.cpp {p['sdcpp_weights']} weights ({p.get('file')}){dec}"
     if "entry" in p:  # lcm-export
         comps = sorted({v for k, v in p.items() if k in ("text_encoder", "unet", "vae_decoder")})
         return f"{p['entry']} entry ({p.get('backend')}; plugin: {'/'.join(comps) or '?'})"
@@ -95,13 +98,31 @@ def precision_str(p: dict | None) -> str:
         types = set(p.get("unet_weights", []))
         w = "int8" if types & {"u8", "i8"} else "int4" if types & {"u4", "i4", "nf4"} else "fp16" if "f16" in types else "fp32"
         static = ", static shapes" if str(p.get("shapes", "")).startswith("static") else ""
-        return f"{p['inference_precision']} compute, {w} UNet weights{static}"
+        return f"{p['inference_precision']} compute, {w} UNet weights{static}{dec}"
     if "unet" in p and isinstance(p["unet"], str):  # optimum-intel
-        return f"{p['unet']} compute (OpenVINO), {p.get('scheduler', '')}"
+        types = set(p.get("unet_weights", []))
+        w = ", int8 UNet" if types & {"u8", "i8"} else ""
+        return f"{p['unet']} compute (OpenVINO){w}, {p.get('scheduler', '')}{dec}"
     if "unet" in p:  # diffusers
         lora = f", LoRA factors {'/'.join(p['lora_factors'])}" if p.get("lora_factors") else ""
         return f"torch {'/'.join(p['unet'])}{lora}"
     return str(p)
+
+
+def check_str(rows) -> str:
+    """"32.1 / 0.981 (a)" per reference; (a) VAE, (b) TAESD, (c) sd.cpp's own f32."""
+    if not rows:
+        return "—"
+    tag = {"VAE": "(a)", "TAESD": "(b)"}
+    out = []
+    for c in rows:
+        t = "(c)" if c["vs"].startswith("stable-diffusion.cpp") else tag.get(c["vs"].rsplit(", ", 1)[-1], "")
+        if "error" in c:
+            out.append(f"{t} {c['error']}")
+        else:
+            ss = "—" if c.get("ssim") is None else f"{c['ssim']:.3f}"
+            out.append(f"{c['psnr_db']:.1f} / {ss} {t}")
+    return "; ".join(out)
 
 
 def _mb(x) -> str:
@@ -121,11 +142,12 @@ def write_markdown(r: dict) -> str:
     ref_name = next((n for n in rows if n.startswith("lcm-export") and "error" not in rows[n]), None)
     L += ["## End to end", "",
           "| path | precision used | image s (median / p90) | UNet step s | text encoder s | VAE decode s | load s | cold start s | "
-          f"peak RSS to first image | image time / {ref_name or 'ours'} |", "|---|---|---|---|---|---|---|---|---|---|"]
+          f"peak RSS to first image | disk | image check PSNR dB / SSIM | image time / {ref_name or 'ours'} |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     failed = []
     for name, a in rows.items():
         if "error" in a:
-            L.append(f"| {name} | — | did not run | | | | | | | |")
+            L.append(f"| {name} | — | did not run | | | | | | | | | |")
             failed.append((name, a["error"]))
             continue
         ratio = ""
@@ -133,9 +155,19 @@ def write_markdown(r: dict) -> str:
             ratio = f"{a['image_s'] / rows[ref_name]['image_s']:.2f}×"
         L.append(f"| {name} | {precision_str(a.get('precision'))} | {_s(a['image_s'])} / {_s(a['image_p90_s'])} | "
                  f"{_s(a['unet_step_s'])} | {_s(a['text_encoder_s'])} | {_s(a['vae_decoder_s'])} | {_s(a['load_s'], 2)} | "
-                 f"{_s(a['cold_start_s'], 2)} | {_mb(a['peak_rss_first_mb'])} | {ratio} |")
+                 f"{_s(a['cold_start_s'], 2)} | {_mb(a['peak_rss_first_mb'])} | {_mb((a.get('disk_bytes') or 0) / 2**20)} | "
+                 f"{check_str(a.get('image_check'))} | {ratio} |")
     if failed:
         L += ["", "Did not run (one-line error):", ""] + [f"- **{n}**: `{e}`" for n, e in failed]
+    refs = r.get("references") or {}
+    if refs or any(a.get("image_check") for a in rows.values()):
+        L += ["", "Image check: each competitor's first image (round 1) against the reference of its decoder, from "
+              "PyTorch fp32 (diffusers) on the same noise (torch's CPU generator, seed "
+              f"{st.get('seed', 0)}): (a) VAE, (b) TAESD. stable-diffusion.cpp draws its own noise (a port of torch's CPU "
+              "randn) and samples LCM in k-diffusion form, so (b) also measures how far its sampling is from diffusers'; "
+              "(c) is its own f32 mode on the same file. UNet step of sd.cpp: the sampling time / steps (its log, 10 ms units).", ""]
+        for name, ref in refs.items():
+            L.append(f"- {name}: " + (f"`{ref['error']}`" if "error" in ref else f"ran in {_s(ref.get('first_image_s'), 2)} s (untimed)"))
     for e_label, e in r.get("entries", {}).items():
         if e.get("same_weights") is False:
             L += ["", f"Warning: lcm-export entry `{e_label}` was not built from these fused weights."]

@@ -8,7 +8,10 @@
 #     pip pulls a multi-GB CUDA build), openvino to the project's version; pip resolves diffusers 0.39.0 and
 #     transformers 5.5.4 there. torchvision (a dependency of optimum-intel) comes from PyPI as a CUDA build
 #     that cannot load against the CPU torch ("operator torchvision::nms does not exist", which breaks
-#     transformers' imports); nothing text-to-image needs it, so it is removed.
+#     transformers' imports); nothing text-to-image needs it, so it is removed;
+#  3. stable-diffusion.cpp through stable-diffusion-cpp-python, built from source by pip (CMake, a CPU build:
+#     ggml's CPU backend with -march=native, OpenMP) in its own venv ($VENVS/sdcpp). Measured on 2 shared cores
+#     of the dev machine: see benchmarks/README.md (build minutes, venv size).
 # Usage: bash benchmarks/competitors_setup.sh   (env: MAIN_PY=.venv/bin/python VENVS=/work/venvs PY=python3.11)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +20,7 @@ VENVS=${VENVS:-/work/venvs}
 PY=${PY:-python3.11}
 TORCH=${TORCH:-2.13.0}
 OPTIMUM_INTEL=${OPTIMUM_INTEL:-2.2.0}
+SDCPP=${SDCPP:-0.4.7}
 
 OV=$("$MAIN_PY" -c "from importlib.metadata import version; print(version('openvino'))")
 GENAI="$OV.0"   # openvino-genai / -tokenizers 2026.4.1.0 go with openvino 2026.4.1
@@ -55,4 +59,19 @@ from importlib.metadata import version
 print("optimum venv:", ", ".join(f"{n} {version(n)}" for n in ("optimum-intel", "optimum", "openvino", "openvino-tokenizers",
       "nncf", "diffusers", "transformers", "huggingface-hub", "torch")))
 EOF
+# 3. stable-diffusion.cpp
+S="$VENVS/sdcpp"
+if "$S/bin/python" -c "import stable_diffusion_cpp" 2>/dev/null; then
+    echo "stable-diffusion-cpp-python already in $S"
+else
+    mkdir -p "$VENVS"
+    test -x "$S/bin/python" || "$PY" -m venv "$S"
+    "$S/bin/python" -m pip install -q --upgrade pip
+    t0=$(date +%s)
+    CMAKE_ARGS=${SDCPP_CMAKE_ARGS:-"-DGGML_NATIVE=ON -DSD_CUDA=OFF -DGGML_OPENMP=ON"} \
+        CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+        "$S/bin/python" -m pip install -q --no-binary stable-diffusion-cpp-python "stable-diffusion-cpp-python==$SDCPP" numpy
+    echo "stable-diffusion-cpp-python $SDCPP built and installed in $(( $(date +%s) - t0 )) s"
+fi
+"$S/bin/python" -c "from importlib.metadata import version as v; import stable_diffusion_cpp as s; print('sdcpp venv: stable-diffusion-cpp-python', v('stable-diffusion-cpp-python'), 'numpy', v('numpy'))"
 "$MAIN_PY" -c "from importlib.metadata import version as v; print('project venv: openvino-genai', v('openvino-genai'), 'diffusers', v('diffusers'), 'huggingface-hub', v('huggingface-hub'))" 2>/dev/null || true

@@ -17,10 +17,10 @@ import os
 import sys
 import time
 
-KINDS = ("lcm", "genai", "optimum-sd", "optimum-lcm", "diffusers")
+KINDS = ("lcm", "genai", "optimum-sd", "optimum-lcm", "diffusers", "sdcpp", "reference")
 PACKAGES = ("lcm-export", "numpy", "openvino", "openvino-genai", "openvino-tokenizers", "optimum", "optimum-intel", "nncf",
             "diffusers", "transformers", "huggingface-hub", "torch", "peft", "accelerate", "safetensors", "tokenizers",
-            "onnxruntime")
+            "onnxruntime", "stable-diffusion-cpp-python")
 
 
 def one_line_error(exc: BaseException) -> str:
@@ -64,6 +64,15 @@ def to_uint8(img):
     if a.dtype != np.uint8:
         a = np.clip(np.rint(a.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
     return a
+
+
+def load_noise(path: str) -> list:
+    """The reference's noise (``competitors.py`` writes it: torch's CPU generator seeded with the seed, drawn in
+    the order diffusers draws: the initial latents, then one array per LCM step but the last)."""
+    import numpy as np
+
+    with np.load(path) as z:
+        return [z[f"noise_{i}"] for i in range(len(z.files))]
 
 
 def _stages(text_encoder=None, unet_steps=(), vae_decoder=None, total=None) -> dict:
@@ -112,8 +121,12 @@ class LcmRunner:
 
     def generate(self):
         s = self.s
+        kw = {}
+        if s.get("noise"):  # the reference's latents and step noise (the image check)
+            noise = self.noise = getattr(self, "noise", None) or load_noise(s["noise"])
+            kw = {"latents": noise[0], "step_noise": noise[1:]}
         img = self.pipe(s["prompt"], steps=s["steps"], guidance=s["guidance"], seed=s["seed"], height=s["height"],
-                        width=s["width"], output_type="np", adapters=dict(getattr(self, "setting", {})) or None)
+                        width=s["width"], output_type="np", adapters=dict(getattr(self, "setting", {})) or None, **kw)
         t = self.pipe.last_timings
         return to_uint8(img), _stages(t.text_encoder, t.unet, t.vae_decoder, t.total)
 
@@ -170,9 +183,39 @@ class GenaiRunner(_OvRunner):
         self.config = cfg
         return {}
 
+    def generator(self):
+        """A ``Generator`` that hands GenAI the reference's arrays in the order it asks for them (initial latents,
+        then each LCM step's noise); zeros past the end (GenAI's last step draws noise it does not use)."""
+        import numpy as np
+        import openvino as ov
+
+        noise = load_noise(self.s["noise"])
+        runner = self
+
+        class Replay(self.g.Generator):
+            def __init__(self):
+                super().__init__()
+                self.i = 0
+
+            def next(self):
+                return 0.0
+
+            def randn_tensor(self, shape):
+                shape = tuple(shape)
+                a = noise[self.i] if self.i < len(noise) else np.zeros(shape, np.float32)
+                if a.shape != shape:
+                    raise RuntimeError(f"replay generator: GenAI asked for {shape}, the reference has {a.shape}")
+                self.i += 1
+                runner.draws = self.i
+                return ov.Tensor(np.ascontiguousarray(a, np.float32))
+
+        return Replay()
+
     def generate(self):
         s = self.s
         kw = {"adapters": self.config} if self.config is not None else {}
+        if s.get("noise"):
+            kw["generator"] = self.generator()
         t = self.pipe.generate(s["prompt"], num_inference_steps=s["steps"], guidance_scale=s["guidance"], height=s["height"],
                                width=s["width"], rng_seed=s["seed"], **kw)
         img = t.data.copy()
@@ -193,7 +236,19 @@ class GenaiRunner(_OvRunner):
                "adapter_mode": "MODE_DYNAMIC (GenAI's CPU default for MODE_AUTO)" if self.adapters else None}
         out["unet_weights"] = _ir_weight_types(os.path.join(d, "unet", "openvino_model.xml"))
         out["shapes"] = "static (reshape + compile)" if self.s.get("static") else "dynamic"
+        out["vae_decoder"] = _decoder_kind(os.path.join(d, "vae_decoder", "config.json"))
+        if getattr(self, "draws", None):
+            out["generator_draws"] = self.draws
         return out
+
+
+def _decoder_kind(config: str) -> str:
+    """"taesd" where the IR's decoder is a tiny one (``competitors_prep.py swap-decoder`` marks it), else "vae"."""
+    try:
+        with open(config) as f:
+            return "taesd" if json.load(f).get("tiny_decoder") else "vae"
+    except (OSError, ValueError):
+        return "vae"
 
 
 def _ir_weight_types(xml: str) -> list[str]:
@@ -251,6 +306,8 @@ class OptimumRunner(_OvRunner):
         out = {"scheduler": type(self.pipe.scheduler).__name__, "properties": dict(self.props)}
         for comp, part in (("text_encoder", self.pipe.text_encoder), ("unet", self.pipe.unet), ("vae_decoder", self.pipe.vae.decoder)):
             out[comp] = ov_type(part.request.get_property("INFERENCE_PRECISION_HINT"))
+        out["unet_weights"] = _ir_weight_types(os.path.join(self.s["path"], "unet", "openvino_model.xml"))
+        out["vae_decoder"] = _decoder_kind(os.path.join(self.s["path"], "vae_decoder", "config.json"))
         return out
 
 
@@ -355,8 +412,119 @@ class DiffusersRunner:
         return out
 
 
+class SdcppRunner:
+    """stable-diffusion.cpp (stable-diffusion-cpp-python) on one file in the original SD layout (a gguf of one
+    weight type, or the fp32 safetensors with ``wtype`` converting at load), TAESD decoding (``taesd_path``),
+    the LCM sampler and schedule, cfg 1 (one UNet pass per step). Its noise comes from its own generator
+    (``rng_type="cpu"``: sd.cpp's port of torch's CPU randn, seeded with the seed); stage times from its log:
+    text encoder ("get_learned_condition completed"), UNet ("sampling completed" / steps: a mean, not each
+    step), decoder ("decode_first_stage completed"), each in 10 ms units."""
+
+    LOG_KEYS = {"get_learned_condition completed": "text_encoder", "sampling completed": "sampling",
+                "decode_first_stage completed": "vae_decoder"}
+    LOG_PATTERN = __import__("re").compile(
+        r"(get_learned_condition completed|sampling completed|decode_first_stage completed), taking ([0-9.]+)s")
+
+    def __init__(self, s: dict):
+        self.s = s
+        self.log: dict[str, float] = {}
+
+    def load(self):
+        import ctypes
+
+        import stable_diffusion_cpp as sdc
+        from stable_diffusion_cpp import StableDiffusion
+
+        pat = self.LOG_PATTERN
+
+        @sdc.sd_log_callback
+        def on_log(level, text, data):
+            m = pat.search(text.decode("utf-8", "replace"))
+            if m:
+                self.log[self.LOG_KEYS[m.group(1)]] = float(m.group(2))
+
+        self._cb = on_log  # kept alive: sd.cpp calls it
+        s = self.s
+        self.sd = StableDiffusion(model_path=s["path"], taesd_path=s.get("taesd") or "", n_threads=s["threads"],
+                                  wtype=s.get("wtype") or "default", rng_type="cpu", sampler_rng_type="cpu",
+                                  vae_decode_only=True, verbose=True)
+        sdc.sd_set_log_callback(on_log, ctypes.c_void_p(0))  # after the constructor: it sets its own
+
+    def switch(self, setting: dict) -> dict:
+        raise RuntimeError("the sd.cpp competitor takes no adapters here")
+
+    def generate(self):
+        import numpy as np
+
+        s = self.s
+        self.log = {}
+        t0 = time.perf_counter()
+        imgs = self.sd.generate_image(prompt=s["prompt"], width=s["width"], height=s["height"], cfg_scale=s["guidance"],
+                                      sample_method="lcm", scheduler="lcm", sample_steps=s["steps"], seed=s["seed"])
+        total = time.perf_counter() - t0
+        img = np.asarray(imgs[0].convert("RGB"), dtype=np.uint8)
+        lg = self.log
+        steps = [lg["sampling"] / s["steps"]] * s["steps"] if "sampling" in lg else []
+        return img, _stages(lg.get("text_encoder"), steps, lg.get("vae_decoder"), total)
+
+    def precision(self) -> dict:
+        return {"sdcpp_weights": self.s.get("wtype") or "as stored", "file": os.path.basename(self.s["path"]),
+                "vae_decoder": "taesd" if self.s.get("taesd") else "vae", "rng": "cpu (torch CPU randn port)",
+                "unet_step": "mean of the sampling time"}
+
+
+class ReferenceRunner:
+    """PyTorch fp32 (diffusers ``StableDiffusionPipeline`` + LCMScheduler) on the reference noise: writes the
+    noise (``spec["noise"]``) and the images decoded from the same final latents by the model's VAE and by the
+    tiny decoder (``spec["taesd"]``). Run once per resolution, not timed."""
+
+    def __init__(self, s: dict):
+        self.s = s
+
+    def load(self):
+        import torch
+
+        torch.set_num_threads(self.s["threads"])
+        from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionPipeline
+
+        self.pipe = StableDiffusionPipeline.from_pretrained(self.s["path"], torch_dtype=torch.float32, safety_checker=None,
+                                                            requires_safety_checker=False)
+        self.pipe.scheduler = LCMScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.taesd = AutoencoderTiny.from_pretrained(self.s["taesd"]).eval() if self.s.get("taesd") else None
+        self.torch = torch
+
+    def generate(self):
+        import numpy as np
+
+        s, torch = self.s, self.torch
+        shape = (1, self.pipe.unet.config.in_channels, s["height"] // 8, s["width"] // 8)
+        g = torch.Generator().manual_seed(s["seed"])
+        noise = [torch.randn(shape, generator=g, dtype=torch.float32) for _ in range(s["steps"])]
+        np.savez(s["noise"], **{f"noise_{i}": n.numpy() for i, n in enumerate(noise)})
+        g = torch.Generator().manual_seed(s["seed"])
+        torch.randn(shape, generator=g, dtype=torch.float32)  # the pipeline draws the step noise after the latents
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            lat = self.pipe(s["prompt"], num_inference_steps=s["steps"], guidance_scale=s["guidance"], height=s["height"],
+                            width=s["width"], latents=noise[0], generator=g, output_type="latent").images
+            dt = time.perf_counter() - t0
+            out = {}
+            vae = self.pipe.vae
+            out["vae"] = vae.decode(lat / vae.config.scaling_factor, return_dict=False)[0]
+            if self.taesd is not None:
+                out["taesd"] = self.taesd.decode(lat / self.taesd.config.scaling_factor, return_dict=False)[0]
+        imgs = {k: (v[0].permute(1, 2, 0).clamp(-1, 1).float().numpy() + 1.0) / 2.0 for k, v in out.items()}
+        for k, v in imgs.items():
+            np.save(os.path.join(s["image_dir"], f"reference-{k}.npy"), to_uint8(v))
+        return to_uint8(imgs["vae"]), _stages(total=dt)
+
+    def precision(self) -> dict:
+        return {"reference": "torch fp32", "decoders": ["vae"] + (["taesd"] if self.taesd is not None else [])}
+
+
 RUNNERS = {"lcm": LcmRunner, "genai": GenaiRunner, "optimum-sd": OptimumRunner, "optimum-lcm": OptimumRunner,
-           "diffusers": DiffusersRunner}
+           "diffusers": DiffusersRunner, "sdcpp": SdcppRunner, "reference": ReferenceRunner}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,6 +544,11 @@ def run_plain(runner, s: dict, res: dict) -> None:
     res["first_image_s"] = first["seconds"]
     img = first.pop("_img")
     res["image"] = {"shape": list(img.shape), "mean": float(img.mean()), "std": float(img.std())}
+    if s.get("image_out"):  # the first image, for the image check (competitors.py compares it with a reference)
+        import numpy as np
+
+        np.save(s["image_out"], img)
+        res["image"]["saved"] = s["image_out"]
     for _ in range(max(0, s["warmup"] - 1)):
         runner.generate()
     res["images"] = []
