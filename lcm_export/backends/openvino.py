@@ -277,7 +277,7 @@ def ov_message(exc: Exception) -> str:
 
 
 def check(manifest: dict, engine_dir: Path) -> list[str]:
-    from .._cpu import native_bf16, native_int8
+    from .._cpu import INT8_CLASS_NAMES, int8_class, int8_pays, native_bf16
 
     ok, _, reason = status()
     if not ok:
@@ -289,10 +289,10 @@ def check(manifest: dict, engine_dir: Path) -> list[str]:
                         "(AMX / AVX512_BF16): it runs in fp32, correct but no faster; for the fastest entry here, "
                         f"{rebuild_hint(engine_dir)}")
     int8 = [c for c, r in manifest.get("components", {}).items() if r.get("precision") == "int8"]
-    if int8 and not native_int8():
-        warnings.append(f"{engine_dir} has an int8 {', '.join(int8)}, but this CPU has no int8 dot-product instructions "
-                        "(AVX512_VNNI / AVX_VNNI / AMX-INT8): it runs, with the same images, at a speed not measured on such "
-                        "CPUs (it may be slower than a bf16 or fp32 entry); for the entry lcm-export picks here, "
+    if int8 and not int8_pays():
+        warnings.append(f"{engine_dir} has an int8 {', '.join(int8)}, but int8 has not been measured on this CPU class "
+                        f"({INT8_CLASS_NAMES[int8_class()]}): it runs, with the same images, at a speed not measured here "
+                        "(it may be slower than a bf16 or fp32 entry); for the entry lcm-export picks here, "
                         f"{rebuild_hint(engine_dir)} --precision auto")
     return warnings
 
