@@ -133,6 +133,7 @@ def test_refit_requantizes_on_the_new_weights(ov_int8, tmp_path, base_dir, demo_
 
     entry = tmp_path / "int8"
     shutil.copytree(ov_int8, entry)
+    shutil.copytree(refit_source_dir(ov_int8), refit_source_dir(entry))  # what the refit patches, beside the store
     (lcm, _), (style, sw) = demo_loras  # the LCM-LoRA at λ -1: the tiny model's image moves by ~37 dB PSNR
     old_blob = (entry / "unet" / "openvino_model.bin").read_bytes()
     res = build_engine(BuildOptions(base=str(base_dir), loras=(f"{lcm}:-1.0", f"{style}:{sw}"), resolutions=(HW,),
