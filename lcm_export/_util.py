@@ -91,7 +91,7 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "outpu
     check_replaceable(final, what, marker)
     if final.exists() and not force:
         raise UserError(f"{what} {final} already exists; pass --force to replace it")
-    made_parent = not final.parent.exists()  # removed again (when empty) if nothing is written
+    made = [a for a in final.parents if not a.exists()]  # the folders it makes: removed again (when empty) if nothing is written
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(final)
     prefix = f".{final.name}.partial-{os.getpid()}-"
@@ -112,9 +112,9 @@ def atomic_dir(final: str | os.PathLike, force: bool = False, what: str = "outpu
             os.replace(old, final)
         for p in [tmp] if tmp is not None else final.parent.glob(glob.escape(prefix) + "*"):
             shutil.rmtree(p, ignore_errors=True)
-        if made_parent:
+        for a in made:  # nearest first
             with contextlib.suppress(OSError):
-                final.parent.rmdir()
+                a.rmdir()
         raise
 
 

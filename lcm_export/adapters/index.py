@@ -28,7 +28,7 @@ import stat
 from pathlib import Path
 
 from .._util import disk_error, sha256_file, write_json, writing
-from .spec import (ADAPTER_DIR, CONFIG_DIR, FACTORS, FOLDER_RE, INDEX, INDEX_VERSION, MAX_GAIN, MIN_USABLE_WEIGHT, NAME_RE,
+from .spec import (ADAPTER_DIR, FACTORS, FOLDER_RE, INDEX, INDEX_VERSION, MAX_GAIN, MIN_USABLE_WEIGHT, NAME_RE,
                    RANK_AXIS, entry_lock, factors_folder, gain_bound)
 from .spec import read_index as spec_read_index
 from ..confine import inside, owned_dir, remove, sweep_partials

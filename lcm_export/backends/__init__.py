@@ -9,7 +9,7 @@ this registry. A backend module defines
                     ``auto`` never picks a backend that measured slower for the same precision
     VERIFY_IN_BUILD whether its engines can run during the build (then each component is checked
                     against PyTorch through the built engine itself)
-    REFIT           whether an entry can take new weights without a re-export (``refit_build.py``)
+    REFIT           whether an entry can take new weights without a re-export (``builder/refit.py``)
     REFIT_NEEDS_FLAG whether only engines built with ``--refit`` are refittable (else every entry is)
     ADAPTERS        whether its engines take run-time adapter inputs (``build-engine --adapters``)
     MERGE_EXACT     whether requests merged into one engine call give each one's solo image byte for
@@ -29,7 +29,7 @@ this registry. A backend module defines
     refit_weight_count(weight_map, modules) -> int  optional: engine weights a refit sets (recorded)
     INT8_SCHEMES    optional, where "int8" is in PRECISIONS: {scheme: what it quantizes}, and
     DEFAULT_INT8_SCHEME  the one ``--int8-scheme auto`` takes; an int8 component's job carries the
-                    scheme and its calibration feeds (``calibration.py``)
+                    scheme and its calibration feeds (``builder/quantize.py``)
 
 Modules are imported lazily: the lean runtime imports only the backend an entry uses, and no
 backend imports torch at module level.
@@ -273,7 +273,7 @@ class ComponentJob:
     int8_scheme: str | None = None
     """int8 entries: the quantization scheme (one of the backend's INT8_SCHEMES)."""
     calibration: list | None = None
-    """int8 entries: the UNet's feeds along the entry's own LCM trajectories (``calibration.py``)."""
+    """int8 entries: the UNet's feeds along the entry's own LCM trajectories (``builder/quantize.py``)."""
     sample_feeds: dict = field(default_factory=dict)
     """Seeded real inputs at the first plan's size (TensorRT's fp16 overflow probe)."""
     previous: Path | None = None

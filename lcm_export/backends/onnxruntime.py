@@ -48,7 +48,7 @@ REFIT_NEEDS_FLAG = False
 """Every entry is refittable (its exported graph is kept beside the store, ``store.manifest.refit_source_dir``):
 ``--refit`` changes nothing."""
 ADAPTERS = True
-"""Adapter branches take their factors as ordinary inputs (``adapter_graph.py``)."""
+"""Adapter branches take their factors as ordinary inputs (``adapters/graph.py``)."""
 MERGE_EXACT = True
 """Requests merged into one engine call give each request's solo image byte for byte (measured on the CPU:
 tests/serving/test_batching.py), so ``serve`` merges by default on CPU entries (not on CUDA, unmeasured)."""

@@ -26,9 +26,9 @@ A bf16 entry loaded on a CPU without native bf16 runs in fp32 (the runtime asks 
 than let OpenVINO emulate bf16 on AVX-512 CPUs), with a warning: the IR's weights are fp16 (finer than
 bf16), so the images are as good or better, only not faster.
 
-int8 (``--precision int8``, CPUs with int8 dot products: AVX512_VNNI, AVX_VNNI, AMX-INT8): the UNet is
+int8 (``--precision int8``, the CPU classes of ``_cpu.INT8_MEASURED``: AMX, VNNI, AVX2): the UNet is
 quantized after training with NNCF (the quantizer OpenVINO's own Stable Diffusion recipes use),
-calibrated on the entry's own LCM trajectories (``calibration.py``); its IR then holds int8 weights
+calibrated on the entry's own LCM trajectories (``builder/quantize.py``); its IR then holds int8 weights
 and FakeQuantize nodes, which the CPU plugin runs as int8 kernels, with the rest of the graph in bf16
 (native-bf16 CPUs) or fp32. The other components run as in a bf16 entry (bf16 where native, else fp32).
 The scheme is one of ``INT8_SCHEMES``, recorded in the component's ``quantization``.
@@ -61,7 +61,7 @@ REFIT_NEEDS_FLAG = False
 """Every entry is refittable (its exported graph is kept beside the store, ``store.manifest.refit_source_dir``):
 ``--refit`` changes nothing."""
 ADAPTERS = True
-"""Adapter branches take their factors as inputs with a dynamic rank (``adapter_graph.py``)."""
+"""Adapter branches take their factors as inputs with a dynamic rank (``adapters/graph.py``)."""
 MERGE_EXACT = False
 """A merged batch may pick other kernels than a solo call (not measured byte-exact): ``serve`` merges
 requests only when ``--max-batch-size`` asks."""

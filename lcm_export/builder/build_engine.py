@@ -14,7 +14,8 @@ from .._cpu import cpu_name, recorded_flags
 from .._util import atomic_dir, disk_error, link_tree, progress, write_json
 from ..core.shapes import size_multiple
 from ..errors import UserError
-from ..store.manifest import MANIFEST, REFIT_SOURCE_STAMP, SCHEMA_VERSION, record_file_sizes, refit_source_dir, write_refit_stamp
+from ..store.manifest import (MANIFEST, REFIT_SOURCE_STAMP, SCHEMA_VERSION, record_file_sizes, refit_source_dir, reusable_entry,
+                              write_refit_stamp)
 from .plan import BuildOptions, BuildPlan, make_plan
 
 __all__ = ["BuildOptions", "BuildResult", "build_engine", "carry_adapters"]
@@ -60,6 +61,10 @@ def build_engine(opts: BuildOptions) -> BuildResult:
     from ..adapters.spec import entry_lock
 
     with entry_lock(plan.engine_dir):  # no `adapter add` to this entry while it is refit or replaced
+        if plan.action == "refit" and reusable_entry(plan.engine_dir, plan.existing["base_source"]) != plan.existing:
+            plan = make_plan(opts)  # another build replaced the entry while this one planned: decide again, under the lock
+            if plan.action == "reuse":
+                return BuildResult(plan.engine_dir, plan.existing, True, time.perf_counter() - t0, list(plan.notes))
         messages = list(plan.notes)
         why = plan.refit_blocker
         if plan.action == "refit":
@@ -75,9 +80,10 @@ def build_engine(opts: BuildOptions) -> BuildResult:
         if why is not None:
             messages.append(f"full build, not a refit: {why}")
         bar = progress(plan.build_steps(), "build", enabled=plan.opts.show_progress)
-        try:  # the entry and its refit source (beside the store) are each replaced in one rename, the entry first
-            with atomic_dir(refit_source_dir(plan.engine_dir), force=True, what="refit source", marker=REFIT_SOURCE_STAMP) as source, \
-                    atomic_dir(plan.engine_dir, force=True, what="engine dir", marker=MANIFEST) as tmp:
+        try:  # the refit source (beside the store), then the entry, each replaced in one rename: a failure before the
+            # second leaves the old entry, whose weights no longer match the source's stamp (its next change: a full build)
+            with atomic_dir(plan.engine_dir, force=True, what="engine dir", marker=MANIFEST) as tmp, \
+                    atomic_dir(refit_source_dir(plan.engine_dir), force=True, what="refit source", marker=REFIT_SOURCE_STAMP) as source:
                 manifest = _build_into(tmp, plan, bar, source)
                 messages += carry_adapters(plan.engine_dir, tmp, manifest)
         except OSError as exc:

@@ -7,7 +7,7 @@ latents, timestep, text embeddings (and, for SDXL / SSD-1B, the pooled embedding
 are captured as the exported graph's feeds. The empty prompt is in the set, so the unconditional
 embedding that classifier-free guidance feeds the UNet is covered too.
 
-Used by ``build_engine`` and ``refit_build`` (a refit re-quantizes on the new weights' trajectories);
+Used by ``build_engine`` and ``refit`` (a refit re-quantizes on the new weights' trajectories);
 the quantizer itself lives with the backend (``backends/openvino.py``).
 """
 

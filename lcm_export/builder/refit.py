@@ -11,7 +11,7 @@ base weights, other LoRAs or λ: the entry is refit instead of rebuilt.
    entry's exported graph (its refit source, kept beside the store: ``store.manifest.refit_source_dir``) is
    patched (no torch export).
 3. Each changed component is re-derived by its backend from the patched graph (ONNX Runtime:
-   re-optimized; OpenVINO: new IR + compiled blob; TensorRT: refit through its refitter) and checked
+   re-optimized; OpenVINO: a new IR; TensorRT: refit through its refitter) and checked
    against PyTorch exactly as a fresh build checks it (and the image gate for bf16 and int8). An int8
    UNet is re-quantized: calibrated again on the new weights' own LCM trajectories, with the entry's
    scheme, as a fresh build does (the old scales would be wrong for new weights).
@@ -46,9 +46,9 @@ def refit_entry(plan):
     keys, weights_inputs, key = plan.keys, plan.weights_inputs, plan.key
     t0 = time.perf_counter()
     bar = progress(2 + 2 * len(items) + len(old["components"]) + 1, "refit", enabled=opts.show_progress)
-    try:  # the entry and its refit source are each replaced in one rename (the entry first): a failure leaves both
-        with atomic_dir(refit_source_dir(engine_dir), force=True, what="refit source", marker=REFIT_SOURCE_STAMP) as source, \
-                atomic_dir(engine_dir, force=True, what="engine dir", marker=MANIFEST) as tmp:
+    try:  # the refit source, then the entry, each replaced in one rename (see build_engine: a failure leaves the old entry)
+        with atomic_dir(engine_dir, force=True, what="engine dir", marker=MANIFEST) as tmp, \
+                atomic_dir(refit_source_dir(engine_dir), force=True, what="refit source", marker=REFIT_SOURCE_STAMP) as source:
             manifest = _refit_into(tmp, source, engine_dir, old, opts, src, plans, items, keys, weights_inputs, key, bar, t0)
     except OSError as exc:
         raise disk_error(exc, engine_dir) from None

@@ -177,6 +177,8 @@ def patch_onnx(src: Path, dst: Path, values: dict[str, np.ndarray]) -> list[str]
         os.replace(tmp, dst.parent / loc)
     for e in {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
               for e in t.external_data if e.key == "location"} - set(data_files):
+        if Path(e).is_absolute() or ".." in Path(e).parts:
+            raise UserError(f"{src}: external data outside its folder ({e}); rebuild with --no-refit")
         if not (dst.parent / e).exists():
             shutil.copyfile(src.parent / e, dst.parent / e)
     tmp = dst.with_name(dst.name + ".tmp")

@@ -1,6 +1,6 @@
 """Style adapters per call, in the lean runtime (numpy + safetensors).
 
-An entry built with adapter branches (``adapter_graph.py``) takes, for every branch, two factor inputs
+An entry built with adapter branches (``adapters/graph.py``) takes, for every branch, two factor inputs
 whose rank is free and a scale vector ``s`` (one λ per rank). ``adapters={"papercut": 0.8, "pixel": 0.3}``
 becomes, per branch, the adapters' factors (alpha/rank folded into B when each was added) concatenated
 along the rank, and ``s`` holding each rank's λ — so their deltas add up, exactly the ``Σ λ_i·ΔW_i`` a

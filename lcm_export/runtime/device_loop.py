@@ -4,7 +4,7 @@ CUDA provider).
 The host loop (``pipeline.py``) copies the latents to the engine and the UNet's output back at every
 step, and does the LCM step in numpy. Here the text embeddings are uploaded once, the latents are
 uploaded once, and every step is two engine calls on device buffers: the UNet, then the LCM step
-engine (``lcm_export/step_graph.py``: guidance combine, ``LCMScheduler.step``, and the VAE decoder's
+engine (``lcm_export/core/step_graph.py``: guidance combine, ``LCMScheduler.step``, and the VAE decoder's
 input affine). The only copies per step are host -> device: the step's coefficients (40 bytes), its
 timestep and its noise (drawn on the host with the same generator as the host loop: both loops use
 the same noise). Nothing comes back to the host but the 4-byte NaN/inf flag before the VAE

@@ -148,7 +148,7 @@ class LCMScheduler:
 
     def step_coefficients(self, timestep: int, guidance: float = 1.0) -> np.ndarray:
         """Every number ``step`` uses at ``timestep``, as the float32 vector the step graph takes
-        (``lcm_export/step_graph.py``, layout ``COEF``): x̂_0 = (k_sample·x − k_eps·ε) / k_div clipped
+        (``lcm_export/core/step_graph.py``, layout ``COEF``): x̂_0 = (k_sample·x − k_eps·ε) / k_div clipped
         to [clip_lo, clip_hi], the boundary scalings, the re-noising factors (1 and 0 at the last
         step, where ``step`` returns the denoised sample), the guidance scale, and the steps left
         including this one (n − i at step i of n: the graph's NaN/inf flag names the first bad step)."""

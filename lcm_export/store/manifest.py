@@ -268,6 +268,10 @@ def manifest_problems(m) -> list[str]:
         branched = m["adapters"].get("branches") if isinstance(m["adapters"], dict) else None
         out += [f"the manifest's adapters.branches names a component {c!r} the entry does not have"
                 for c in (branched if isinstance(branched, dict) else {}) if c not in m["components"]]
+    genai = m.get("genai")
+    if genai is not None and not (isinstance(genai, dict) and (isinstance(genai.get("why"), str) or (
+            isinstance(genai.get("files"), list) and all(_is_relpath(f) for f in genai["files"])))):
+        out.append("the manifest's 'genai' section is malformed (a 'files' list inside the entry, or a 'why')")
     if not out:  # every other path it names (graphs, tokenizers, configs) too: confined with the recorded ones
         out += [f"the manifest records no size for {f}" for f in entry_files(m) if f not in m["file_sizes"]]
     if not out:
@@ -340,6 +344,13 @@ def refit_source_problem(m: dict, engine_dir: str | Path) -> str | None:
     sizes = stamp.get("file_sizes") if isinstance(stamp, dict) else None
     if not isinstance(sizes, dict) or stamp.get("weights_key") != m.get("weights_key") or stamp.get("graph_key") != m.get("graph_key"):
         return f"{where} was written for other weights than the entry holds; this build writes it again"
+    from ..core.onnx_weights import MAP_FILE
+
+    for comp, c in (m.get("components") or {}).items():
+        graphs, wmap = c.get("onnx_files"), c.get("weight_map")
+        if not (isinstance(graphs, list) and graphs and all(isinstance(g, str) for g in graphs) and isinstance(wmap, str)
+                and Path(wmap).name == MAP_FILE):
+            return f"{where} cannot be used: the entry's record of {comp}'s exported graph is malformed; this build writes it again"
     for f in refit_source_files(m):  # names from the entry's manifest: confined to the source folder like any entry path
         p = d / f if isinstance(f, str) else None
         if problem(d, f) or f not in sizes or p.is_symlink() or not p.is_file() or p.stat().st_size != sizes[f]:
@@ -445,6 +456,7 @@ BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 """Bytes of one weight at each compute precision (int8: the quantized layers' weights; their per-channel scales
 and the few layers left unquantized make an int8 component slightly larger)."""
 _FOLDER_PURPOSE = {"tokenizer": "tokenizer", "tokenizer_2": "second tokenizer", "scheduler": "LCM scheduler config",
+                   "onnx": "refit source inside the entry (built before recipe 7: now kept beside the store)",
                    "config": "model configs (`adapter add` builds a weightless skeleton from them)",
                    "adapters": "run-time style adapter (`adapter add`)"}
 
@@ -455,6 +467,11 @@ def file_purpose(m: dict, f: str) -> str:
     c = (m.get("components") or {}).get(top) if isinstance(m.get("components"), dict) else None
     if f == MANIFEST:
         return "manifest: what the entry holds and how it was built"
+    genai = m.get("genai") if isinstance(m.get("genai"), dict) else {}
+    if f in (genai.get("files") or []) and not f.endswith((".bin", ".xml")) or f == "model_index.json":
+        return "OpenVINO GenAI layout (model_index.json, component configs)"
+    if f.startswith("tokenizer") and "openvino_" in name:
+        return "tokenizer converted for OpenVINO GenAI (openvino-tokenizers)"
     if isinstance(c, dict):
         if c.get("compiled_blob") == f:
             return f"{top}: compiled model for this CPU and engine version (faster cold start)"
@@ -551,6 +568,11 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
                                             f"{full.get('image_ssim', float('nan')):.3f} (what the tiny decoder trades)")))
         if m.get("demo"):
             rows.append(("", "random weights: these figures compare noise images, not pictures (README, int8 UNet)"))
+    genai = m.get("genai")
+    if isinstance(genai, dict):
+        rows.append(("openvino genai", _shown(lambda: f"a {genai['pipeline']} folder too: openvino_genai.Text2ImagePipeline(entry, "
+                                                      "\"CPU\"), guidance_scale=1.0 (docs/genai.md)" if "files" in genai
+                                                      else f"not a GenAI folder: {genai['why']}")))
     fusion = m.get("fusion")
     for l in fusion.get("loras", []) if isinstance(fusion, dict) and isinstance(fusion.get("loras"), list) else []:
         rows.append(("lora", _shown(lambda: f"{Path(l['path']).name}  λ={l['weight']:g}  {l['format']}  rank "
