@@ -167,11 +167,10 @@ def _check_bf16(precision: str, device: str, cpu_bf16: bool) -> None:
 
 def _check_int8(precision: str, device: str, cpu_int8: bool) -> None:
     if precision == "int8" and device == "cpu" and not cpu_int8:
-        from .._cpu import INT8_CLASS_NAMES, int8_class
-
-        raise UserError(f"--precision int8: int8 engines have not been measured faster than fp32 on this CPU class "
-                        f"({INT8_CLASS_NAMES[int8_class()]}), so an int8 UNet may be no faster and would lose quality; use "
-                        "--precision auto (bf16 or fp32), or --preset fast (it falls back to that UNet with the tiny VAE decoder)")
+        raise UserError("--precision int8: int8 engines have not been measured faster than fp32 on this CPU class "
+                        "(AVX-512 without VNNI, or no AVX2): an int8 UNet's speed is not measured here (it may be no faster) "
+                        "and it loses quality; use --precision auto (bf16 or fp32), or --preset fast without --precision "
+                        "(it then builds that UNet with the tiny VAE decoder)")
 
 
 def builds_int8(statuses: dict[str, tuple[bool, str, str]] | None = None) -> bool:
