@@ -570,7 +570,7 @@ def format_manifest(m: dict, engine_dir: str | Path | None = None) -> str:
             rows.append(("", "random weights: these figures compare noise images, not pictures (README, int8 UNet)"))
     genai = m.get("genai")
     if isinstance(genai, dict):
-        rows.append(("openvino genai", _shown(lambda: f"a {genai['pipeline']} folder too: openvino_genai.Text2ImagePipeline(entry, "
+        rows.append(("genai", _shown(lambda: f"OpenVINO GenAI: a {genai['pipeline']} folder too: openvino_genai.Text2ImagePipeline(entry, "
                                                       "\"CPU\"), guidance_scale=1.0 (docs/genai.md)" if "files" in genai
                                                       else f"not a GenAI folder: {genai['why']}")))
     fusion = m.get("fusion")
