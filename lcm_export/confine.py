@@ -12,7 +12,7 @@ An entry is a folder people copy, download and share, so its files are untrusted
   (:func:`owned_dir`: a pattern, matched whole) and it and every folder between it and the entry are real
   folders, not symbolic links. ``shutil.rmtree`` of a real folder removes links inside it as links, never
   following them.
-- **Leftovers.** A write interrupted by SIGKILL or a power cut leaves ``.NAME.partial-PID[-XXXX]`` (a folder or
+- **Leftovers.** A write interrupted by SIGKILL or a power cut leaves ``.NAME.partial-PID[-RANDOM]`` (a folder or
   a temp file) or ``.NAME.old-PID``; :func:`sweep_partials` removes those of processes that are gone, matching
   that exact pattern only, real folders and regular files only.
 
@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from .errors import DamagedEntry
 
 PARTIAL_RE = re.compile(r"\.(?P<name>[^/\n]+)\.(?P<kind>partial|old)-(?P<pid>[0-9]{1,10})(?:-[A-Za-z0-9_]{1,32})?")
-"""What lcm-export's interrupted writes leave: ``.NAME.partial-PID`` (adapter add), ``.NAME.partial-PID-XXXXXXXX``
+"""What lcm-export's interrupted writes leave: ``.NAME.partial-PID`` (adapter add), ``.NAME.partial-PID-RANDOM``
 (a temp folder or file of an atomic write), ``.NAME.old-PID`` (an entry being replaced). Matched whole."""
 
 
