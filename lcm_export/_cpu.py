@@ -49,7 +49,8 @@ INT8_MEASURED = {
             "interleaved same-process A/B, 1.17-1.33x in a side-by-side run (demo:sd15-full; issue 29's measurements)",
 }
 """CPU classes (``int8_class``) where an OpenVINO int8 (w8a8) UNet was measured no slower than the same entry at
-fp32 / bf16, with the measurement. ``avx512`` (AVX-512 without VNNI: Skylake-X) has not been measured: int8 stays
+fp32 / bf16, with the measurement (``amx`` is not measured on its own: those CPUs have the ``vnni`` class's
+instructions too, measured on Zen 4). ``avx512`` (AVX-512 without VNNI: Skylake-X) has not been measured: int8 stays
 refused there (conservative) until it is; ``other`` (no AVX2) too."""
 INT8_CLASS_NAMES = {"amx": "AMX-INT8", "vnni": "AVX512_VNNI / AVX_VNNI", "avx512": "AVX-512 without VNNI",
                     "avx2": "AVX2 without VNNI", "other": "no AVX2"}
