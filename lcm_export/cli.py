@@ -243,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-ongoing-requests", type=int, default=4,
                    help="requests one replica holds at once; more wait in the proxy's queue (default 4)")
     v.add_argument("--max-queued-requests", type=int, default=None,
-                   help="requests the proxy queues when every replica is full; past it: 503 + Retry-After "
-                        "(default: replicas × max ongoing)")
+                   help="requests the proxy queues when every replica is full; past it (after up to 1 s of waiting "
+                        "for room): 503 + Retry-After (default: replicas × max ongoing)")
     v.add_argument("--max-batch-size", type=int, default=None,
                    help="images merged into one engine call, at most the entry's --batch (default: the entry's --batch on "
                         "ONNX Runtime CPU entries, where merged images were measured byte-equal to solo ones; 1 on others)")

@@ -5,7 +5,7 @@ Used twice (Starlette only, no Ray import):
 - in each replica, around the FastAPI app (``deployment.py``): ``BodyLimit``;
 - in Ray Serve's HTTP proxy, in front of the routing to replicas (``proxy_middlewares``, which Ray
   calls when ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` names it; ``server.init_ray`` sets that for
-  the Ray it starts): ``BodyLimit`` and ``JsonErrors``.
+  the Ray it starts): ``BodyLimit``, ``JsonErrors`` and ``RetryBackpressure``.
 
 Why in the proxy: the proxy hands a request to a replica as soon as its headers arrive, and the replica
 then waits for the body. A client that sends headers and half a body and stalls held one of the
@@ -27,6 +27,9 @@ MAX_BODY_BYTES = 64 * 1024
 BODY_TIMEOUT_S = 10.0
 """Longest a request body may take to arrive, from the end of the headers: 64 KiB in 10 s is 6.5 KB/s,
 far below any working link, and a stalled client is cut off long before it matters."""
+BACKPRESSURE_GRACE_S = 1.0
+"""Longest the proxy retries a request that Ray Serve's router turned away as over its queue (see
+``RetryBackpressure``) before the client gets the 503; the same as the 503's Retry-After."""
 PROXY_CALLBACK = "lcm_export.serve.guard.proxy_middlewares"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 
@@ -127,9 +130,71 @@ class JsonErrors:
             await error(500, "internal error: the request failed inside Ray Serve (see its logs)")(scope, receive, send)
 
 
+class RetryBackpressure:
+    """Ray Serve's router counts a request as queued until it has placed it on a replica, and places queued
+    requests with a backoff: when a request ends and its client sends the next one at once, the router can
+    still count the requests it has not yet moved onto the freed slot, and turns the new one away with a
+    503 although the deployment holds fewer than ``max_ongoing_requests`` + ``max_queued_requests`` (issue
+    26: 8 closed-loop clients against 4 ongoing + 4 queued got 8-9 503s out of 32). A backpressure 503
+    (status 503 with a Retry-After, from Ray, not JSON) means the request reached no replica, so it is sent
+    again here, after 10, 20, 40 ... 200 ms, for up to ``grace_s``; only then does the client see the 503.
+    A request over the limit therefore waits up to ``grace_s`` for room before its 503."""
+
+    def __init__(self, app, grace_s: float = BACKPRESSURE_GRACE_S):
+        self.app, self.grace_s = app, grace_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_s
+        seen: list = []  # the request's messages, replayed to each retry
+        wait = 0.01
+        while True:
+            last = loop.time() >= deadline  # the last try: its answer, whatever it is, goes to the client
+            if not await self._attempt(scope, receive, send, seen, last):
+                return
+            await asyncio.sleep(min(wait, max(0.0, deadline - loop.time())))
+            wait = min(2 * wait, 0.2)
+
+    async def _attempt(self, scope, receive, send, seen: list, last: bool) -> bool:
+        """One pass through the proxy's app with the request replayed; True when Ray turned it away
+        (its answer then went nowhere). Each attempt has its own closures: a task the proxy left behind
+        cannot take the next attempt's messages."""
+        replay = list(seen)
+        rejected = False
+
+        async def recv():
+            if replay:
+                return replay.pop(0)
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen.append(msg)
+            return msg
+
+        async def watch(msg):
+            nonlocal rejected
+            if msg["type"] == "http.response.start" and not last and _backpressure(msg):
+                rejected = True
+            if not rejected:
+                await send(msg)
+
+        await self.app(dict(scope), recv, watch)
+        return rejected
+
+
+def _backpressure(start: dict) -> bool:
+    """Ray Serve's backpressure answer: 503 with a Retry-After header and a plain-text body (this
+    package's own errors are JSON, and Ray's 503 for a deployment with no replica has no Retry-After)."""
+    headers = {k.lower(): v for k, v in start.get("headers", [])}
+    return start["status"] == 503 and b"retry-after" in headers and b"json" not in headers.get(b"content-type", b"")
+
+
 def proxy_middlewares() -> list:
     """What Ray Serve's HTTP proxy wraps its app in (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``):
-    bodies read whole, bounded, before routing; every error answer JSON."""
+    bodies read whole, bounded, before routing; every error answer JSON; a backpressure 503 retried
+    for up to ``BACKPRESSURE_GRACE_S`` before the client sees it. Ray wraps its app in list order, so the
+    last is the outermost: JsonErrors sees every answer, RetryBackpressure sees Ray's own (not yet JSON)."""
     from starlette.middleware import Middleware
 
-    return [Middleware(BodyLimit), Middleware(JsonErrors)]
+    return [Middleware(RetryBackpressure), Middleware(BodyLimit), Middleware(JsonErrors)]

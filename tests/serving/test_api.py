@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from lcm_export.errors import DamagedEntry, EngineError, UserError
 from lcm_export.runtime.pipeline import NonFiniteOutput
 from lcm_export.serve.api import MAX_BODY_BYTES, BodyLimit, GenerateRequest, install_error_handlers
-from lcm_export.serve.guard import JsonErrors
+from lcm_export.serve.guard import JsonErrors, RetryBackpressure
 
 
 def _app() -> FastAPI:
@@ -230,3 +230,76 @@ def test_ray_serves_plain_text_errors_become_one_json_line():
 
     status, _, body = _through(silent)
     assert status == 500 and "internal error" in json.loads(body)["error"]
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 26: Ray's router turns requests away while it still counts ones it is about to place
+
+def _flaky(rejections: int, status: int = 503, content_type: bytes = b"text/plain; charset=utf-8", retry_after=True):
+    """An app that answers like Ray's router over its queue for its first ``rejections`` calls, then
+    echoes the request body it read (each call reads the whole body, as the proxy does)."""
+    calls = []
+
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body", False):
+                break
+        calls.append(body)
+        if len(calls) <= rejections:
+            extra = [(b"retry-after", b"1")] if retry_after else []
+            return await _answer(status, b"Request dropped due to backpressure", content_type, extra)(scope, receive, send)
+        await _answer(200, b"ok:" + body, b"text/plain")(scope, receive, send)
+
+    return app, calls
+
+
+def _retry_through(app, grace_s: float):
+    sent = []
+    parts = [{"type": "http.request", "body": b'{"prompt":', "more_body": True},
+             {"type": "http.request", "body": b' "a cat"}', "more_body": False}]
+
+    async def receive():
+        if parts:
+            return parts.pop(0)
+        await asyncio.sleep(3600)  # the client keeps the connection open
+
+    async def send(msg):
+        sent.append(msg)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await RetryBackpressure(app, grace_s)({"type": "http", "method": "POST", "path": "/generate", "headers": []}, receive, send)
+        return loop.time() - t0
+
+    took = asyncio.run(run())
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert len(starts) == 1, sent  # the client sees exactly one answer
+    return starts[0]["status"], b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"), took
+
+
+def test_a_backpressure_503_is_retried_with_the_same_body_and_the_client_sees_only_the_answer():
+    app, calls = _flaky(3)
+    status, body, took = _retry_through(app, grace_s=1.0)
+    assert status == 200 and body == b'ok:{"prompt": "a cat"}'
+    assert calls == [b'{"prompt": "a cat"}'] * 4  # 3 turned away, the 4th placed: each got the whole body
+    assert 0.01 + 0.02 + 0.04 <= took < 0.5, took  # the backoff between tries
+
+
+def test_a_lasting_backpressure_503_reaches_the_client_after_the_grace():
+    app, calls = _flaky(10**6)
+    status, body, took = _retry_through(app, grace_s=0.3)
+    assert status == 503 and body == b"Request dropped due to backpressure"
+    assert 0.25 <= took < 0.8 and 3 <= len(calls) <= 10, (took, len(calls))
+
+
+@pytest.mark.parametrize("kind", ["json-503", "503-without-retry-after", "500"])
+def test_other_errors_are_not_retried(kind):
+    app, calls = {"json-503": lambda: _flaky(1, content_type=b"application/json"),
+                  "503-without-retry-after": lambda: _flaky(1, retry_after=False),
+                  "500": lambda: _flaky(1, status=500)}[kind]()
+    status, _, took = _retry_through(app, grace_s=1.0)
+    assert status == (500 if kind == "500" else 503) and len(calls) == 1 and took < 0.2

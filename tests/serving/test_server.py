@@ -177,6 +177,14 @@ def test_overload_gets_503_with_retry_after_and_accepted_requests_complete(serve
     assert Client(url).generate(prompt="after", seed=1).status == 200
 
 
+def test_closed_loop_clients_within_the_limit_never_get_a_503(server):
+    """Issue 26: 2 replicas × 4 ongoing + 8 queued hold 16 requests; 16 clients that each send their next request
+    when the last one is answered never exceed that, yet Ray's router (which still counted requests it had not
+    placed yet) turned 3-9 of 48 away. The proxy guard retries such a 503 for up to a second."""
+    res = drive(server, clients=16, requests=48, fields=lambda i: {"prompt": "loop", "seed": i}, time_limit_s=60, timeout_s=60)
+    assert res.unfinished_clients == 0 and res.status_counts() == {200: 48}, res.status_counts()
+
+
 def test_concurrent_requests_merge_into_one_engine_call_with_solo_bytes(server, batch4_entry, tmp_path):
     url = server + "/b"
     assert Client(url).health().json()["max_batch_size"] == 4
