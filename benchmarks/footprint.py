@@ -11,6 +11,10 @@ kinds under `--store`, at `--resolutions`, reusing what is there):
     `ru_maxrss` from `os.wait4` (that child alone);
   - per resolution: a warm image, in one more fresh process: load, one untimed image, then the median of
     `--runs` images (that process's peak RSS is reported too).
+  - with `--serve`, per entry: `lcm-export serve` on it (one replica, Ray started by it), one request per
+    resolution in order (the first image of a size is the one that allocates its buffers), then the replica's
+    VmHWM / VmRSS from /proc (its pid from `/health`) — the replica's peak RSS — and the RSS of every process of
+    the serve tree (Ray's own processes included), once per entry.
 Measurements run one at a time; the machine's load average at the start and end of each is recorded (a shared
 machine slows every figure, the ratio less). Files stay in the page cache between runs (no cache drop).
 Writes report.json and report.md under `--out` (default benchmarks/reports/footprint-<cpu>-sd15).
@@ -140,6 +144,7 @@ def measure(entry: Path, resolutions: list[str], runs: int) -> dict:
                           for c, r in manifest["components"].items()},
            "vae_decoder": manifest.get("vae_decoder"), "disk": disk(entry, manifest), "sizes": []}
     built = {str(x) for x in manifest.get("resolutions", [])} if isinstance(manifest.get("resolutions"), list) else None
+    row["built"] = sorted(built) if built else None
     for res in resolutions:
         if built is not None and built and res not in built:
             continue
@@ -167,6 +172,76 @@ def measure(entry: Path, resolutions: list[str], runs: int) -> dict:
         row["sizes"].append(size)
         print(f"{entry.name} {res}: {json.dumps({k: v for k, v in size.items() if k not in ('cold', 'warm')})}", flush=True)
     return row
+
+
+def _proc_status(pid: int) -> dict:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (from /proc/*/stat's parent field)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def measure_serve(entry: Path, resolutions: list[str], port: int = 8765) -> dict:
+    """`lcm-export serve` on ``entry`` (1 replica): one image per resolution, then the replica's peak RSS."""
+    from lcm_export.serve.client import Client, wait_ready
+
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile("w+") as log:
+        t0 = time.perf_counter()
+        p = subprocess.Popen([*_cli(), "serve", "--engine-dir", str(entry), "--port", str(port)], stdout=log, stderr=log,
+                             env=_env(), start_new_session=True)
+        try:
+            info = wait_ready(url, 600)
+            ready = time.perf_counter() - t0
+            pid = info["replica"]["pid"]
+            c = Client(url, timeout=600)
+            images = []
+            for res in resolutions:
+                h, w = (int(v) for v in res.split("x"))
+                r = c.generate(prompt=PROMPT, height=h, width=w)
+                images.append({"resolution": res, "status": r.status, "seconds": r.seconds})
+            replica = _proc_status(pid)
+            tree = {}
+            for q in _tree(p.pid):
+                try:
+                    tree[q] = _proc_status(q)["VmRSS"]
+                except (OSError, KeyError):
+                    pass
+            return {"ready_s": ready, "images": images, "replica": replica, "tree_rss": sum(tree.values()),
+                    "tree_processes": len(tree), "loadavg": _loadavg()}
+        except Exception as exc:  # noqa: BLE001 - recorded in the report
+            log.seek(0)
+            return {"error": f"{type(exc).__name__}: {exc}", "log": log.read()[-1500:]}
+        finally:
+            import signal
+
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
 
 
 def build(kind: str, store: Path, resolutions: list[str]) -> tuple[Path, dict]:
@@ -220,6 +295,26 @@ def markdown(rep: dict) -> str:
         lines.append(f"| (files under 1 MiB) | | {sum(f['bytes'] for f in dk['files'] if f['bytes'] <= 1 << 20):,} |")
         lines.append(f"| **total** | weights at compute precision {dk['weights_bytes']:,} "
                      f"({', '.join(f'{c} {b:,}' for c, b in dk['weights_at_compute_precision'].items())}) | {dk['total_bytes']:,} |")
+    served = [r for r in rep["entries"] if r.get("serve")]
+    if served:
+        lines += ["", "## `lcm-export serve`: one replica", "",
+                  "One replica per entry; one image per resolution in the order given (each size's first image allocates "
+                  "its buffers), then the replica process's VmHWM (peak) and VmRSS from /proc; 'serve tree' is the RSS of "
+                  "every process under `lcm-export serve` at that moment (Ray's GCS, raylet, controller, proxy, the "
+                  "replica, the CLI).", "",
+                  "| entry | images | replica peak RSS GB (× weights) | replica RSS now GB | serve tree RSS GB (processes) | ready s |",
+                  "|---|---|---|---|---|---|"]
+        for row in served:
+            sv, w = row["serve"], row["disk"]["weights_bytes"]
+            if "error" in sv:
+                lines.append(f"| {Path(row['entry']).name} | failed: {sv['error']} | | | | |")
+                continue
+            imgs = ", ".join(f"{i['resolution']} {i['seconds']:.1f} s" + ("" if i["status"] == 200 else f" (HTTP {i['status']})")
+                             for i in sv["images"])
+            hwm = sv["replica"]["VmHWM"]
+            lines.append(f"| {Path(row['entry']).name} ({row['precision']}) | {imgs} | {_gb(hwm)}"
+                         + (f" ({hwm / w:.2f}×)" if w else "") + f" | {_gb(sv['replica']['VmRSS'])} | "
+                         f"{_gb(sv['tree_rss'])} ({sv['tree_processes']}) | {sv['ready_s']:.0f} |")
     if rep.get("builds"):
         lines += ["", "## Builds", "", "| kind | wall s | peak RSS GB |", "|---|---|---|"]
         lines += [f"| {k} | {b['wall_s']:.0f} | {_gb(b['peak_rss'])} |" for k, b in rep["builds"].items()]
@@ -233,6 +328,9 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="where --build writes its entries")
     ap.add_argument("--resolutions", default="256x256")
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--serve", action="store_true", help="also a `lcm-export serve` replica's peak RSS per entry")
+    ap.add_argument("--no-generate", dest="generate", action="store_false",
+                    help="skip the generate / warm measurements (e.g. --serve alone)")
     ap.add_argument("--note", default="", help="said in the report (e.g. who else shared the machine)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -245,7 +343,13 @@ def main() -> None:
         d, builds[kind] = build(kind, Path(a.store), resolutions)
         entries.append(d)
     rep = {"schema": "lcm-export-footprint/1", "machine": mach, "runs": a.runs, "prompt": PROMPT, "note": a.note,
-           "builds": builds, "entries": [measure(e, resolutions, a.runs) for e in entries]}
+           "builds": builds, "entries": []}
+    for e in entries:
+        row = measure(e, resolutions if a.generate else [], a.runs)
+        if a.serve:
+            row["serve"] = measure_serve(e, [r for r in resolutions if r in (row.get("built") or resolutions)])
+            print(f"{e.name} serve: {json.dumps(row['serve'])[:400]}", flush=True)
+        rep["entries"].append(row)
     cpu = re.sub(r"[^a-z0-9]+", "-", mach["cpu"].lower()).strip("-")
     out = Path(a.out or ROOT / "benchmarks" / "reports" / f"footprint-{cpu}-sd15")
     out.mkdir(parents=True, exist_ok=True)
