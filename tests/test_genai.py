@@ -163,3 +163,33 @@ def test_int8_entry(int8_engine, fused_pipe):
     figures = (psnr(got, ours), psnr(got, ref), ssim(got, ref), psnr(ours, ref))
     assert psnr(got, ours) >= IMAGE_GATES["bf16"]["psnr_db"], figures
     assert psnr(got, ref) >= gate["psnr_db"] and ssim(got, ref) >= gate["ssim"], figures
+
+
+@pytest.fixture(scope="module")
+def fast_engine(tmp_path_factory, base_dir, demo_loras):
+    """`--preset fast`: the int8 UNet where int8 pays on this CPU class (else the auto precision) + demo:taesd (the
+    base is a local folder of the demo, for which fast would pick the hub's TAESD)."""
+    from lcm_export.builder.build_engine import BuildOptions, build_engine
+
+    d = tmp_path_factory.mktemp("genai") / "tiny-fast"
+    build_engine(BuildOptions(base=str(base_dir), loras=tuple(f"{p}:{w}" for p, w in demo_loras), resolutions=((64, 64),),
+                              engine_dir=str(d), backend="openvino", preset="fast", vae_decoder="demo:taesd",
+                              show_progress=False))
+    return d
+
+
+def test_fast_entry_with_a_tiny_decoder(fast_engine):
+    """A tiny-decoder entry is a GenAI folder too: its decoder's config in AutoencoderKL's shape (scale 1.0, ×8),
+    and GenAI's image (default properties, as our runtime compiles) is ours from the same draws."""
+    m = read_manifest(fast_engine)
+    assert m["vae_decoder"]["class"] == "AutoencoderTiny" and m["genai"]["pipeline"] == "LatentConsistencyModelPipeline"
+    cfg = json.loads((fast_engine / "vae_decoder" / "config.json").read_text())
+    assert cfg["_class_name"] == "AutoencoderKL" and cfg["tiny_decoder"]["_class_name"] == "AutoencoderTiny"
+    assert cfg["scaling_factor"] == m["vae"]["scaling_factor"] == 1.0 and cfg["shift_factor"] is None
+    assert 2 ** (len(cfg["block_out_channels"]) - 1) == 8  # GenAI's latent-to-image factor
+    pipe = og.Text2ImagePipeline(str(fast_engine), "CPU")
+    latents, noise = seeded_inputs(4, (64, 64), steps=4, seed=3)
+    got = _genai_image(pipe, latents, noise, 1.0) / 255.0
+    ours = LCMPipeline.from_engine_dir(fast_engine)(PROMPT, steps=4, guidance=1.0, latents=latents, step_noise=noise,
+                                                    output_type="np")[0]
+    assert psnr(got, ours) >= 45, psnr(got, ours)  # measured 58.1 dB on an AMX Xeon; with scaling_factor 0.18215 in the config: 23.3 dB

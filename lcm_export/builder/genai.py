@@ -34,6 +34,9 @@ MODEL_INDEX = "model_index.json"
 PIPELINE_CLASS = "LatentConsistencyModelPipeline"
 CLASSES = {"text_encoder": "CLIPTextModel", "unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
 """model_index.json's component classes GenAI's Stable Diffusion pipeline opens (anything else: it refuses)."""
+TINY = "AutoencoderTiny"
+"""A tiny decoder (``--preset fast``, ``--vae-decoder``): GenAI runs any decoder IR that takes latents / scaling_factor
+and gives an image in [-1, 1], as TAESD's does; its config.json is written in AutoencoderKL's shape (below)."""
 TOKENIZERS_HINT = "pip install 'openvino-tokenizers==<your openvino version>' (part of lcm-export's [build] extra)"
 
 
@@ -46,10 +49,8 @@ def genai_blocker(mod, family: str, pipe, tiny_decoder: bool, adapters: bool) ->
                 "export keeps the one SDXL uses")
     if adapters:
         return "run-time adapter branches (--adapters) add UNet and text-encoder inputs GenAI does not feed"
-    if tiny_decoder:
-        return "a tiny VAE decoder (AutoencoderTiny): GenAI's Stable Diffusion pipeline opens AutoencoderKL decoders only"
     have = {"text_encoder": type(pipe.text_encoder).__name__, "unet": type(pipe.unet).__name__, "vae": type(pipe.vae).__name__}
-    odd = [f"{k} {v}" for k, v in have.items() if v != CLASSES[k]]
+    odd = [f"{k} {v}" for k, v in have.items() if v != CLASSES[k] and not (k == "vae" and tiny_decoder and v == TINY)]
     if odd:
         return f"GenAI opens {', '.join(CLASSES.values())} only, and this model has {', '.join(odd)}"
     return None
@@ -74,7 +75,7 @@ def write_genai_layout(pipe, entry: Path, tokenizer_max_length: int) -> dict:
         "scheduler": ["diffusers", "LCMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None],
         "requires_safety_checker": False})
     for comp, module in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet), ("vae_decoder", pipe.vae)):
-        write_json(entry / comp / "config.json", _config(module))
+        write_json(entry / comp / "config.json", _tiny_as_kl(module) if type(module).__name__ == TINY else _config(module))
         files.append(f"{comp}/config.json")
     tok, detok = convert_tokenizer(pipe.tokenizer, with_detokenizer=True, tokenizer_output_type=ov.Type.i32,
                                    truncation=True, max_length=int(tokenizer_max_length))
@@ -89,3 +90,16 @@ def _config(module) -> dict:
     cfg = module.config
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     return json.loads(json.dumps({"_class_name": type(module).__name__, **cfg}, default=list))
+
+
+def _tiny_as_kl(module) -> dict:
+    """A tiny decoder's config in the shape GenAI reads for its decoder (``AutoencoderKL``): ``latent_channels``,
+    ``block_out_channels`` (GenAI's latent-to-image factor is 2^(len - 1): TAESD upsamples by 8, 2^3), its
+    ``scaling_factor`` (1.0 for TAESD: the decoder takes the latents as they are) and no ``shift_factor`` (diffusers'
+    SD 1.5 / SDXL pipelines do not apply a tiny decoder's); the decoder's own config is kept under ``tiny_decoder``."""
+    own = _config(module)
+    factor = int(own.get("upsampling_scaling_factor", 2)) ** (len(own.get("decoder_block_out_channels", [0] * 4)) - 1)
+    ups = 1 + max(0, factor.bit_length() - 1)  # TAESD / TAESDXL: 2^3 = 8, four entries
+    return {"_class_name": "AutoencoderKL", "in_channels": int(own.get("in_channels", 3)), "out_channels": int(own.get("out_channels", 3)),
+            "latent_channels": int(own["latent_channels"]), "block_out_channels": [64] * ups,
+            "scaling_factor": float(own.get("scaling_factor", 1.0)), "shift_factor": None, "tiny_decoder": own}
