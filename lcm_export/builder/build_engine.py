@@ -225,7 +225,7 @@ def _build_into(tmp: Path, plan: BuildPlan, bar, source: Path) -> dict:
     bar.update()
     if (precision in REDUCED or decoder is not None) and mod.VERIFY_IN_BUILD:
         bar.set_description_str("image check against PyTorch fp32")
-        manifest["fidelity"] = image_gate(pipe, tmp, plans, components, precision, full_vae)
+        manifest["fidelity"] = image_gate(pipe, tmp, plans, components, precision, full_vae, release_pipe=True)
         write_json(tmp / MANIFEST, record_file_sizes(manifest, tmp))
         bar.update()
     write_refit_stamp(manifest, source)

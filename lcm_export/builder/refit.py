@@ -170,7 +170,7 @@ def _refit_into(tmp, source, engine_dir, old, opts, src, plans, items, keys, wei
     write_json(tmp / MANIFEST, record_file_sizes(manifest, tmp))
     if (old["precision"] in REDUCED or full_vae is not None) and mod.VERIFY_IN_BUILD and changed_comps:
         bar.set_description_str("image check against PyTorch fp32")
-        manifest["fidelity"] = image_gate(pipe, tmp, plans, components, old["precision"], full_vae)
+        manifest["fidelity"] = image_gate(pipe, tmp, plans, components, old["precision"], full_vae, release_pipe=True)
         lap("image gate vs PyTorch fp32")
     manifest["refit"]["seconds"] = round(time.perf_counter() - t0, 2)
     manifest["refit"]["phases_s"] = phases

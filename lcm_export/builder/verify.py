@@ -358,39 +358,66 @@ def diffusers_images(pipe, prompt: str, steps: int, guidance: float, latents: np
 
 
 def image_fidelity(pipe, entry: Path, hw: tuple[int, int], full_vae=None, steps: int = 4, guidance: float = 1.0,
-                   seed: int = 42) -> dict:
+                   seed: int = 42, release_pipe: bool = False) -> dict:
     """PSNR and SSIM of the entry's 4-step image (lean runtime) against ``pipe`` (diffusers PyTorch fp32, same
     latents and step noise). ``full_vae``: where the entry decodes with a tiny decoder (``pipe.vae`` is it),
-    the base's own VAE; the image is then also compared with diffusers decoding through that one."""
+    the base's own VAE; the image is then also compared with diffusers decoding through that one.
+    PyTorch's images come first; ``release_pipe`` (the caller's last use of ``pipe``) then frees its weights
+    before the entry's engines load, so that the two models are never in memory together (SDXL at 1024²: the
+    fp32 pipeline's 13.9 GB beside the engines did not fit 24 GB)."""
     from ..runtime import LCMPipeline
 
-    runtime = LCMPipeline.from_engine_dir(entry)
-    latents, noise = seeded_inputs(runtime.latent_channels, hw, steps, seed)
-    ours = runtime(PROMPT, steps=steps, guidance=guidance, height=hw[0], width=hw[1], latents=latents,
-                   step_noise=noise, output_type="np")
-    del runtime
+    channels = int(json.loads((Path(entry) / "manifest.json").read_text()).get("latent_channels", 4))  # as the runtime reads it
+    latents, noise = seeded_inputs(channels, hw, steps, seed)
     sched = json.loads((Path(entry) / "scheduler" / "scheduler_config.json").read_text())
     ref = diffusers_images(pipe, PROMPT, steps, guidance, latents, noise, sched)
-    rec = {"image_psnr_db": psnr(ours, ref), "image_ssim": ssim(ours, ref), "resolution": f"{hw[0]}x{hw[1]}",
-           "steps": steps, "guidance": guidance,
-           "reference": "diffusers PyTorch fp32, same fused weights, VAE decoder, latents and step noise"}
+    full = None
     if full_vae is not None:
         tiny, pipe.vae = pipe.vae, full_vae
         try:
             full = diffusers_images(pipe, PROMPT, steps, guidance, latents, noise, sched)
         finally:
             pipe.vae = tiny
+    if release_pipe:
+        release_weights(pipe, full_vae)
+    runtime = LCMPipeline.from_engine_dir(entry)
+    ours = runtime(PROMPT, steps=steps, guidance=guidance, height=hw[0], width=hw[1], latents=latents,
+                   step_noise=noise, output_type="np")
+    del runtime
+    rec = {"image_psnr_db": psnr(ours, ref), "image_ssim": ssim(ours, ref), "resolution": f"{hw[0]}x{hw[1]}",
+           "steps": steps, "guidance": guidance,
+           "reference": "diffusers PyTorch fp32, same fused weights, VAE decoder, latents and step noise"}
+    if full is not None:
         rec["vs_full_vae"] = {"image_psnr_db": psnr(ours, full), "image_ssim": ssim(ours, full),
                               "reference": "diffusers PyTorch fp32 decoding with the base's own VAE (what the tiny decoder trades)"}
     return rec
 
 
-def image_gate(pipe, entry: Path, plans, components: dict, precision: str = "bf16", full_vae=None) -> dict:
+def release_weights(*holders) -> None:
+    """Free the parameters and buffers of every torch module held by ``holders`` (a diffusers pipeline's
+    components, or modules): each becomes a meta tensor, its memory returned. The modules are unusable after."""
+    import gc
+
+    import torch
+
+    for h in holders:
+        if h is None:
+            continue
+        mods = [h] if isinstance(h, torch.nn.Module) else [m for m in getattr(h, "components", {}).values()
+                                                           if isinstance(m, torch.nn.Module)]
+        for m in mods:
+            m.to("meta")
+    gc.collect()
+
+
+def image_gate(pipe, entry: Path, plans, components: dict, precision: str = "bf16", full_vae=None,
+               release_pipe: bool = False) -> dict:
     """A 4-step LCM image from the new entry against the PyTorch fp32 pipeline, same latents and step
     noise, as PSNR and SSIM (:func:`image_fidelity`); refuse the entry below IMAGE_GATES[precision]
-    (precisions without a gate, e.g. fp32 with a tiny decoder, are recorded, not gated)."""
+    (precisions without a gate, e.g. fp32 with a tiny decoder, are recorded, not gated). ``release_pipe``:
+    the caller's last use of ``pipe`` (see :func:`image_fidelity`)."""
     hw = min((p.opt_hw for p in plans), key=lambda hw: hw[0] * hw[1])
-    rec = image_fidelity(pipe, entry, hw, full_vae)
+    rec = image_fidelity(pipe, entry, hw, full_vae, release_pipe=release_pipe)
     gate = IMAGE_GATES.get(precision)
     if gate is None:
         return {**rec, "gate": None}
