@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -234,8 +235,6 @@ def measure_serve(entry: Path, resolutions: list[str], port: int = 8765) -> dict
             log.seek(0)
             return {"error": f"{type(exc).__name__}: {exc}", "log": log.read()[-1500:]}
         finally:
-            import signal
-
             p.send_signal(signal.SIGINT)
             try:
                 p.wait(120)

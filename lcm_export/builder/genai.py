@@ -29,14 +29,14 @@ import json
 from pathlib import Path
 
 from .._util import write_json
+from ..sources.tiny_vae import TINY_CLASS as TINY
 
 MODEL_INDEX = "model_index.json"
 PIPELINE_CLASS = "LatentConsistencyModelPipeline"
 CLASSES = {"text_encoder": "CLIPTextModel", "unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
 """model_index.json's component classes GenAI's Stable Diffusion pipeline opens (anything else: it refuses)."""
-TINY = "AutoencoderTiny"
-"""A tiny decoder (``--preset fast``, ``--vae-decoder``): GenAI runs any decoder IR that takes latents / scaling_factor
-and gives an image in [-1, 1], as TAESD's does; its config.json is written in AutoencoderKL's shape (below)."""
+# A tiny decoder (``--preset fast``, ``--vae-decoder``, class TINY): GenAI runs any decoder IR that takes latents /
+# scaling_factor and gives an image in [-1, 1], as TAESD's does; its config.json is written in AutoencoderKL's shape.
 TOKENIZERS_HINT = "pip install 'openvino-tokenizers==<your openvino version>' (part of lcm-export's [build] extra)"
 
 
