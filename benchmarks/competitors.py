@@ -278,6 +278,14 @@ def run_worker(python: str, spec: dict, env: dict, timeout: float) -> dict:
     return res
 
 
+def entry_shapes(label: str, default: str) -> str:
+    """An entry's ``shapes`` (LCMPipeline): a label's ``@static`` / ``@dynamic`` / ``@auto`` suffix, else ``default``."""
+    tail = label.rpartition("@")[2] if "@" in label else default
+    if tail not in ("auto", "static", "dynamic"):
+        raise SystemExit(f"--entry {label}=…: the suffix after @ must be auto, static or dynamic")
+    return tail
+
+
 def plan(a, prep: dict) -> list[dict]:
     """The plain competitors: [{"name", "python", "spec", "disk_bytes", "reference"}]. ``reference``: the
     image-check reference(s) of the competitor's decoder."""
@@ -289,7 +297,7 @@ def plan(a, prep: dict) -> list[dict]:
     for label, d in a.entry:
         tiny = bool(_read_json(Path(d) / "manifest.json").get("vae_decoder"))
         out.append({"name": f"lcm-export {label}", "python": "main", "disk_bytes": disk_bytes(Path(d)),
-                    "reference": ["taesd" if tiny else "vae"], "spec": {**base, "kind": "lcm", "path": d, "noise": noise}})
+                    "reference": ["taesd" if tiny else "vae"], "spec": {**base, "kind": "lcm", "path": d, "noise": noise, "shapes": entry_shapes(label, a.lcm_shapes)}})
     for name in a.competitors:
         kind, src, prec, pyname = COMPETITORS[name]
         spec = {**base, "kind": kind, "precision": prec, "static": name.endswith("-static")}
@@ -378,11 +386,13 @@ def adapter_plan(a, prep: dict) -> list[dict]:
             "passes": a.adapter_passes, "sequence": SEQUENCE, "adapters": files}
     out = []
     for name in a.adapter_competitors:
-        if name == "lcm":
+        if name.split("@")[0] == "lcm":  # lcm@dynamic / lcm@static: the runtime's shapes for this run
             if not a.adapter_entry:
                 continue
             errs = [v["error"] for v in prep["steps"].get("adapter_add", {}).values() if v.get("error")]
-            out.append({"name": "lcm-export adapters", "python": "main", "spec": {**base, "kind": "lcm", "path": a.adapter_entry},
+            label = "lcm-export adapters" + (f" @{name.split('@')[1]}" if "@" in name else "")
+            out.append({"name": label, "python": "main", "spec": {**base, "kind": "lcm", "path": a.adapter_entry,
+                                                                  "shapes": entry_shapes(name, a.lcm_shapes)},
                         "prep_error": f"lcm-export adapter add failed: {errs[0]}" if errs else None})
         elif name.startswith("genai-"):
             kind, src, prec, pyname = COMPETITORS[name]
@@ -456,7 +466,10 @@ def parse_args(argv=None):
     ap.add_argument("--work", required=True, help="folder for the fused model, LoRAs and IRs (kept between runs)")
     ap.add_argument("--out", default=None, help="folder for report.json and report.md (required unless --prepare-only)")
     ap.add_argument("--resolution", default="512x512", help="HxW (default 512x512)")
-    ap.add_argument("--entry", action="append", default=[], metavar="LABEL=DIR", help="lcm-export entry to time (repeatable)")
+    ap.add_argument("--entry", action="append", default=[], metavar="LABEL=DIR", help="lcm-export entry to time (repeatable); LABEL@dynamic / LABEL@static "
+                    "overrides --lcm-shapes for it (the same entry twice: an A/B)")
+    ap.add_argument("--lcm-shapes", choices=("auto", "static", "dynamic"), default="auto",
+                    help="how lcm-export's runtime compiles its engines (LCMPipeline shapes=; default auto: what `generate` does)")
     ap.add_argument("--adapter-entry", default=None, help="lcm-export entry built with --adapters (adapters a, b, c are added)")
     ap.add_argument("--competitors", default=",".join(COMPETITORS), help=f"comma list from {', '.join(COMPETITORS)} (default all; '' for none)")
     ap.add_argument("--adapters", action="store_true", help="also the style-adapter switch runs (issue 20)")

@@ -93,7 +93,8 @@ def precision_str(p: dict | None) -> str:
         return f"sd.cpp {p['sdcpp_weights']} weights ({p.get('file')}){dec}"
     if "entry" in p:  # lcm-export
         comps = sorted({v for k, v in p.items() if k in ("text_encoder", "unet", "vae_decoder")})
-        return f"{p['entry']} entry ({p.get('backend')}; plugin: {'/'.join(comps) or '?'})"
+        shapes = f", {p['shapes']} shapes" if p.get("shapes") else ""
+        return f"{p['entry']} entry ({p.get('backend')}; plugin: {'/'.join(comps) or '?'}{shapes})"
     if "inference_precision" in p:  # GenAI
         types = set(p.get("unet_weights", []))
         w = "int8" if types & {"u8", "i8"} else "int4" if types & {"u4", "i4", "nf4"} else "fp16" if "f16" in types else "fp32"
@@ -127,6 +128,18 @@ def check_str(rows) -> str:
 
 def _mb(x) -> str:
     return "—" if not x else f"{x / 1024:.2f} GB" if x >= 1024 else f"{x:.0f} MB"
+
+
+def adapter_baseline(name: str, ad: dict, plain: dict) -> str | None:
+    """The plain run an adapter run is compared with: GenAI's same mode without adapters; for lcm-export's
+    adapter entry, the first plain lcm-export entry of the same precision with the full VAE decoder."""
+    if name.startswith("lcm-export adapters"):
+        want = (ad.get("precision") or {}).get("entry")
+        return next((n for n, a in plain.items() if n.startswith("lcm-export") and "error" not in a
+                     and (a.get("precision") or {}).get("entry") == want and a.get("reference") != ["taesd"]
+                     and (a.get("precision") or {}).get("vae_decoder") != "taesd"), None)
+    own = name[: -len(" adapters")] if name.endswith(" adapters") else None
+    return own if own in plain and "error" not in plain[own] else None
 
 
 def write_markdown(r: dict) -> str:
@@ -216,6 +229,18 @@ def write_markdown(r: dict) -> str:
                 seen.append(key)
                 cells = [f"{last[n][i]['warm_s']:.3f} / {_s(last[n][i]['warm_unet_step_s'])}" for n in names]
                 L.append(f"| {key} | " + " | ".join(cells) + " |")
+            base = {n: adapter_baseline(n, ad[n], r["plain"]) for n in names}
+            if any(base.values()):
+                L += ["", "UNet step against the same runtime's plain path (the `plain` table's UNet step: "
+                      + ", ".join(f"{n} → {b or '—'}" for n, b in base.items()) + "):", "",
+                      "| setting | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+                for key in seen:
+                    cells = []
+                    for n in names:
+                        row = next(x for x in last[n] if json_key(x["setting"]) == key)
+                        ref = r["plain"][base[n]]["unet_step_s"] if base[n] else None
+                        cells.append(f"{100 * (row['warm_unet_step_s'] / ref - 1):+.1f} %" if ref and row["warm_unet_step_s"] else "—")
+                    L.append(f"| {key} | " + " | ".join(cells) + " |")
             L += ["", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
             L.append("| precision | " + " | ".join(precision_str(ad[n].get("precision")) for n in names) + " |")
             L.append("| load s (adapters registered) | " + " | ".join(_s(ad[n]["load_s"], 2) for n in names) + " |")

@@ -113,7 +113,7 @@ class LcmRunner:
     def load(self):
         from lcm_export.runtime import LCMPipeline
 
-        self.pipe = LCMPipeline.from_engine_dir(self.s["path"], threads=self.s["threads"])
+        self.pipe = LCMPipeline.from_engine_dir(self.s["path"], threads=self.s["threads"], shapes=self.s.get("shapes", "dynamic"))
 
     def switch(self, setting: dict) -> dict:
         self.setting = setting
@@ -139,6 +139,9 @@ class LcmRunner:
             if compiled is not None:
                 out[comp] = ov_type(compiled.get_property("INFERENCE_PRECISION_HINT"))
         out["adapter_branches"] = bool(m.get("adapters"))
+        from lcm_export.backends import static_shapes
+
+        out["shapes"] = "static" if static_shapes(m, self.pipe.engine_dir, self.s.get("shapes", "dynamic")) else "dynamic"
         return out
 
 

@@ -4,6 +4,7 @@ with the LoRA fused; mixing, λ = 0, switching back and forth; bad input; lean."
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -255,7 +256,31 @@ def test_openvino_bf16_adapter_equals_fresh_build(base_dir, loras, tmp_path):
     add_adapter(tmp_path / "a", loras["style"], "style")
     _build(base_dir, tmp_path / "f", [f"{loras['lcm']}:1.0", f"{loras['style']}:0.8"], "openvino", precision)
     ours = _image(LCMPipeline.from_engine_dir(tmp_path / "a"), adapters={"style": 0.8})
-    assert psnr(ours, _image(LCMPipeline.from_engine_dir(tmp_path / "f"))) >= 40
+    fused = _image(LCMPipeline.from_engine_dir(tmp_path / "f"))
+    assert psnr(ours, fused) >= 40
+    # static shapes (generate's default): no adapter runs the IR with its branches cut out; with adapters the
+    # branches keep a free rank, so a switch between adapters compiles nothing
+    add_adapter(tmp_path / "a", loras["pixel"], "pixel")
+    static, dynamic = (LCMPipeline.from_engine_dir(tmp_path / "a", shapes=s) for s in ("static", "dynamic"))
+    unet = static.engines["unet"]["*"]
+    factors = lambda: [n for i in unet.compiled.inputs for n in i.get_names() if n.startswith("adapter.")]  # noqa: E731
+    plain = _image(static)
+    assert factors() == [] and psnr(plain, _image(dynamic)) >= 50  # the branches are gone, the image is the same
+    strong = {"style": 4.0, "pixel": 2.0}  # an effect well above bf16's rounding
+    styled, want = _image(static, adapters=strong), _image(dynamic, adapters=strong)
+    assert factors() and psnr(styled, want) >= psnr(plain, want) + 10
+    compiled = unet.compiled
+    assert psnr(_image(static, adapters={"style": 0.8}), ours) >= 40 and unet.compiled is compiled
+    assert psnr(_image(static), plain) >= 60 and factors() == []  # none again: the plain IR again
+    # an IR whose branches are not where the build wrote them: nothing is cut, the branches run at rank 0
+    odd = shutil.copytree(tmp_path / "a", tmp_path / "odd")
+    xml = odd / "unet" / "openvino_model.xml"
+    text = xml.read_text()
+    assert text.count('name="/adapter/unet/0/Add"') == 1
+    xml.write_text(text.replace('name="/adapter/unet/0/Add"', 'name="/adapter/unet/0/Sum"'))
+    renamed = LCMPipeline.from_engine_dir(odd, shapes="static")
+    assert psnr(_image(renamed), plain) >= 50
+    assert [n for i in renamed.engines["unet"]["*"].compiled.inputs for n in i.get_names() if n.startswith("adapter.")]
 
 
 def test_cli_add_list_generate_remove(entry, loras, tmp_path, capsys):

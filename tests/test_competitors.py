@@ -103,6 +103,41 @@ def test_report_medians_errors_and_markdown():
     assert "+0.200 †" in md and "RuntimeError: boom" in md and "openvino 2026.4.1" in md
 
 
+def test_adapter_rows_against_their_own_runtime_without_adapters():
+    import competitors
+
+    assert competitors.entry_shapes("quality", "auto") == "auto" and competitors.entry_shapes("q@dynamic", "auto") == "dynamic"
+    assert competitors.entry_shapes("lcm@static", "dynamic") == "static"
+    try:
+        competitors.entry_shapes("q@fast", "auto")
+        raise AssertionError("a suffix that is not a shapes mode must be refused")
+    except SystemExit as exc:
+        assert "auto, static or dynamic" in str(exc)
+    plain = {"lcm-export fast": {"precision": {"entry": "int8", "vae_decoder": "taesd"}, "reference": ["taesd"], "unet_step_s": 0.1},
+             "lcm-export quality": {"precision": {"entry": "bf16"}, "reference": ["vae"], "unet_step_s": 0.2},
+             "genai-bf16": {"unet_step_s": 0.25}, "genai-fp32": {"error": "x"}}
+    bf16 = {"precision": {"entry": "bf16"}}
+    assert report.adapter_baseline("lcm-export adapters", bf16, plain) == "lcm-export quality"
+    assert report.adapter_baseline("lcm-export adapters @dynamic", bf16, plain) == "lcm-export quality"
+    assert report.adapter_baseline("lcm-export adapters", {"precision": {"entry": "fp32"}}, plain) is None
+    assert report.adapter_baseline("genai-bf16 adapters", {}, plain) == "genai-bf16"
+    assert report.adapter_baseline("genai-fp32 adapters", {}, plain) is None  # its plain run failed
+    warm = lambda step: {"seconds": 1.0, "stages": {"unet_steps": [step] * 4}}  # noqa: E731
+    rows = [{"label": lab, "setting": st, "ops": {}, "ops_s": 0.0, "first": warm(x), "warm": warm(x), "switch_s": 0.0,
+             "image_vs_none": {"mean_abs": 0.5, "max_abs": 3}} for lab, st, x in (("none (start)", {}, 0.2), ("none → A", {"a": 0.8}, 0.23))]
+    ad = report.aggregate_adapters([{"load_s": 1.0, "cold_start_s": 2.0, "peak_rss_first_mb": 10.0, "passes": [rows],
+                                     "precision": {"entry": "bf16"}}])
+    rep = {"settings": {"resolution": "64x64", "prompt": "p", "steps": 4, "guidance": 1.0, "threads": 2, "rounds": 1, "warmup": 1,
+                        "repeats": 1},
+           "machine": {"cpu": "CPU", "flags_speed": [], "cores": 2, "memory_gib": 24}, "model": {"base": "demo:sd15", "fused": "/f"},
+           "entries": {}, "prepare": {}, "plain": {"lcm-export quality": {**report.aggregate_plain(
+               [{"load_s": 1.0, "images": [warm(0.2)], "precision": {"entry": "bf16"}}]), "reference": ["vae"]}},
+           "adapters": {"lcm-export adapters": ad}, "versions": {}, "wall_s": 1.0}
+    md = report.write_markdown(rep)
+    assert "lcm-export adapters → lcm-export quality" in md
+    assert "| none | +0.0 % |" in md and "| A 0.8 | +15.0 % |" in md, md
+
+
 # ----------------------------------------------------------------------------------------------
 # stable-diffusion.cpp's single-file layout (competitors_sdcpp.py)
 

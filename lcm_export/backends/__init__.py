@@ -24,6 +24,8 @@ this registry. A backend module defines
     build_component(job) -> dict                 one component from the exported ONNX: files + record
     check(manifest, engine_dir) -> list[str]     refuse (UserError) or warn about running here
     load_engine(manifest, engine_dir, component, file, threads) -> Engine
+    STATIC_SHAPES   optional (False when absent): whether ``load_engine`` takes ``static=True`` (compile
+                    for each call's input shapes; ``generate --shapes``)
     refit_component(job, record) -> dict         optional: new weights into existing engines; without
                                                  it a refit re-derives the component from the patched ONNX
     refit_weight_count(weight_map, modules) -> int  optional: engine weights a refit sets (recorded)
@@ -279,16 +281,36 @@ class ComponentJob:
     """Refit: the entry being updated (its current engine files are read from there)."""
 
 
-def load_engines(manifest: dict, engine_dir: Path, threads: int | None = None) -> tuple[dict, list[str]]:
-    """({component: {plan name or '*': engine}}, warnings) for an entry, through its backend."""
+SHAPES = ("auto", "static", "dynamic")
+"""How the runtime compiles an entry's engines: ``static`` for each call's shapes (backends with
+STATIC_SHAPES), ``dynamic`` as built, ``auto`` static where the backend can."""
+
+
+def static_shapes(manifest: dict, engine_dir: Path, shapes: str) -> bool:
+    """Whether ``shapes`` (one of SHAPES) compiles this entry's engines per call shape; refuses ``static``
+    where the entry's backend has no such mode (one line)."""
+    if shapes not in SHAPES:
+        raise UserError(f"--shapes {shapes!r}: choose {', '.join(SHAPES)}")
+    name = manifest.get("backend")
+    able = name in REGISTRY and bool(getattr(get(name), "STATIC_SHAPES", False))
+    if shapes == "static" and not able:
+        raise UserError(f"--shapes static: {engine_dir} is a {name} entry, whose engines run with the shapes they were "
+                        "built for; leave --shapes out (auto) or build an openvino entry")
+    return able and shapes != "dynamic"
+
+
+def load_engines(manifest: dict, engine_dir: Path, threads: int | None = None, shapes: str = "dynamic") -> tuple[dict, list[str]]:
+    """({component: {plan name or '*': engine}}, warnings) for an entry, through its backend; ``shapes``:
+    one of SHAPES."""
     name = manifest.get("backend")
     if name not in REGISTRY:
         raise UserError(f"{engine_dir}: unknown backend {name!r} in the manifest; {rebuild_hint(engine_dir)}")
     mod = get(name)
+    static = static_shapes(manifest, engine_dir, shapes)
     warnings = mod.check(manifest, engine_dir) or []
     out = {}
     for comp, c in manifest["components"].items():
-        out[comp] = {plan: mod.load_engine(manifest, engine_dir, comp, entry_file(engine_dir, f), threads)
+        out[comp] = {plan: mod.load_engine(manifest, engine_dir, comp, entry_file(engine_dir, f), threads, **({"static": True} if static else {}))
                      for plan, f in c["engines"].items()}
     return out, warnings
 

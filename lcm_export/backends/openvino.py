@@ -97,6 +97,8 @@ IR_NAME = "openvino_model"
 """Each component's IR is ``<component>/openvino_model.xml`` + ``.bin``: the names OpenVINO GenAI's
 ``Text2ImagePipeline`` (and optimum-intel) read, so an entry is also a GenAI folder."""
 IR_XML = f"{IR_NAME}.xml"
+STATIC_SHAPES = True
+"""``load_engine(..., static=True)``: each engine compiled for its call's input shapes (``OvEngine``)."""
 GENAI = True
 """An entry is also an OpenVINO GenAI model folder (``builder/genai.py`` writes the rest of that layout)."""
 GENAI_INPUT_TYPES = {"unet": {"timestep": "i64"}}  # names of ov.Type members
@@ -305,7 +307,9 @@ def _blob_usable(manifest: dict) -> bool:
     return section.get("version") == _version() and section.get("cpu_flags") == recorded_flags()
 
 
-def load_engine(manifest: dict, engine_dir: Path, component: str, path: Path, threads: int | None = None):
+def load_engine(manifest: dict, engine_dir: Path, component: str, path: Path, threads: int | None = None,
+                static: bool = False):
+    """``static``: compile for each call's input shapes (see ``OvEngine``) instead of the entry's dynamic ones."""
     from .._cpu import native_bf16
 
     section = manifest.get("openvino", {})
@@ -315,8 +319,8 @@ def load_engine(manifest: dict, engine_dir: Path, component: str, path: Path, th
     precision = built
     if precision == "bf16" and not native_bf16():  # OpenVINO would emulate bf16 on AVX-512 CPUs without it: run fp32
         precision = "fp32"
-    usable = rec.get("compiled_blob") and _blob_usable(manifest) and precision == built
-    return OvEngine(path, precision, n, engine_dir, entry_file(engine_dir, rec["compiled_blob"]) if usable else None)
+    usable = rec.get("compiled_blob") and _blob_usable(manifest) and precision == built and not static
+    return OvEngine(path, precision, n, engine_dir, entry_file(engine_dir, rec["compiled_blob"]) if usable else None, static)
 
 
 def run_precision(rec: dict) -> str:
@@ -397,9 +401,17 @@ class _Reclaim:
 
 
 class OvEngine:
-    """One compiled OpenVINO model and one infer request (calls are serialized by the caller)."""
+    """One compiled OpenVINO model and one infer request (calls are serialized by the caller).
 
-    def __init__(self, xml: Path, precision: str, threads: int | None, engine_dir: Path, blob: Path | None = None):
+    ``static``: the IR is read at load and compiled at the first call, reshaped to that call's input shapes
+    (every input but the adapter factors, whose rank stays free; with no adapter active, the IR with its
+    branches cut out); a call with other shapes, or a switch between no adapter and some, compiles again, in
+    place of the last. The CPU plugin runs a static-shape model faster (a 256² SD 1.5 UNet step 19 % faster on
+    an AMX Xeon: benchmarks/reports/competitors-256/static_ab.md); the weights are still held once. Dynamic
+    (the default) compiles once for every size and batch the entry was built for: for callers that mix them."""
+
+    def __init__(self, xml: Path, precision: str, threads: int | None, engine_dir: Path, blob: Path | None = None,
+                 static: bool = False):
         import openvino as ov
 
         for p in (xml, xml.with_suffix(".bin")):
@@ -407,7 +419,12 @@ class OvEngine:
                 raise UserError(f"engine file {p} is missing; {rebuild_hint(engine_dir)}")
         core = ov.Core()
         cfg = compile_config(precision, threads)
-        self.compiled = self._mapped = self._reclaim = None
+        self.compiled = self._mapped = self._reclaim = self._model = self.request = None
+        self._core, self._cfg, self._xml, self._engine_dir = core, cfg, xml, engine_dir
+        self._static_key: tuple | None = None
+        """(branches cut out?, input shapes) the static model was compiled for (None: not compiled yet, or dynamic)."""
+        self._plain_model = None
+        self._no_plain = False
         if blob is not None and blob.is_file():
             # a recipe-6 entry's blob, mapped (importing the SD 1.5 UNet's 3.4 GB blob from bytes took 17.2 s,
             # from a mapped tensor 0.8 s). An OpenVINO that cannot import it (damaged blob) falls back to the IR.
@@ -425,23 +442,84 @@ class OvEngine:
                 self._mapped = _MappedFile(xml.with_suffix(".bin"))
                 self._reclaim = _Reclaim(self._mapped)
                 model = core.read_model(xml.read_bytes(), ov.Tensor(self._mapped.array, shared_memory=True))
-                self.compiled = core.compile_model(model, "CPU", cfg)
+                if static:
+                    self._model = model  # compiled at the first call, for its shapes
+                else:
+                    self.compiled = core.compile_model(model, "CPU", cfg)
                 del model  # the compiled model keeps what it needs
                 self.source = "ir"
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line C++ traces
-            if self._reclaim is not None:
-                self._reclaim.stop()
-            first = ov_message(exc)
-            raise UserError(f"engine file {xml} (or its .bin/.blob) is corrupt or truncated ({first}); {rebuild_hint(engine_dir)}") from None
-        self.request = self.compiled.create_infer_request()
-        self.outputs = list(self.compiled.outputs)
+            self._failed(exc)
+        ports = self.compiled if self.compiled is not None else self._model
+        if self.compiled is not None:
+            self.request = self.compiled.create_infer_request()
+        self.n_outputs = len(ports.outputs)
         self.precision = precision
-        self._sticky = {n for i in self.compiled.inputs for n in i.get_names() if n.startswith(ADAPTER_INPUTS)}
+        self._sticky = {n for i in ports.inputs for n in i.get_names() if n.startswith(ADAPTER_INPUTS)}
         """Adapter factor inputs: set on the request once and kept while the caller passes the same arrays."""
         self._bound: dict[str, np.ndarray] = {}
         self._shapes: set = set()
         """Feed shapes run so far: a new one may make the plugin read (and repack) weights again; their pages go after."""
         self._lock = threading.Lock()  # one infer request: calls from several threads take turns
+
+    def _failed(self, exc: Exception):
+        if self._reclaim is not None:
+            self._reclaim.stop()
+        first = ov_message(exc)
+        raise UserError(f"engine file {self._xml} (or its .bin/.blob) is corrupt or truncated ({first}); "
+                        f"{rebuild_hint(self._engine_dir)}") from None
+
+    def _static_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Compile for ``feeds`` unless the last compile was for the same; return what the compiled model takes.
+        Adapter factors: with none active (every rank 0) the IR without its branches runs (``_plain``: the speed
+        of an entry built without ``--adapters``); with some active, the branches keep a free rank, so that
+        switching between adapters compiles nothing (only a switch between none and some does)."""
+        import openvino as ov
+
+        active = any(np.size(v) for k, v in feeds.items() if k in self._sticky)
+        plain = bool(self._sticky) and not active and self._plain() is not None
+        if plain:
+            feeds = {k: v for k, v in feeds.items() if k not in self._sticky}
+        shapes = tuple(sorted((k, np.shape(v)) for k, v in feeds.items() if k not in self._sticky))
+        if (plain, shapes) != self._static_key:
+            self.request = self.compiled = None  # the last compiled model's memory goes first
+            self._bound, self._shapes = {}, set()  # its first inference repacks weights again: their pages go after
+            model = self._plain_model if plain else self._model
+            try:
+                model.reshape({k: ov.PartialShape(list(v)) for k, v in shapes})
+                self.compiled = self._core.compile_model(model, "CPU", self._cfg)
+            except Exception as exc:  # noqa: BLE001 - a shape the IR cannot take is refused by the caller's checks first
+                self._failed(exc)
+            self.request = self.compiled.create_infer_request()
+            self._static_key = (plain, shapes)
+        return feeds
+
+    def _plain(self):
+        """The IR with its adapter branches cut out (each branch's Add replaced by the layer's own output, the
+        factor inputs removed), read once; None where the branches cannot all be found by name."""
+        if self._plain_model is None and not self._no_plain:
+            import re
+
+            import openvino as ov
+
+            model = self._core.read_model(self._xml.read_bytes(), ov.Tensor(self._mapped.array, shared_memory=True))
+            merge = re.compile(r"/adapter/[^/]+/\d+/Add")
+            cut = 0
+            for op in model.get_ops():
+                if op.get_type_name() == "Add" and merge.fullmatch(op.get_friendly_name()):
+                    op.output(0).replace(op.input_value(0))
+                    cut += 1
+            factors = [p for p in model.get_parameters() if any(n.startswith(ADAPTER_INPUTS) for n in p.output(0).get_names())]
+            left = [op for op in model.get_ordered_ops() if op.get_friendly_name().startswith("/adapter/")
+                    and op.get_type_name() != "Parameter"]
+            if cut * 3 != len(factors) or left:
+                self._no_plain = True  # an IR whose branches are not where we wrote them: they run at rank 0
+                return None
+            for p in factors:
+                model.remove_parameter(p)
+            model.validate_nodes_and_infer_types()
+            self._plain_model = model
+        return self._plain_model
 
     def __del__(self):
         reclaim = getattr(self, "_reclaim", None)
@@ -453,6 +531,8 @@ class OvEngine:
 
     def run_all(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         with self._lock:
+            if self._model is not None:
+                feeds = self._static_feeds(feeds)
             if self._sticky:
                 import openvino as ov
 
@@ -469,4 +549,4 @@ class OvEngine:
             if shapes not in self._shapes:  # the first inference of a shape repacks weights: drop what it read
                 self._shapes.add(shapes)
                 self._reclaim.stop()
-            return [np.asarray(res[o]) for o in self.outputs]
+            return [np.asarray(res[i]) for i in range(self.n_outputs)]

@@ -67,7 +67,7 @@ def generate_cmd(a) -> int:
     paths = output_paths(a.out, check_batch(a.batch))  # bounded first: it sizes the list of paths and every array
     height, width = a.resolution if a.resolution else (None, None)
     adapters = parse_adapters(a.adapter)
-    pipe = LCMPipeline.from_engine_dir(a.engine_dir)
+    pipe = LCMPipeline.from_engine_dir(a.engine_dir, shapes=a.shapes)  # one size and batch per run: static pays
     images = pipe(a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance, seed=a.seed,
                   batch=a.batch, height=height, width=width, adapters=adapters)
     written = []

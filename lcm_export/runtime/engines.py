@@ -22,11 +22,13 @@ class Engine(Protocol):
         """Every output, in the graph's order."""
 
 
-def load_engines(manifest: dict, engine_dir: Path, threads: int | None = None) -> dict[str, dict[str, Engine]]:
-    """{component: {plan name or '*': engine}} for an entry; the backend's warnings go to stderr."""
+def load_engines(manifest: dict, engine_dir: Path, threads: int | None = None, shapes: str = "dynamic") -> dict[str, dict[str, Engine]]:
+    """{component: {plan name or '*': engine}} for an entry; the backend's warnings go to stderr.
+    ``shapes``: "static" compiles each engine for its call's input shapes, "dynamic" as built, "auto"
+    static where the backend can (``backends.SHAPES``)."""
     import sys
 
-    engines, warnings = _load(manifest, engine_dir, threads)
+    engines, warnings = _load(manifest, engine_dir, threads, shapes)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     return engines

@@ -123,7 +123,12 @@ class LCMPipeline:
         step engines, ONNX Runtime CUDA entries); False forces the host loop (to compare the two)."""
 
     @classmethod
-    def from_engine_dir(cls, engine_dir: str | Path, threads: int | None = None) -> "LCMPipeline":
+    def from_engine_dir(cls, engine_dir: str | Path, threads: int | None = None, shapes: str = "dynamic") -> "LCMPipeline":
+        """``shapes``: "dynamic" (default) compiles every engine once for every size and batch the entry was
+        built for; "static" compiles each engine at its first call for that call's shapes, and again when a
+        call brings others (OpenVINO entries: faster steps, e.g. 19 % a 256² SD 1.5 UNet step on an AMX Xeon;
+        a switch of size, guidance or between no adapter and some costs a compile); "auto": static where the
+        backend can."""
         d = Path(engine_dir)
         m = read_manifest(d)
         fix = f"rebuild it with `lcm-export build-engine --engine-dir {d} --force`"
@@ -134,7 +139,7 @@ class LCMPipeline:
             if not p.is_file():
                 raise UserError(f"{p} is missing from the engine dir; {fix}")
         tokenizers = {k: _tokenizer(paths[k], t, d) for k, t in toks.items()}
-        return cls(m, d, load_engines(m, d, threads), tokenizers, _scheduler_config(sched_path, d))
+        return cls(m, d, load_engines(m, d, threads, shapes), tokenizers, _scheduler_config(sched_path, d))
 
     # ------------------------------------------------------------------------------------------
     def _plan_for(self, comp: str, h: int, w: int):

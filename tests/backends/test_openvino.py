@@ -95,6 +95,51 @@ def test_fp32_image_matches_diffusers(ov_fp32, fused_pipe, guidance):
     assert psnr(ours, ref) >= 40
 
 
+def _static_input_shapes(engine) -> dict:
+    """The shapes the engine's compiled model takes (asserted static: every dimension fixed)."""
+    out = {}
+    for port in engine.compiled.inputs:
+        ps = port.get_partial_shape()
+        assert ps.is_static, (port.get_any_name(), ps)
+        out[port.get_any_name()] = tuple(ps.to_shape())
+    return out
+
+
+def test_static_shapes_compile_per_call_shape_and_match_dynamic(ov_fp32, fused_pipe):
+    dyn = LCMPipeline.from_engine_dir(ov_fp32)
+    st = LCMPipeline.from_engine_dir(ov_fp32, shapes="static")
+    unet = st.engines["unet"]["*"]
+    assert unet.compiled is None  # compiled at the first call, for its shapes
+    compiled = []
+    for (h, w), guidance in (((64, 64), 1.0), ((64, 96), 8.0), ((64, 64), 1.0)):
+        latents, noise = seeded_inputs(4, (h, w), steps=4, seed=7)
+        kw = dict(steps=4, guidance=guidance, height=h, width=w, latents=latents, step_noise=noise, output_type="np")
+        ours, ref = st("a red cube", **kw), dyn("a red cube", **kw)
+        assert ref.std() > 0.02 and psnr(ours, ref) >= 60, (h, w, guidance, psnr(ours, ref))
+        assert _static_input_shapes(unet)["sample"] == (2 if guidance > 1 else 1, 4, h // 8, w // 8)
+        assert _static_input_shapes(st.engines["vae_decoder"]["*"])["latent"] == (1, 4, h // 8, w // 8)
+        compiled.append(unet.compiled)
+    assert compiled[0] is not compiled[1] and compiled[1] is not compiled[2]  # a new shape compiles again
+    latents, noise = seeded_inputs(4, (64, 96), steps=4, seed=5)  # and against diffusers itself
+    ours = st("a red cube", steps=4, guidance=8.0, height=64, width=96, latents=latents, step_noise=noise, output_type="np")
+    assert psnr(ours, diffusers_images(fused_pipe, "a red cube", 4, 8.0, latents, noise)) >= 40
+    before = unet.compiled
+    st("a blue cube", steps=4, guidance=8.0, height=64, width=96, output_type="np")
+    assert unet.compiled is before  # the same shapes: no compile
+
+
+def test_shapes_option_on_the_cli(ov_fp32, demo_engine, tmp_path, capsys):
+    out = tmp_path / "o.png"
+    for shapes in ("static", "dynamic"):
+        code, _, err = run_cli(["generate", "--engine-dir", ov_fp32, "--prompt", "x", "--shapes", shapes, "--out", out], capsys)
+        assert code == 0 and out.is_file(), err
+    code, _, err = run_cli(["generate", "--engine-dir", demo_engine, "--prompt", "x", "--shapes", "static", "--out", tmp_path / "b.png"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--shapes static" in err and "onnxruntime entry" in err
+    assert not (tmp_path / "b.png").exists()
+    code, _, err = run_cli(["generate", "--engine-dir", demo_engine, "--prompt", "x", "--out", tmp_path / "c.png"], capsys)
+    assert code == 0, err  # auto: as built where the backend has no static mode
+
+
 def _weights_files(entry):
     """Every file of the entry that holds weights (not the tokenizers: openvino-tokenizers' .bin holds a vocabulary)."""
     return sorted(p.relative_to(entry).as_posix() for p in entry.rglob("*")
@@ -152,13 +197,14 @@ def _resident_bytes(folder):
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
-def test_loading_keeps_no_resident_copy_of_the_weights_file(ov_fp32, tmp_path):
+@pytest.mark.parametrize("shapes", ["dynamic", "static"])
+def test_loading_keeps_no_resident_copy_of_the_weights_file(ov_fp32, tmp_path, shapes):
     # the CPU plugin repacks the weights into its own memory as it compiles and on the first inference of a shape;
     # the pages of the weights file it read must not stay resident beside that copy (in any mapping of the file)
     entry = shutil.copytree(ov_fp32, tmp_path / "e")  # a fresh file: no mapping of it from another test
     unet = (entry / "unet").resolve()
     size = (unet / "openvino_model.bin").stat().st_size
-    pipe = LCMPipeline.from_engine_dir(entry)
+    pipe = LCMPipeline.from_engine_dir(entry, shapes=shapes)
     assert size > 1 << 20 and _resident_bytes(unet) < size // 10
     engine, seen = pipe.engines["unet"]["*"], []
     run_all = engine.run_all
