@@ -132,12 +132,15 @@ def _mb(x) -> str:
 
 def adapter_baseline(name: str, ad: dict, plain: dict) -> str | None:
     """The plain run an adapter run is compared with: GenAI's same mode without adapters; for lcm-export's
-    adapter entry, the first plain lcm-export entry of the same precision with the full VAE decoder."""
+    adapter entry, the first plain lcm-export entry of the same precision with the full VAE decoder, one that ran
+    with the same shapes (static / dynamic) first."""
     if name.startswith("lcm-export adapters"):
-        want = (ad.get("precision") or {}).get("entry")
-        return next((n for n, a in plain.items() if n.startswith("lcm-export") and "error" not in a
-                     and (a.get("precision") or {}).get("entry") == want and a.get("reference") != ["taesd"]
-                     and (a.get("precision") or {}).get("vae_decoder") != "taesd"), None)
+        want = ad.get("precision") or {}
+        same = [n for n, a in plain.items() if n.startswith("lcm-export") and "error" not in a
+                and (a.get("precision") or {}).get("entry") == want.get("entry") and a.get("reference") != ["taesd"]
+                and (a.get("precision") or {}).get("vae_decoder") != "taesd"]
+        shaped = [n for n in same if (plain[n].get("precision") or {}).get("shapes") == want.get("shapes")]
+        return (shaped or same or [None])[0]
     own = name[: -len(" adapters")] if name.endswith(" adapters") else None
     return own if own in plain and "error" not in plain[own] else None
 

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "-8 to 8, 0 = off); repeat to mix several")
     g.add_argument("--shapes", choices=("auto", "static", "dynamic"), default="auto",
                    help="auto (default): static where the entry's backend can (OpenVINO), else as built; static: each "
-                        "engine compiled for this call's size and batch (images 7-15 %% faster at 256², 3-14 %% at 512² on an "
+                        "engine compiled for this call's size and batch (images 7-15 %% faster at 256², 5-9 %% at 512² on an "
                         "AMX Xeon; with no --adapter, an --adapters entry runs without its branches; OpenVINO entries "
                         "only); dynamic: compiled once for every built size")
     g.add_argument("--out", required=True, help="output PNG; batch > 1 writes OUT-0.png, OUT-1.png, …")

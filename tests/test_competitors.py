@@ -120,6 +120,11 @@ def test_adapter_rows_against_their_own_runtime_without_adapters():
     assert report.adapter_baseline("lcm-export adapters", bf16, plain) == "lcm-export quality"
     assert report.adapter_baseline("lcm-export adapters @dynamic", bf16, plain) == "lcm-export quality"
     assert report.adapter_baseline("lcm-export adapters", {"precision": {"entry": "fp32"}}, plain) is None
+    both = {"lcm-export quality": {"precision": {"entry": "bf16", "shapes": "static"}, "reference": ["vae"]},
+            "lcm-export quality@dynamic": {"precision": {"entry": "bf16", "shapes": "dynamic"}, "reference": ["vae"]}}
+    dyn = {"precision": {"entry": "bf16", "shapes": "dynamic"}}
+    assert report.adapter_baseline("lcm-export adapters @dynamic", dyn, both) == "lcm-export quality@dynamic"
+    assert report.adapter_baseline("lcm-export adapters", {"precision": {"entry": "bf16", "shapes": "static"}}, both) == "lcm-export quality"
     assert report.adapter_baseline("genai-bf16 adapters", {}, plain) == "genai-bf16"
     assert report.adapter_baseline("genai-fp32 adapters", {}, plain) is None  # its plain run failed
     warm = lambda step: {"seconds": 1.0, "stages": {"unet_steps": [step] * 4}}  # noqa: E731

@@ -309,7 +309,8 @@ def _blob_usable(manifest: dict) -> bool:
 
 def load_engine(manifest: dict, engine_dir: Path, component: str, path: Path, threads: int | None = None,
                 static: bool = False):
-    """``static``: compile for each call's input shapes (see ``OvEngine``) instead of the entry's dynamic ones."""
+    """``static``: compile for each call's input shapes (see ``OvEngine``) instead of the entry's dynamic ones;
+    a component of an entry from before build recipe 7 with a usable compiled blob runs the blob as built."""
     from .._cpu import native_bf16
 
     section = manifest.get("openvino", {})
@@ -319,8 +320,9 @@ def load_engine(manifest: dict, engine_dir: Path, component: str, path: Path, th
     precision = built
     if precision == "bf16" and not native_bf16():  # OpenVINO would emulate bf16 on AVX-512 CPUs without it: run fp32
         precision = "fp32"
-    usable = rec.get("compiled_blob") and _blob_usable(manifest) and precision == built and not static
-    return OvEngine(path, precision, n, engine_dir, entry_file(engine_dir, rec["compiled_blob"]) if usable else None, static)
+    usable = rec.get("compiled_blob") and _blob_usable(manifest) and precision == built
+    blob = entry_file(engine_dir, rec["compiled_blob"]) if usable else None
+    return OvEngine(path, precision, n, engine_dir, blob, static and blob is None)  # a compiled blob runs as it was built
 
 
 def run_precision(rec: dict) -> str:
@@ -423,7 +425,7 @@ class OvEngine:
         self._core, self._cfg, self._xml, self._engine_dir = core, cfg, xml, engine_dir
         self._static_key: tuple | None = None
         """(branches cut out?, input shapes) the static model was compiled for (None: not compiled yet, or dynamic)."""
-        self._plain_model = None
+        self._plain_model = self._xml_bytes = None
         self._no_plain = False
         if blob is not None and blob.is_file():
             # a recipe-6 entry's blob, mapped (importing the SD 1.5 UNet's 3.4 GB blob from bytes took 17.2 s,
@@ -441,9 +443,10 @@ class OvEngine:
             if self.compiled is None:
                 self._mapped = _MappedFile(xml.with_suffix(".bin"))
                 self._reclaim = _Reclaim(self._mapped)
-                model = core.read_model(xml.read_bytes(), ov.Tensor(self._mapped.array, shared_memory=True))
+                text = xml.read_bytes()
+                model = core.read_model(text, ov.Tensor(self._mapped.array, shared_memory=True))
                 if static:
-                    self._model = model  # compiled at the first call, for its shapes
+                    self._model, self._xml_bytes = model, text  # compiled at the first call, for its shapes
                 else:
                     self.compiled = core.compile_model(model, "CPU", cfg)
                 del model  # the compiled model keeps what it needs
@@ -482,15 +485,23 @@ class OvEngine:
             feeds = {k: v for k, v in feeds.items() if k not in self._sticky}
         shapes = tuple(sorted((k, np.shape(v)) for k, v in feeds.items() if k not in self._sticky))
         if (plain, shapes) != self._static_key:
-            self.request = self.compiled = None  # the last compiled model's memory goes first
+            self.request = self.compiled = self._static_key = None  # the last compiled model's memory goes first
             self._bound, self._shapes = {}, set()  # its first inference repacks weights again: their pages go after
+            if self._reclaim is not None:
+                self._reclaim.stop()
+            self._reclaim = _Reclaim(self._mapped)  # the pages this compile reads go while it runs
             model = self._plain_model if plain else self._model
             try:
                 model.reshape({k: ov.PartialShape(list(v)) for k, v in shapes})
                 self.compiled = self._core.compile_model(model, "CPU", self._cfg)
-            except Exception as exc:  # noqa: BLE001 - a shape the IR cannot take is refused by the caller's checks first
-                self._failed(exc)
-            self.request = self.compiled.create_infer_request()
+                self.request = self.compiled.create_infer_request()
+            except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError with multi-line C++ traces
+                self.request = self.compiled = None
+                self._reclaim.stop()
+                described = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes)
+                raise UserError(f"{self._xml}: OpenVINO could not compile it for these shapes ({described}): "
+                                f"{ov_message(exc)}; run with --shapes dynamic, or if the entry is damaged "
+                                f"{rebuild_hint(self._engine_dir)}") from None
             self._static_key = (plain, shapes)
         return feeds
 
@@ -502,23 +513,26 @@ class OvEngine:
 
             import openvino as ov
 
-            model = self._core.read_model(self._xml.read_bytes(), ov.Tensor(self._mapped.array, shared_memory=True))
-            merge = re.compile(r"/adapter/[^/]+/\d+/Add")
-            cut = 0
-            for op in model.get_ops():
-                if op.get_type_name() == "Add" and merge.fullmatch(op.get_friendly_name()):
-                    op.output(0).replace(op.input_value(0))
-                    cut += 1
-            factors = [p for p in model.get_parameters() if any(n.startswith(ADAPTER_INPUTS) for n in p.output(0).get_names())]
-            left = [op for op in model.get_ordered_ops() if op.get_friendly_name().startswith("/adapter/")
-                    and op.get_type_name() != "Parameter"]
-            if cut * 3 != len(factors) or left:
-                self._no_plain = True  # an IR whose branches are not where we wrote them: they run at rank 0
+            self._no_plain = True  # unless all goes well: the branches then run at rank 0
+            try:
+                model = self._core.read_model(self._xml_bytes, ov.Tensor(self._mapped.array, shared_memory=True))
+                merge = re.compile(r"/adapter/[^/]+/\d+/Add")
+                cut = 0
+                for op in model.get_ops():
+                    if op.get_type_name() == "Add" and merge.fullmatch(op.get_friendly_name()):
+                        op.output(0).replace(op.input_value(0))
+                        cut += 1
+                factors = [p for p in model.get_parameters() if any(n.startswith(ADAPTER_INPUTS) for n in p.output(0).get_names())]
+                left = [op for op in model.get_ordered_ops() if op.get_friendly_name().startswith("/adapter/")
+                        and op.get_type_name() != "Parameter"]
+                if cut * 3 != len(factors) or left:  # an IR whose branches are not where the build wrote them
+                    return None
+                for p in factors:
+                    model.remove_parameter(p)
+                model.validate_nodes_and_infer_types()
+            except Exception:  # noqa: BLE001 - the branched IR still runs
                 return None
-            for p in factors:
-                model.remove_parameter(p)
-            model.validate_nodes_and_infer_types()
-            self._plain_model = model
+            self._plain_model, self._no_plain = model, False
         return self._plain_model
 
     def __del__(self):

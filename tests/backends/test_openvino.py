@@ -129,6 +129,12 @@ def test_static_shapes_compile_per_call_shape_and_match_dynamic(ov_fp32, fused_p
 
 
 def test_shapes_option_on_the_cli(ov_fp32, demo_engine, tmp_path, capsys):
+    from lcm_export.backends import static_shapes
+    from lcm_export.store.manifest import read_manifest
+
+    # generate's default (auto) is static for an OpenVINO entry: nothing is compiled until the first call
+    assert static_shapes(read_manifest(ov_fp32), ov_fp32, "auto") and not static_shapes(read_manifest(demo_engine), demo_engine, "auto")
+    assert LCMPipeline.from_engine_dir(ov_fp32, shapes="auto").engines["unet"]["*"].compiled is None
     out = tmp_path / "o.png"
     for shapes in ("static", "dynamic"):
         code, _, err = run_cli(["generate", "--engine-dir", ov_fp32, "--prompt", "x", "--shapes", shapes, "--out", out], capsys)
@@ -179,6 +185,8 @@ def test_previous_layout_blob_is_read_and_ir_is_the_fallback(ov_fp32, tmp_path):
     old = LCMPipeline.from_engine_dir(_old_layout(ov_fp32, tmp_path / "old"))
     assert {e["*"].source for e in old.engines.values()} == {"blob"}
     assert np.array_equal(a, old("x", output_type="np"))
+    static = LCMPipeline.from_engine_dir(tmp_path / "old", shapes="static")  # a compiled blob runs as it was built
+    assert {e["*"].source for e in static.engines.values()} == {"blob"} and np.array_equal(a, static("x", output_type="np"))
     other = LCMPipeline.from_engine_dir(_old_layout(ov_fp32, tmp_path / "other-version", "0.0.0-another"))
     assert {e["*"].source for e in other.engines.values()} == {"ir"}
     assert np.array_equal(a, other("x", output_type="np"))
