@@ -126,7 +126,7 @@ class LCMPipeline:
     def from_engine_dir(cls, engine_dir: str | Path, threads: int | None = None, shapes: str = "dynamic") -> "LCMPipeline":
         """``shapes``: "dynamic" (default) compiles every engine once for every size and batch the entry was
         built for; "static" compiles each engine at its first call for that call's shapes, and again when a
-        call brings others (OpenVINO entries: faster steps, e.g. 19 % a 256² SD 1.5 UNet step on an AMX Xeon;
+        call brings others (OpenVINO entries: faster images, e.g. 7-15 % at 256² for SD 1.5 on an AMX Xeon;
         a switch of size, guidance or between no adapter and some costs a compile); "auto": static where the
         backend can."""
         d = Path(engine_dir)
