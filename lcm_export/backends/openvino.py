@@ -442,7 +442,7 @@ class OvEngine:
         try:
             if self.compiled is None:
                 self._mapped = _MappedFile(xml.with_suffix(".bin"))
-                self._reclaim = _Reclaim(self._mapped)
+                self._reclaim = None if static else _Reclaim(self._mapped)  # static: each compile starts its own
                 text = xml.read_bytes()
                 model = core.read_model(text, ov.Tensor(self._mapped.array, shared_memory=True))
                 if static:

@@ -366,9 +366,9 @@ def image_fidelity(pipe, entry: Path, hw: tuple[int, int], full_vae=None, steps:
     before the entry's engines load, so that the two models are never in memory together (SDXL at 1024²: the
     fp32 pipeline's 13.9 GB beside the engines did not fit 24 GB)."""
     from ..runtime import LCMPipeline
-    from ..store.manifest import MANIFEST
+    from ..store.manifest import read_manifest
 
-    channels = int(json.loads((Path(entry) / MANIFEST).read_text()).get("latent_channels", 4))  # as the runtime reads it
+    channels = int(read_manifest(entry, check_files=False).get("latent_channels", 4))  # as the runtime reads it
     latents, noise = seeded_inputs(channels, hw, steps, seed)
     sched = json.loads((Path(entry) / "scheduler" / "scheduler_config.json").read_text())
     ref = diffusers_images(pipe, PROMPT, steps, guidance, latents, noise, sched)
